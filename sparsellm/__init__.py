@@ -1,0 +1,10 @@
+"""sparsellm: post-training compression of Hugging Face causal language models."""
+__version__ = "0.1.0"
+
+
+def load(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """Load a compressed (or any supported) model folder/GGUF: returns (model, tokenizer)."""
+    from .loading import load_model
+
+    loaded = load_model(path, dtype, trust_remote_code)
+    return loaded.model, loaded.tokenizer

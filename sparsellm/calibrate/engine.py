@@ -1,0 +1,160 @@
+"""Sequential layer-wise calibration.
+
+The inputs of the first decoder layer are captured once; then for each layer in turn: collect the
+statistics the method needs with forward hooks, compress, and re-run the (now compressed) layer to
+produce the next layer's inputs. Only one decoder layer and the activations live on the compute
+device at a time; the rest of the model stays where it was loaded."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import CompressionError
+from ..loading.adapters import Adapter
+from .stats import InputStats
+
+log = logging.getLogger(__name__)
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args_, self.kwargs_ = args, kwargs
+
+
+@dataclass
+class Activations:
+    """Hidden states of the calibration windows entering the current layer, in batches, with the
+    keyword arguments (masks, position embeddings) the model passed to its layers for each batch."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict] = field(default_factory=list)
+
+
+def _to(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: Adapter, windows: torch.Tensor, device, batch_size: int) -> Activations:
+    first = adapter.layers(model)[0]
+    pre = adapter.pre_layer_modules(model)
+    homes = [_module_device(m) for m in pre]
+
+    def stop(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    acts = Activations(hidden=[])
+    try:
+        for m in pre:
+            m.to(device)
+        for batch in windows.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Captured as c:
+                kw = dict(c.kwargs_)
+                hidden = c.args_[0] if c.args_ else kw.pop("hidden_states")
+                for k in ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions"):
+                    kw.pop(k, None)
+                acts.hidden.append(hidden)
+                acts.kwargs.append(kw)
+            else:
+                raise RuntimeError("the first decoder layer was never called")
+    finally:
+        handle.remove()
+        for m, home in zip(pre, homes):
+            m.to(home)
+    return acts
+
+
+def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, use_cache=False, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def make_selector(targets: list[str], ignore: list[str]):
+    """Module-name predicate from glob patterns ('re:' prefix for a regular expression)."""
+
+    def match(name: str, pat: str) -> bool:
+        return re.search(pat[3:], name) is not None if pat.startswith("re:") else fnmatch.fnmatchcase(name, pat)
+
+    def select(name: str) -> bool:
+        if targets and not any(match(name, p) for p in targets):
+            return False
+        return not any(match(name, p) for p in ignore)
+
+    return select
+
+
+def target_linears(layer: nn.Module, prefix: str, select) -> dict[str, nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and select(f"{prefix}.{n}")}
+
+
+@torch.no_grad()
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], acts: Activations) -> dict[str, InputStats]:
+    stats = {n: InputStats(m.in_features, needs, m.weight.device) for n, m in linears.items()}
+    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(inp[0])) for n, m in linears.items()]
+    try:
+        for hidden, kw in zip(acts.hidden, acts.kwargs):
+            _layer_forward(layer, hidden, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def propagate(layer: nn.Module, acts: Activations) -> None:
+    """Replace the activations by the layer's outputs: the next layer's inputs."""
+    for i, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
+        acts.hidden[i] = _layer_forward(layer, hidden, kw)
+        if not torch.isfinite(acts.hidden[i]).all():
+            raise FloatingPointError("non-finite activations after a compressed layer")
+
+
+def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, methods: list, select,
+                  device="cpu", batch_size: int = 8, desc: str = "compress") -> None:
+    """Apply `methods` (LayerwiseMethod, in order) to every selected Linear, layer by layer."""
+    device = torch.device(device)
+    needs = frozenset().union(*(m.needs for m in methods))
+    true_seq = any(m.true_sequential for m in methods)
+    # data-free methods (magnitude) need no activations at all
+    acts = capture_layer_inputs(model, adapter, windows, device, batch_size) if needs else None
+    layers = adapter.layers(model)
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
+        layer = layers[index]
+        home = _module_device(layer)
+        layer.to(device)
+        prefix = adapter.layer_prefix(index)
+        linears = target_linears(layer, prefix, select)
+        groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
+        for group in groups:
+            chosen = {n: linears[n] for n in group}
+            stats = collect_stats(layer, chosen, needs, acts) if needs else {}
+            for name, linear in chosen.items():
+                for method in methods:
+                    try:
+                        method.compress(f"{prefix}.{name}", linear, stats.get(name))
+                    except ValueError as e:
+                        raise CompressionError(f"{prefix}.{name}: {e}") from None
+        if acts is not None:
+            propagate(layer, acts)
+        layer.to(home)
+    del acts

@@ -1,0 +1,91 @@
+"""SparseGPT (Frantar & Alistarh, 2023): OBS pruning with lazy block updates.
+
+Columns are processed left to right; pruning a weight spreads its error onto the not-yet-processed
+columns of the same row through the inverse Hessian of the layer's inputs (H = XᵀX / tokens)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..recipe import SparseGPTPrune
+from .base import LayerwiseMethod
+from .masks import _lowest, count_to_prune
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the damped inverse Hessian (float64), and the mask of dead inputs."""
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    diag = torch.arange(H.shape[0], device=H.device)
+    H[diag, diag] += percdamp * torch.mean(torch.diag(H))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True), dead
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    scope: str = "block",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (updated weight in float32, mask of pruned entries)."""
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    if nm and cols % nm[1]:
+        raise ValueError(f"N:M pattern with M={nm[1]} does not divide the input width {cols}")
+    Hinv, dead = inverse_hessian_cholesky(hessian.to(W.device), percdamp)
+    Hinv = Hinv.float()
+    W[:, dead] = 0
+    mask = torch.zeros_like(W, dtype=torch.bool)
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        err1 = torch.zeros_like(W1)
+        if nm is None:
+            # OBS saliency w² / [H⁻¹]ᵢᵢ² chosen once per block, with the weights as updated so far
+            saliency = W1 ** 2 / d[None, :] ** 2
+            if scope == "row":
+                mask1 = _lowest(saliency, count_to_prune(cols, sparsity, i1, i2))
+            else:
+                k = count_to_prune(rows * cols, sparsity, rows * i1, rows * i2)
+                mask1 = _lowest(saliency.reshape(1, -1), k).view_as(W1)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        n, m = nm if nm else (0, 0)
+        for i in range(i2 - i1):
+            if nm and i % m == 0:
+                saliency = W1[:, i:i + m] ** 2 / d[None, i:i + m] ** 2
+                mask1[:, i:i + m] = _lowest(saliency, n)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            err = (w - q) / d[i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i] = q
+            err1[:, i] = err
+        W[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+    W[mask] = 0  # exact zeros whatever the rounding of the updates
+    return W, mask
+
+
+class SparseGPT(LayerwiseMethod):
+    needs = frozenset({"hessian"})
+
+    def __init__(self, spec: SparseGPTPrune):
+        self.spec = spec
+        self.true_sequential = spec.true_sequential
+
+    @torch.no_grad()
+    def compress(self, name: str, linear: nn.Linear, stats) -> None:
+        s = self.spec
+        W, _ = sparsegpt_prune(linear.weight, stats.hessian, s.sparsity, s.nm, s.blocksize, s.percdamp, s.scope)
+        linear.weight.copy_(W.to(linear.weight.dtype))

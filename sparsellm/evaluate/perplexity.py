@@ -1,0 +1,22 @@
+"""Perplexity = exp(mean next-token NLL over all tokens of non-overlapping chunks): the WikiText-2
+protocol of the Wanda and SparseGPT papers (a chunk's first token is never predicted)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4, device="cpu", desc: str = "perplexity") -> float:
+    nll, count = 0.0, 0
+    for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", leave=False):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        labels = batch[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+        nll += loss.item()
+        count += labels.numel()
+    return math.exp(nll / count)

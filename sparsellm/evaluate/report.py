@@ -1,0 +1,63 @@
+"""report.json (machine-readable) and report.md (for people) describing one compression run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..loading.adapters import Adapter
+
+
+@torch.no_grad()
+def sparsity_summary(model: nn.Module, adapter: Adapter) -> dict:
+    """Fraction of exact zeros in the Linear weights of the decoder layers, overall/per layer/per module."""
+    per_layer, per_module = [], {}
+    total_zero = total = 0
+    for i, layer in enumerate(adapter.layers(model)):
+        lz = ln = 0
+        for name, mod in layer.named_modules():
+            if isinstance(mod, nn.Linear):
+                z, n = int((mod.weight == 0).sum()), mod.weight.numel()
+                per_module[f"{adapter.layer_prefix(i)}.{name}"] = z / n
+                lz, ln = lz + z, ln + n
+        per_layer.append({"layer": i, "sparsity": lz / ln if ln else 0.0, "params": ln})
+        total_zero, total = total_zero + lz, total + ln
+    return {"overall": total_zero / total if total else 0.0, "params": total,
+            "per_layer": per_layer, "per_module": per_module}
+
+
+def _mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def render_markdown(r: dict) -> str:
+    lines = [f"# sparsellm report: {r['model']['spec']}", ""]
+    lines += ["| stage | method | settings | seconds | peak RSS |", "|---|---|---|---|---|"]
+    for s in r["stages"]:
+        settings = ", ".join(f"{k}={v}" for k, v in s["settings"].items() if k not in ("method", "targets", "ignore") and v not in (None, []))
+        lines.append(f"| {s['kind']} | {s['method']} | {settings} | {s['seconds']:.1f} | {_mib(s['peak_rss_bytes'])} |")
+    lines += ["", f"Achieved sparsity of decoder Linear weights: **{r['sparsity']['overall']:.4f}** "
+              f"({r['sparsity']['params']:,} parameters)", ""]
+    ppl = r.get("perplexity") or {}
+    if ppl.get("after"):
+        lines += [f"## Perplexity (seqlen {ppl['seqlen']})", "", "| dataset | before | after |", "|---|---|---|"]
+        for ds, after in ppl["after"].items():
+            before = ppl.get("before", {}).get(ds)
+            lines.append(f"| {ds} | {'n/a' if before is None else f'{before:.3f}'} | {after:.3f} |")
+        lines.append("")
+    lines += ["## Wall time", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in r["timings"].items()]
+    lines += ["", f"Peak resident memory: {_mib(r['memory']['peak_rss_bytes'])}"
+              f" (after loading: {_mib(r['memory']['rss_after_load_bytes'])})", ""]
+    lines += ["## Sparsity per decoder layer", "", "| layer | sparsity |", "|---|---|"]
+    lines += [f"| {p['layer']} | {p['sparsity']:.4f} |" for p in r["sparsity"]["per_layer"]]
+    v = r["versions"]
+    lines += ["", f"sparsellm {v['sparsellm']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}", ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")

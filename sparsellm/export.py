@@ -1,0 +1,56 @@
+"""Writing the output folder atomically: everything goes to a hidden temp folder beside the target,
+renamed into place only when complete, so an interrupted run never leaves a folder that looks done."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+
+from .errors import OutputError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Fail before any expensive work if the output cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} is a file; choose a folder path")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output folder {out} already exists; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise OutputError(f"parent folder of the output does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder {parent} is not writable")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool):
+    out = Path(out)
+    check_output(out, overwrite)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"no space left on the device while writing {out}; free space and run again") from None
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

@@ -1,0 +1,89 @@
+"""Per-architecture knowledge: where the decoder layers live, what runs before them, and the order
+of the Linear layers inside a decoder layer. Methods never name architecture modules themselves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    mod = root
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    # modules that run before the first decoder layer (embeddings, positions, rotary tables)
+    pre_layer_paths: tuple[str, ...]
+    # true-sequential order: each group sees inputs produced by the already-compressed earlier groups
+    sequential_groups: tuple[tuple[str, ...], ...]
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return _get(model, self.layers_path)
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}"
+
+    def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [m for p in self.pre_layer_paths if (m := _get(model, p)) is not None]
+
+    def groups_for(self, names: list[str]) -> list[list[str]]:
+        """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
+        groups, seen = [], set()
+        for g in self.sequential_groups:
+            sel = [n for n in names if n in g]
+            seen.update(sel)
+            if sel:
+                groups.append(sel)
+        rest = [n for n in names if n not in seen]
+        return groups + ([rest] if rest else [])
+
+
+LLAMA = Adapter(
+    name="llama-family",
+    model_types=("llama", "mistral", "qwen2"),
+    layers_path="model.layers",
+    pre_layer_paths=("model.embed_tokens", "model.rotary_emb"),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+
+OPT = Adapter(
+    name="opt",
+    model_types=("opt",),
+    layers_path="model.decoder.layers",
+    pre_layer_paths=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
+    sequential_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+)
+
+ADAPTERS = (LLAMA, OPT)
+SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def get_adapter(model_or_type) -> Adapter:
+    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", None)
+    for a in ADAPTERS:
+        if model_type in a.model_types:
+            return a
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )

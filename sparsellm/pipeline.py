@@ -1,0 +1,185 @@
+"""load → calibrate → compress → export → report, for one recipe."""
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__, memory
+from .calibrate import make_selector, run_layerwise
+from .calibrate.engine import target_linears
+from .compress import build_method
+from .data import calibration_windows, evaluation_chunks
+from .errors import RecipeError, SparseLLMError
+from .evaluate import perplexity, sparsity_summary, write_report
+from .export import atomic_folder, check_output, save_model
+from .loading import get_adapter, load_model
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    device: str = "cpu"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    overwrite: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+class Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.perf_counter() - t
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"sparsellm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def model_context(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def default_seqlen(model, requested: int | None) -> int:
+    ctx = model_context(model)
+    seqlen = requested or min(2048, ctx or 2048)
+    if ctx and seqlen > ctx:
+        raise RecipeError(f"calibration.seqlen {seqlen} exceeds the model's context of {ctx} tokens")
+    return seqlen
+
+
+def check_stage_fits(model, adapter, spec) -> None:
+    """Reject a stage that matches no layer or whose N:M group does not divide a layer's width."""
+    select = make_selector(spec.targets, spec.ignore)
+    found = 0
+    for i, layer in enumerate(adapter.layers(model)):
+        for name, lin in target_linears(layer, adapter.layer_prefix(i), select).items():
+            found += 1
+            if spec.nm and lin.in_features % spec.nm[1]:
+                raise RecipeError(f"pattern {spec.pattern}: M={spec.nm[1]} does not divide the input width "
+                                  f"{lin.in_features} of {adapter.layer_prefix(i)}.{name}")
+    if not found:
+        raise RecipeError("stage targets/ignore match no Linear layer inside the decoder layers")
+
+
+def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: str) -> dict[str, float]:
+    ev = recipe.evaluation
+    out = {}
+    for source in ev.ppl:
+        chunks = evaluation_chunks(tokenizer, source, seqlen, ev.limit)
+        out[source] = perplexity(model, chunks, ev.batch_size, device, desc=f"ppl {label} {Path(source).name}")
+        log.info("perplexity %s on %s: %.3f", label, source, out[source])
+    return out
+
+
+def run_stage(model, adapter, stage, windows, recipe: Recipe, device) -> None:
+    spec = stage.spec
+    if stage.kind == "prune":
+        method = build_method(spec)
+        select = make_selector(spec.targets, spec.ignore)
+        run_layerwise(model, adapter, windows, [method], select, device, recipe.calibration.batch_size,
+                      desc=f"{spec.method} {spec.pattern if spec.nm else spec.sparsity}")
+    else:  # pragma: no cover - the schema admits only known kinds
+        raise RecipeError(f"unknown stage kind {stage.kind}")
+
+
+def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
+    """Run a recipe end to end; returns the report written to the output folder."""
+    torch.manual_seed(recipe.seed)
+    out = Path(output)
+    check_output(out, options.overwrite)
+    device = resolve_device(options.device)
+    timer = Timer()
+    spec = model_spec or recipe.model
+    memory.reset_peak()
+
+    with timer("load"):
+        loaded = load_model(spec, options.dtype, options.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model)
+    for stage in recipe.stages:
+        check_stage_fits(model, adapter, stage.spec)
+    rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
+
+    seqlen = default_seqlen(model, recipe.calibration.seqlen)
+    eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
+    with timer("calibration data"):
+        windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+
+    ppl_before = {}
+    if recipe.evaluation.ppl and recipe.evaluation.before:
+        with timer("perplexity before"):
+            model.to(device)
+            ppl_before = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "before")
+            model.to("cpu")
+
+    stage_reports = []
+    for i, stage in enumerate(recipe.stages):
+        memory.reset_peak()
+        t = time.perf_counter()
+        run_stage(model, adapter, stage, windows, recipe, device)
+        seconds = time.perf_counter() - t
+        timer.timings[f"stage {i} {stage.kind} {stage.spec.method}"] = seconds
+        stage_reports.append({"kind": stage.kind, "method": stage.spec.method, "settings": stage.spec.model_dump(mode="json"),
+                              "seconds": seconds, "peak_rss_bytes": memory.peak_rss_bytes(),
+                              "peak_cuda_bytes": memory.peak_cuda_bytes()})
+
+    ppl_after = {}
+    if recipe.evaluation.ppl:
+        with timer("perplexity after"):
+            model.to(device)
+            ppl_after = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "after")
+            model.to("cpu")
+
+    report = {
+        "schema_version": 1,
+        "versions": versions(),
+        "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "recipe": recipe.model_dump(mode="json"),
+        "calibration": {"dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
+                        "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
+        "device": str(device),
+        "stages": stage_reports,
+        "sparsity": sparsity_summary(model, adapter),
+        "perplexity": {"seqlen": eval_seqlen, "before": ppl_before, "after": ppl_after} if recipe.evaluation.ppl else None,
+        "timings": timer.timings,
+        "memory": {"rss_after_load_bytes": rss_after_load, "peak_rss_load_bytes": peak_load,
+                   "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
+    }
+    with atomic_folder(out, options.overwrite) as tmp:
+        with timer("export"):
+            save_model(model, tokenizer, tmp)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        write_report(tmp, report)
+    log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
+    return report

@@ -1,0 +1,185 @@
+"""Recipe schema: what to calibrate on, which compression stages to run, what to evaluate.
+
+A recipe is YAML validated by pydantic; any problem becomes one RecipeError naming the field.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+HUB_DATASETS = ("wikitext2", "c4")
+
+
+def _check_data_source(value: str) -> str:
+    if value in HUB_DATASETS:
+        return value
+    if not Path(value).is_file():
+        raise ValueError(f"not {' or '.join(HUB_DATASETS)} and no such file: {value}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Calibration(_Strict):
+    dataset: str = "wikitext2"
+    nsamples: int = Field(128, gt=0)
+    seqlen: int | None = Field(None, gt=0, description="default: min(2048, model context)")
+    batch_size: int = Field(8, gt=0, description="windows per layer forward")
+
+    @field_validator("dataset")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return _check_data_source(v)
+
+
+class Evaluation(_Strict):
+    ppl: list[str] = Field(default_factory=list, description="datasets to report perplexity on")
+    seqlen: int | None = Field(None, gt=0, description="default: the calibration seqlen")
+    batch_size: int = Field(4, gt=0)
+    limit: int | None = Field(None, gt=0, description="evaluate at most this many chunks")
+    before: bool = Field(True, description="also evaluate the uncompressed model")
+
+    @field_validator("ppl")
+    @classmethod
+    def _sources(cls, v: list[str]) -> list[str]:
+        return [_check_data_source(s) for s in v]
+
+
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+class _PruneBase(_Strict):
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
+    pattern: str = Field("unstructured", description='"unstructured" or "N:M" (N zeros in every M inputs)')
+    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear in the decoder layers")
+    ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave untouched")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        if v == "unstructured":
+            return v
+        m = _PATTERN.match(v)
+        if not m:
+            raise ValueError(f'must be "unstructured" or "N:M" like "2:4", got {v!r}')
+        n, mm = int(m[1]), int(m[2])
+        if not 0 < n < mm:
+            raise ValueError(f"N:M needs 0 < N < M, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self):
+        nm = self.nm
+        if nm is None:
+            if self.sparsity is None:
+                raise ValueError("sparsity is required for unstructured pruning")
+        else:
+            implied = nm[0] / nm[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"sparsity {self.sparsity} contradicts pattern {self.pattern} (= {implied})")
+            self.sparsity = implied
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern == "unstructured":
+            return None
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+
+class MagnitudePrune(_PruneBase):
+    method: Literal["magnitude"]
+    scope: Literal["layer", "row"] = Field("layer", description="compare |W| across the whole matrix (classic) or per output row")
+
+
+class WandaPrune(_PruneBase):
+    method: Literal["wanda"]
+
+
+class SparseGPTPrune(_PruneBase):
+    method: Literal["sparsegpt"]
+    blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
+    percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of its mean diagonal")
+    true_sequential: bool = Field(False, description="prune q/k/v, then o, then gate/up, then down, re-collecting inputs between")
+    scope: Literal["block", "row"] = Field("block", description="unstructured mask chosen per column block across all rows (paper) or per row within each block")
+
+
+PruneSpec = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune], Field(discriminator="method")]
+
+
+class Stage(_Strict):
+    prune: PruneSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"a stage has exactly one of: {', '.join(type(self).model_fields)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in type(self).model_fields if getattr(self, k) is not None)
+
+    @property
+    def spec(self):
+        return getattr(self, self.kind)
+
+
+class Recipe(_Strict):
+    model: str | None = Field(None, description="hub id, local folder, .gguf file or smollm2-135m")
+    seed: int = 0
+    calibration: Calibration = Field(default_factory=Calibration)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    stages: list[Stage] = Field(min_length=1)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = e.get("input")
+        tail = f" (got {got!r})" if isinstance(got, (int, float, str)) and e["type"] != "extra_forbidden" else ""
+        parts.append(f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}")
+    return f"invalid recipe ({origin}): " + "; ".join(parts)
+
+
+def recipe_from_dict(data: object, origin: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe ({origin}): expected a mapping at the top level")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_error(e, origin)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return recipe_from_dict(data, str(path))
