@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""The quality benchmark of ../shared/BENCHMARK.md for the pruning methods of sparsellm.
+
+SmolLM2-135M-Instruct (GGUF, dequantized to fp32), 2 threads, 32 calibration windows of 512 tokens
+from lee_calib.txt (random.seed(0)), perplexity on non-overlapping 512-token chunks of lee_eval.txt.
+Each setting runs in a fresh worker process so its peak RSS is its own. Prints one markdown table.
+
+    .venv/bin/python scripts/benchmark.py [--data ../shared/data] [--only wanda-50,dense] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "dense": None,
+    "magnitude-50": {"method": "magnitude", "sparsity": 0.5},
+    "magnitude-2:4": {"method": "magnitude", "pattern": "2:4"},
+    "magnitude-4:8": {"method": "magnitude", "pattern": "4:8"},
+    "wanda-50": {"method": "wanda", "sparsity": 0.5},
+    "wanda-2:4": {"method": "wanda", "pattern": "2:4"},
+    "wanda-4:8": {"method": "wanda", "pattern": "4:8"},
+    "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
+    "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
+    "sparsegpt-4:8": {"method": "sparsegpt", "pattern": "4:8"},
+    "wanda-60": {"method": "wanda", "sparsity": 0.6},
+    "wanda-70": {"method": "wanda", "sparsity": 0.7},
+}
+NSAMPLES, SEQLEN, BATCH = 32, 512, 8
+
+
+def worker(name: str, model_dir: str, data: Path) -> dict:
+    import torch
+
+    from sparsellm import memory
+    from sparsellm.calibrate import make_selector, run_layerwise
+    from sparsellm.compress import build_method
+    from sparsellm.data import calibration_windows, evaluation_chunks
+    from sparsellm.evaluate import perplexity, sparsity_summary
+    from sparsellm.loading import get_adapter, load_model
+    from sparsellm.recipe import recipe_from_dict
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    loaded = load_model(model_dir)
+    model, tok = loaded.model, loaded.tokenizer
+    adapter = get_adapter(model)
+    windows = calibration_windows(tok, str(data / "lee_calib.txt"), NSAMPLES, SEQLEN, seed=0)
+    chunks = evaluation_chunks(tok, str(data / "lee_eval.txt"), SEQLEN)
+    row = {"setting": name, "seconds": None, "dense_forward_seconds": None}
+    memory.reset_peak()
+    rss0 = memory.current_rss_bytes()
+    if SETTINGS[name] is None:
+        with torch.no_grad():
+            t = time.perf_counter()
+            for batch in windows.split(BATCH):
+                model(input_ids=batch, use_cache=False)
+            row["dense_forward_seconds"] = time.perf_counter() - t
+    else:
+        spec = recipe_from_dict({"stages": [{"prune": SETTINGS[name]}]}).stages[0].spec
+        t = time.perf_counter()
+        run_layerwise(model, adapter, windows, [build_method(spec)], make_selector([], []), "cpu", BATCH, desc=name)
+        row["seconds"] = time.perf_counter() - t
+    row["peak_rss_bytes"] = memory.peak_rss_bytes()
+    row["rss_before_bytes"] = rss0
+    row["sparsity"] = sparsity_summary(model, adapter)["overall"]
+    row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
+    row["eval_tokens"] = int(chunks.numel())
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(SETTINGS))
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data)), flush=True)
+        return
+
+    names = args.only.split(",") if args.only else list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        sys.exit(f"unknown settings: {unknown}")
+    with tempfile.TemporaryDirectory() as tmp:
+        # dequantize the GGUF once; workers load the fp32 safetensors copy in seconds
+        from sparsellm.loading import load_model
+
+        loaded = load_model(args.model)
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        del loaded
+        rows = []
+        for name in names:
+            proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp, "--data", str(args.data)],
+                                  capture_output=True, text=True)
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+            rows.append(json.loads(line[7:]))
+            print(f"done {name}: ppl {rows[-1]['ppl']:.3f}", file=sys.stderr, flush=True)
+
+    dense_fwd = next((r["dense_forward_seconds"] for r in rows if r["dense_forward_seconds"]), None)
+    print(f"\nSmolLM2-135M-Instruct fp32, {NSAMPLES}x{SEQLEN} calibration tokens from lee_calib.txt, "
+          f"perplexity on {rows[0]['eval_tokens']} tokens of lee_eval.txt (seqlen {SEQLEN}), torch threads 2\n")
+    print("| setting | perplexity | sparsity | compression s | × dense fwd | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        ratio = "-" if r["seconds"] is None or not dense_fwd else f"{r['seconds'] / dense_fwd:.2f}"
+        if r["dense_forward_seconds"]:
+            secs = f"(fwd {r['dense_forward_seconds']:.1f})"
+        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['sparsity']:.4f} | {secs} | {ratio} | {r['peak_rss_bytes'] / 2**20:,.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

