@@ -54,3 +54,9 @@ def save_model(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    # safetensors writes through a private temp file (mode 0600); published files should be readable
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)

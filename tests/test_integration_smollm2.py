@@ -67,7 +67,7 @@ def test_sparsegpt_2of4_and_eval_command(smollm_dir, tmp_path):
     rep = prune(smollm_dir, tmp_path / "sgpt", {"method": "sparsegpt", "pattern": "2:4"}, tmp_path)
     assert rep["sparsity"]["overall"] == pytest.approx(0.5)
     r = CliRunner().invoke(cli, ["eval", "--model", str(tmp_path / "sgpt"), "--ppl", str(EVAL), "--limit", "8",
-                                 "--seqlen", "2048", "--json"])
+                                 "--seqlen", "256", "--json"])
     assert r.exit_code == 0, r.output
     ppl = json.loads(r.output.strip().splitlines()[-1])["perplexity"][str(EVAL)]
     assert 1 < ppl < 1e4
