@@ -64,7 +64,15 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, calib, nsampl
           overwrite, device, dtype, trust_remote_code):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
-    Options given here override the recipe's calibration/evaluation settings."""
+    \b
+    Examples:
+      sparsellm prune --recipe recipes/wanda-2of4.yaml --model ./llama -o out/
+      sparsellm prune --method sparsegpt --sparsity 0.5 --calib c4 --ppl wikitext2 -o out/
+      sparsellm prune --method wanda --pattern 4:8 --calib docs.jsonl --nsamples 64 --seqlen 1024 -o out/
+
+    Options given here override the recipe's calibration/evaluation settings. The output folder
+    appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
+    report.json and report.md."""
     from .pipeline import RunOptions, compress
     from .recipe import load_recipe, recipe_from_dict
 

@@ -169,3 +169,18 @@ def test_help_teaches():
     assert r.exit_code == 0
     for needle in ("--recipe", "--pattern", "2:4", "wikitext2", "--overwrite"):
         assert needle in r.output
+
+
+@pytest.mark.parametrize("failure,code", [(KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 6)])
+def test_interrupt_or_disk_full_during_export_leaves_nothing(failure, code, model_dirs, tmp_path, monkeypatch):
+    import sparsellm.pipeline as pipeline
+
+    def broken_save(model, tokenizer, folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise failure
+
+    monkeypatch.setattr(pipeline, "save_model", broken_save)
+    r = run("prune", "--model", model_dirs["llama"], "--method", "magnitude", "--sparsity", "0.5", "--calib", TEXT,
+            "--nsamples", 2, "--seqlen", 16, "--output", tmp_path / "o")
+    assert r.exit_code == code, r.output
+    assert list(tmp_path.iterdir()) == []
