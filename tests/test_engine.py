@@ -123,3 +123,22 @@ def test_selector_globs_and_regex():
     assert not sel("model.layers.1.mlp.up_proj")
     assert target_linears(tiny_model("llama").model.layers[1], "model.layers.1", sel).keys() == {
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bfloat16_model_keeps_dtype_and_exact_pattern(method, windows):
+    model = tiny_model("qwen2").to(torch.bfloat16)
+    prune(model, windows, method=method, pattern="2:4")
+    for name, lin in decoder_linears(model).items():
+        assert lin.weight.dtype == torch.bfloat16
+        assert ((lin.weight == 0).view(lin.out_features, -1, 4).sum(-1) == 2).all(), name
+
+
+def test_two_stages_on_disjoint_targets(windows):
+    model = tiny_model("llama")
+    prune(model, windows, method="wanda", pattern="2:4", targets=["*.self_attn.*"])
+    prune(model, windows, method="sparsegpt", sparsity=0.25, scope="row", targets=["*.mlp.*"])
+    for name, lin in decoder_linears(model).items():
+        zeros = (lin.weight == 0).sum(1)
+        expected = lin.in_features // 2 if "self_attn" in name else int(lin.in_features * 0.25)
+        assert (zeros == expected).all(), name
