@@ -107,13 +107,35 @@ def target_linears(layer: nn.Module, prefix: str, select) -> dict[str, nn.Linear
     return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and select(f"{prefix}.{n}")}
 
 
+class _Collected(Exception):
+    pass
+
+
 @torch.no_grad()
 def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], acts: Activations) -> dict[str, InputStats]:
+    """Accumulate input statistics of `linears` over all calibration batches. The layer's outputs are
+    not needed here, so each forward stops as soon as every hooked Linear has seen its input
+    (this skips e.g. down_proj's own matmul, or the rest of the layer in true-sequential groups)."""
     stats = {n: InputStats(m.in_features, needs, m.weight.device) for n, m in linears.items()}
-    handles = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.update(inp[0])) for n, m in linears.items()]
+    seen: set[str] = set()
+
+    def hook(name):
+        def record(module, args):
+            stats[name].update(args[0])
+            seen.add(name)
+            if len(seen) == len(stats):
+                raise _Collected
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         for hidden, kw in zip(acts.hidden, acts.kwargs):
-            _layer_forward(layer, hidden, kw)
+            seen.clear()
+            try:
+                _layer_forward(layer, hidden, kw)
+            except _Collected:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -1,5 +1,6 @@
 """Pure mask functions over score tensors. Convention: True marks a weight to prune (set to zero).
-Lower score = less important. Counts are exact: ties are broken by position, never by thresholding."""
+Lower score = less important. Counts are exact: selection is top-k, never a threshold, so ties
+(common in quantized checkpoints) cannot push a row or group past its count."""
 from __future__ import annotations
 
 import torch
