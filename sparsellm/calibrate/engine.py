@@ -36,16 +36,6 @@ class Activations:
     kwargs: list[dict] = field(default_factory=list)
 
 
-def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _module_device(module: nn.Module) -> torch.device:
     p = next(module.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -169,14 +159,14 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
         groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
         for group in groups:
             chosen = {n: linears[n] for n in group}
-            stats = collect_stats(layer, chosen, needs, acts) if needs else {}
+            stats = collect_stats(layer, chosen, needs, acts) if needs and chosen else {}
             for name, linear in chosen.items():
                 for method in methods:
                     try:
                         method.compress(f"{prefix}.{name}", linear, stats.get(name))
                     except ValueError as e:
                         raise CompressionError(f"{prefix}.{name}: {e}") from None
-        if acts is not None:
+        if acts is not None and index + 1 < len(layers):  # the last layer's outputs feed nothing
             propagate(layer, acts)
         layer.to(home)
     del acts
