@@ -54,7 +54,7 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--seqlen", type=int, help="Tokens per calibration window (default min(2048, context)).")
 @click.option("--seed", type=int, help="Seed for window sampling (default 0).")
 @click.option("--ppl", multiple=True, help="Report perplexity before/after on this data (repeatable): " + DATA_HELP)
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Output folder (written atomically).")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))

@@ -18,19 +18,22 @@ def check_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise OutputError(f"output folder {out} already exists; pass --overwrite to replace it")
     parent = out.resolve().parent
+    while not parent.exists():  # missing parents are created at the end; the first existing one must be writable
+        parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"parent folder of the output does not exist: {parent}")
+        raise OutputError(f"cannot create the output folder: {parent} is a file")
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"output folder {parent} is not writable")
+        raise OutputError(f"folder {parent} is not writable; choose another --output")
 
 
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool):
     out = Path(out)
     check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
         if out.exists():

@@ -131,8 +131,10 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
 
     seqlen = default_seqlen(model, recipe.calibration.seqlen)
     eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
-    with timer("calibration data"):
-        windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+    windows = None
+    if any(build_method(stage.spec).needs for stage in recipe.stages):  # data-free recipes skip calibration text
+        with timer("calibration data"):
+            windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
 
     ppl_before = {}
     if recipe.evaluation.ppl and recipe.evaluation.before:
@@ -166,8 +168,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "parameters": sum(p.numel() for p in model.parameters())},
         "recipe": recipe.model_dump(mode="json"),
-        "calibration": {"dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
-                        "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
+        "calibration": None if windows is None else {
+            "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
+            "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
         "device": str(device),
         "stages": stage_reports,
         "sparsity": sparsity_summary(model, adapter),

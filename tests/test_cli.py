@@ -184,3 +184,27 @@ def test_interrupt_or_disk_full_during_export_leaves_nothing(failure, code, mode
             "--nsamples", 2, "--seqlen", 16, "--output", tmp_path / "o")
     assert r.exit_code == code, r.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_parents_created_and_unwritable_rejected(model_dirs, tmp_path):
+    args = ["prune", "--model", model_dirs["llama"], "--method", "magnitude", "--sparsity", "0.5"]
+    out = tmp_path / "runs" / "a" / "o"
+    assert run(*args, "--output", out).exit_code == 0
+    assert (out / "model.safetensors").is_file()
+    (tmp_path / "f").write_text("x")
+    _one_error_line(run(*args, "--output", tmp_path / "f"), 6, "is a file")
+    _one_error_line(run(*args, "--output", tmp_path / "f" / "o"), 6, "is a file")
+    import os
+    if os.geteuid() != 0:  # root can write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        _one_error_line(run(*args, "--output", ro / "o"), 6, "not writable")
+
+
+def test_data_free_recipe_needs_no_calibration_text(model_dirs, tmp_path):
+    # magnitude needs no activations: the default wikitext2 (unreachable offline) must not be fetched
+    out = tmp_path / "o"
+    r = run("prune", "--model", model_dirs["opt"], "--recipe", "recipes/magnitude-50.yaml", "--output", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] is None and report["sparsity"]["overall"] == pytest.approx(0.5)
