@@ -100,10 +100,9 @@ def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: s
     return out
 
 
-def run_stage(model, adapter, stage, windows, recipe: Recipe, device) -> None:
+def run_stage(model, adapter, stage, method, windows, recipe: Recipe, device) -> None:
     spec = stage.spec
     if stage.kind == "prune":
-        method = build_method(spec)
         select = make_selector(spec.targets, spec.ignore)
         run_layerwise(model, adapter, windows, [method], select, device, recipe.calibration.batch_size,
                       desc=f"{spec.method} {spec.pattern if spec.nm else spec.sparsity}")
@@ -131,8 +130,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
 
     seqlen = default_seqlen(model, recipe.calibration.seqlen)
     eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
+    methods = [build_method(stage.spec) for stage in recipe.stages]
     windows = None
-    if any(build_method(stage.spec).needs for stage in recipe.stages):  # data-free recipes skip calibration text
+    if any(m.needs for m in methods):  # data-free recipes skip calibration text
         with timer("calibration data"):
             windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
 
@@ -144,10 +144,10 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             model.to("cpu")
 
     stage_reports = []
-    for i, stage in enumerate(recipe.stages):
+    for i, (stage, method) in enumerate(zip(recipe.stages, methods)):
         memory.reset_peak()
         t = time.perf_counter()
-        run_stage(model, adapter, stage, windows, recipe, device)
+        run_stage(model, adapter, stage, method, windows, recipe, device)
         seconds = time.perf_counter() - t
         timer.timings[f"stage {i} {stage.kind} {stage.spec.method}"] = seconds
         stage_reports.append({"kind": stage.kind, "method": stage.spec.method, "settings": stage.spec.model_dump(mode="json"),
