@@ -13,6 +13,7 @@ import torch
 from . import __version__, memory
 from .calibrate import make_selector, run_layerwise
 from .calibrate.engine import target_linears
+from .allocate import allocate
 from .compress import build_method
 from .data import calibration_windows, evaluation_chunks
 from .errors import RecipeError, SparseLLMError
@@ -100,14 +101,57 @@ def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: s
     return out
 
 
-def run_stage(model, adapter, stage, method, windows, recipe: Recipe, device) -> None:
-    spec = stage.spec
-    if stage.kind == "prune":
-        select = make_selector(spec.targets, spec.ignore)
-        run_layerwise(model, adapter, windows, [method], select, device, recipe.calibration.batch_size,
-                      desc=f"{spec.method} {spec.pattern if spec.nm else spec.sparsity}")
-    else:  # pragma: no cover - the schema admits only known kinds
-        raise RecipeError(f"unknown stage kind {stage.kind}")
+def _label(spec) -> str:
+    if getattr(spec, "nm", None):
+        return f"{spec.method} {spec.pattern}"
+    return f"{spec.method} {spec.sparsity}" if getattr(spec, "sparsity", None) is not None else spec.method
+
+
+def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device) -> tuple[list[dict], dict | None]:
+    """Run the recipe's stages. An allocate stage sets the per-layer sparsities of the prune stage after
+    it; a prune stage and the refine stages right after it share one calibration pass (DSnoT needs the
+    statistics of the same inputs the mask was chosen on, and the dense weights)."""
+    reports, allocation = [], None
+    stages, batch = recipe.stages, recipe.calibration.batch_size
+    i = 0
+    while i < len(stages):
+        stage, method = stages[i], methods[i]
+        memory.reset_peak()
+        t = time.perf_counter()
+        if stage.kind == "allocate":
+            prune = stages[i + 1].spec
+            select = make_selector(prune.targets, prune.ignore)
+            allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed)
+            methods[i + 1].layer_sparsity = allocation["sparsity"]
+            log.info("%s allocation: layer sparsity %.3f..%.3f, realized overall %.4f", stage.spec.method,
+                     min(allocation["sparsity"]), max(allocation["sparsity"]), allocation["realized"])
+            reports.append(_stage_report(stage, time.perf_counter() - t))
+            i += 1
+            continue
+        j = i + 1
+        while j < len(stages) and stages[j].kind == "refine":
+            methods[j].nm = stage.spec.nm
+            j += 1
+        group = list(range(i, j))
+        prune_select = make_selector(stage.spec.targets, stage.spec.ignore)
+        selects = [prune_select] + [
+            (lambda n, sel=make_selector(stages[k].spec.targets, stages[k].spec.ignore): prune_select(n) and sel(n))
+            for k in group[1:]]
+        desc = " + ".join(_label(stages[k].spec) for k in group)
+        own = run_layerwise(model, adapter, windows, [methods[k] for k in group], selects, device, batch, desc=desc)
+        total = time.perf_counter() - t
+        for n, k in enumerate(group):
+            # the shared calibration forwards are booked on the prune stage
+            secs = total - sum(own[1:]) if n == 0 else own[n]
+            reports.append(_stage_report(stages[k], secs, compute_seconds=own[n]))
+        i = j
+    return reports, allocation
+
+
+def _stage_report(stage, seconds: float, compute_seconds: float | None = None) -> dict:
+    return {"kind": stage.kind, "method": stage.spec.method, "settings": stage.spec.model_dump(mode="json", by_alias=True),
+            "seconds": seconds, "compute_seconds": compute_seconds, "peak_rss_bytes": memory.peak_rss_bytes(),
+            "peak_cuda_bytes": memory.peak_cuda_bytes()}
 
 
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
@@ -125,14 +169,15 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
     for stage in recipe.stages:
-        check_stage_fits(model, adapter, stage.spec)
+        if stage.kind == "prune":
+            check_stage_fits(model, adapter, stage.spec)
     rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
 
     seqlen = default_seqlen(model, recipe.calibration.seqlen)
     eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
-    methods = [build_method(stage.spec) for stage in recipe.stages]
+    methods = [None if stage.kind == "allocate" else build_method(stage.spec) for stage in recipe.stages]
     windows = None
-    if any(m.needs for m in methods):  # data-free recipes skip calibration text
+    if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
         with timer("calibration data"):
             windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
 
@@ -143,16 +188,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             ppl_before = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "before")
             model.to("cpu")
 
-    stage_reports = []
-    for i, (stage, method) in enumerate(zip(recipe.stages, methods)):
-        memory.reset_peak()
-        t = time.perf_counter()
-        run_stage(model, adapter, stage, method, windows, recipe, device)
-        seconds = time.perf_counter() - t
-        timer.timings[f"stage {i} {stage.kind} {stage.spec.method}"] = seconds
-        stage_reports.append({"kind": stage.kind, "method": stage.spec.method, "settings": stage.spec.model_dump(mode="json"),
-                              "seconds": seconds, "peak_rss_bytes": memory.peak_rss_bytes(),
-                              "peak_cuda_bytes": memory.peak_cuda_bytes()})
+    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device)
+    for n, r in enumerate(stage_reports):
+        timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
 
     ppl_after = {}
     if recipe.evaluation.ppl:
@@ -162,7 +200,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             model.to("cpu")
 
     report = {
-        "schema_version": 1,
+        "schema_version": 2,
         "versions": versions(),
         "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -173,6 +211,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
         "device": str(device),
         "stages": stage_reports,
+        "allocation": allocation,
         "sparsity": sparsity_summary(model, adapter),
         "perplexity": {"seqlen": eval_seqlen, "before": ppl_before, "after": ppl_after} if recipe.evaluation.ppl else None,
         "timings": timer.timings,

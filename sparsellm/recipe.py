@@ -116,8 +116,52 @@ class SparseGPTPrune(_PruneBase):
 PruneSpec = Annotated[Union[MagnitudePrune, WandaPrune, SparseGPTPrune], Field(discriminator="method")]
 
 
+class _AllocateBase(_Strict):
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="overall target; default and must-match: the next prune stage's sparsity")
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="no layer is pruned less than this")
+    max_sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="no layer is pruned more than this "
+                                       "(default: 0.99 for owl, target + 0.1 for ecoflap as in its scripts)")
+
+
+class OWLAllocate(_AllocateBase):
+    """Outlier-weighted layer-wise sparsity (Yin et al., 2024)."""
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    method: Literal["owl"]
+    lam: float = Field(0.08, alias="lambda", ge=0.0, lt=1.0, description="layer sparsities span target ± lambda")
+    M: float = Field(5.0, gt=0.0, description="a score is an outlier above M times its layer's mean score")
+
+
+class ECoFLaPAllocate(_AllocateBase):
+    """Layer sparsity from a zeroth-order (forward-only) estimate of each layer's global importance (Sung et al., 2024)."""
+    method: Literal["ecoflap"]
+    nsamples: int = Field(8, gt=0, description="calibration windows used for the estimate (the first ones)")
+    num_noise: int = Field(2, gt=0, description="random directions per window and layer")
+    eps: float = Field(1e-3, gt=0.0, description="finite-difference step along each direction")
+    aggregate: Literal["sum", "avg"] = Field("sum", description="layer score: summed, or divided by the layer's parameter count")
+
+
+AllocateSpec = Annotated[Union[OWLAllocate, ECoFLaPAllocate], Field(discriminator="method")]
+
+
+class DSnoTRefine(_Strict):
+    """Training-free prune-and-grow on the mask of the prune stage just before it (Zhang et al., 2024)."""
+    method: Literal["dsnot"]
+    max_cycles: int = Field(50, gt=0, description="at most this many swaps per row")
+    update_threshold: float = Field(0.1, ge=0.0, description="a row stops once |its error| is at most this "
+                                    "(unit: the error summed over one calibration window, as in the reference)")
+    pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
+    same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
+    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear the prune stage pruned")
+    ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
+
+
+RefineSpec = Annotated[Union[DSnoTRefine], Field(discriminator="method")]
+
+
 class Stage(_Strict):
+    allocate: AllocateSpec | None = None
     prune: PruneSpec | None = None
+    refine: RefineSpec | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -142,8 +186,26 @@ class Recipe(_Strict):
     evaluation: Evaluation = Field(default_factory=Evaluation)
     stages: list[Stage] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _stage_order(self):
+        kinds = [st.kind for st in self.stages]
+        for i, st in enumerate(self.stages):
+            nxt = self.stages[i + 1] if i + 1 < len(kinds) else None
+            if st.kind == "allocate":
+                if nxt is None or nxt.kind != "prune":
+                    raise ValueError(f"stages.{i}: an allocate stage must be followed by a prune stage")
+                a, p = st.spec, nxt.spec
+                if a.sparsity is not None and abs(a.sparsity - p.sparsity) > 1e-9:
+                    raise ValueError(f"stages.{i}: allocate sparsity {a.sparsity} differs from the prune stage's {p.sparsity}")
+                if not a.min_sparsity <= p.sparsity <= (a.max_sparsity or 1.0):
+                    raise ValueError(f"stages.{i}: target sparsity {p.sparsity} is outside [min_sparsity, max_sparsity]")
+            if st.kind == "refine" and (i == 0 or kinds[i - 1] not in ("prune", "refine")):
+                raise ValueError(f"stages.{i}: a refine stage must come right after a prune (or refine) stage, "
+                                 "whose dense weights it needs")
+        return self
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True, by_alias=True), sort_keys=False)
 
 
 def _format_error(err: ValidationError, origin: str) -> str:

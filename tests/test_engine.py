@@ -82,8 +82,8 @@ def test_wanda_statistics_come_from_already_pruned_layers(windows):
     class Recorder(LayerwiseMethod):
         needs = frozenset({"sq_norm"})
 
-        def compress(self, name, linear, stats):
-            seen[name] = stats.sq_norm.clone()
+        def compress(self, t):
+            seen[t.name] = t.stats.sq_norm.clone()
 
     model = tiny_model("llama")
     spec = recipe_from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}).stages[0].spec

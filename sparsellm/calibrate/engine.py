@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -142,31 +143,48 @@ def propagate(layer: nn.Module, acts: Activations) -> None:
 
 
 def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, methods: list, select,
-                  device="cpu", batch_size: int = 8, desc: str = "compress") -> None:
-    """Apply `methods` (LayerwiseMethod, in order) to every selected Linear, layer by layer."""
+                  device="cpu", batch_size: int = 8, desc: str = "compress") -> list[float]:
+    """Apply `methods` (LayerwiseMethod, in order, sharing one calibration pass) to the selected Linear
+    layers, layer by layer. `select`: one module-name predicate for all methods, or one per method.
+    Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
+    from ..compress.base import Target  # compress depends on calibrate, not the other way round
+
     device = torch.device(device)
+    selects = list(select) if isinstance(select, (list, tuple)) else [select] * len(methods)
     needs = frozenset().union(*(m.needs for m in methods))
     true_seq = any(m.true_sequential for m in methods)
+    keep_dense = any(m.needs_dense for m in methods)
     # data-free methods (magnitude) need no activations at all
     acts = capture_layer_inputs(model, adapter, windows, device, batch_size) if needs else None
     layers = adapter.layers(model)
+    seconds = [0.0] * len(methods)
     for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
         layer = layers[index]
         home = _module_device(layer)
         layer.to(device)
         prefix = adapter.layer_prefix(index)
-        linears = target_linears(layer, prefix, select)
+        linears = target_linears(layer, prefix, lambda n: any(sel(n) for sel in selects))
         groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
         for group in groups:
             chosen = {n: linears[n] for n in group}
             stats = collect_stats(layer, chosen, needs, acts) if needs and chosen else {}
             for name, linear in chosen.items():
-                for method in methods:
+                full = f"{prefix}.{name}"
+                dense = linear.weight.detach().clone() if keep_dense else None
+                for i, (method, sel) in enumerate(zip(methods, selects)):
+                    if not sel(full):
+                        continue
+                    t = time.perf_counter()
                     try:
-                        method.compress(f"{prefix}.{name}", linear, stats.get(name))
+                        method.compress(Target(full, index, linear, stats.get(name), dense))
                     except ValueError as e:
-                        raise CompressionError(f"{prefix}.{name}: {e}") from None
+                        raise CompressionError(f"{full}: {e}") from None
+                    seconds[i] += time.perf_counter() - t
+                del dense
+        for method in methods:
+            method.finish_layer(index)
         if acts is not None and index + 1 < len(layers):  # the last layer's outputs feed nothing
             propagate(layer, acts)
         layer.to(home)
     del acts
+    return seconds

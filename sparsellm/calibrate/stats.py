@@ -13,6 +13,7 @@ class InputStats:
             raise ValueError(f"unknown statistics {sorted(unknown)}")
         self.needs = needs
         self.tokens = 0
+        self.sequences = 0
         f64 = dict(dtype=torch.float64, device=device)
         self._sq = torch.zeros(in_features, **f64) if needs & {"sq_norm", "mean"} else None
         self._sum = torch.zeros(in_features, **f64) if "mean" in needs else None
@@ -20,6 +21,7 @@ class InputStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
+        self.sequences += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         self.tokens += x.shape[0]
         if self._sq is not None:

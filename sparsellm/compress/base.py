@@ -2,22 +2,59 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..calibrate.stats import InputStats
+
+
+@dataclass
+class Target:
+    """One Linear being compressed: its full name, decoder-layer index, the module, the statistics
+    of its inputs, and (for methods with needs_dense) its weights before this pass touched them."""
+
+    name: str
+    layer: int
+    linear: nn.Linear
+    stats: InputStats | None = None
+    dense: torch.Tensor | None = None
 
 
 class LayerwiseMethod(ABC):
     """Compresses Linear layers one at a time from statistics of their inputs.
 
     The engine collects the statistics named in `needs` ("sq_norm", "hessian", "mean") for every
-    targeted Linear of a decoder layer with forward hooks, then calls `compress` for each."""
+    targeted Linear of a decoder layer with forward hooks, then calls `compress` for each; several
+    methods can share one pass (a prune stage and the refine stage after it)."""
 
     needs: ClassVar[frozenset[str]] = frozenset()
+    needs_dense: ClassVar[bool] = False
     true_sequential: bool = False
 
     @abstractmethod
-    def compress(self, name: str, linear: nn.Linear, stats: InputStats | None) -> None:
-        """Modify linear.weight in place."""
+    def compress(self, t: Target) -> None:
+        """Modify t.linear.weight in place."""
+
+    def finish_layer(self, layer: int) -> None:
+        """Called after every Linear of decoder layer `layer` went through `compress`."""
+
+
+class PruneMethod(LayerwiseMethod):
+    """A method with a target sparsity, optionally varied per decoder layer by an allocate stage."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.layer_sparsity: list[float] | None = None
+
+    def sparsity_at(self, layer: int) -> float:
+        return self.spec.sparsity if self.layer_sparsity is None else self.layer_sparsity[layer]
+
+    def nm_at(self, layer: int) -> tuple[int, int] | None:
+        """N:M of a layer; an allocation gives layers different N (multiples of 1/M of sparsity)."""
+        if not self.spec.nm:
+            return None
+        m = self.spec.nm[1]
+        return round(self.sparsity_at(layer) * m), m

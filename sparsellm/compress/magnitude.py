@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ..recipe import MagnitudePrune
-from .base import LayerwiseMethod
+from .base import PruneMethod, Target
 from .masks import layer_mask, nm_mask, row_mask
 
 
@@ -15,11 +13,10 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, nm: tuple[int, int] | 
     return row_mask(scores, sparsity) if scope == "row" else layer_mask(scores, sparsity)
 
 
-class Magnitude(LayerwiseMethod):
-    def __init__(self, spec: MagnitudePrune):
-        self.spec = spec
+class Magnitude(PruneMethod):
+    spec: MagnitudePrune
 
     @torch.no_grad()
-    def compress(self, name: str, linear: nn.Linear, stats) -> None:
-        mask = magnitude_mask(linear.weight, self.spec.sparsity, self.spec.nm, self.spec.scope)
-        linear.weight.masked_fill_(mask, 0)
+    def compress(self, t: Target) -> None:
+        mask = magnitude_mask(t.linear.weight, self.sparsity_at(t.layer), self.nm_at(t.layer), self.spec.scope)
+        t.linear.weight.masked_fill_(mask, 0)

@@ -5,10 +5,8 @@ columns of the same row through the inverse Hessian of the layer's inputs (H = X
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ..recipe import SparseGPTPrune
-from .base import LayerwiseMethod
+from .base import PruneMethod, Target
 from .masks import _lowest, count_to_prune
 
 
@@ -77,15 +75,16 @@ def sparsegpt_prune(
     return W, mask
 
 
-class SparseGPT(LayerwiseMethod):
+class SparseGPT(PruneMethod):
     needs = frozenset({"hessian"})
+    spec: SparseGPTPrune
 
     def __init__(self, spec: SparseGPTPrune):
-        self.spec = spec
+        super().__init__(spec)
         self.true_sequential = spec.true_sequential
 
     @torch.no_grad()
-    def compress(self, name: str, linear: nn.Linear, stats) -> None:
-        s = self.spec
-        W, _ = sparsegpt_prune(linear.weight, stats.hessian, s.sparsity, s.nm, s.blocksize, s.percdamp, s.scope)
-        linear.weight.copy_(W.to(linear.weight.dtype))
+    def compress(self, t: Target) -> None:
+        s, w = self.spec, t.linear.weight
+        W, _ = sparsegpt_prune(w, t.stats.hessian, self.sparsity_at(t.layer), self.nm_at(t.layer), s.blocksize, s.percdamp, s.scope)
+        w.copy_(W.to(w.dtype))

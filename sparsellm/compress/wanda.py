@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from ..recipe import WandaPrune
-from .base import LayerwiseMethod
+from .base import PruneMethod, Target
 from .masks import nm_mask, row_mask
 
 
@@ -18,13 +16,11 @@ def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, nm:
     return nm_mask(scores, *nm) if nm else row_mask(scores, sparsity)
 
 
-class Wanda(LayerwiseMethod):
+class Wanda(PruneMethod):
     needs = frozenset({"sq_norm"})
-
-    def __init__(self, spec: WandaPrune):
-        self.spec = spec
+    spec: WandaPrune
 
     @torch.no_grad()
-    def compress(self, name: str, linear: nn.Linear, stats) -> None:
-        mask = wanda_mask(linear.weight, stats.sq_norm, self.spec.sparsity, self.spec.nm)
-        linear.weight.masked_fill_(mask, 0)
+    def compress(self, t: Target) -> None:
+        mask = wanda_mask(t.linear.weight, t.stats.sq_norm, self.sparsity_at(t.layer), self.nm_at(t.layer))
+        t.linear.weight.masked_fill_(mask, 0)

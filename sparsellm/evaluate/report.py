@@ -51,13 +51,53 @@ def render_markdown(r: dict) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in r["timings"].items()]
     lines += ["", f"Peak resident memory: {_mib(r['memory']['peak_rss_bytes'])}"
               f" (after loading: {_mib(r['memory']['rss_after_load_bytes'])})", ""]
-    lines += ["## Sparsity per decoder layer", "", "| layer | sparsity |", "|---|---|"]
-    lines += [f"| {p['layer']} | {p['sparsity']:.4f} |" for p in r["sparsity"]["per_layer"]]
+    alloc = r.get("allocation")
+    if alloc:
+        extra = [k for k in ("outlier_ratio", "importance") if k in alloc]
+        lines += [f"## Sparsity per decoder layer ({alloc['method']} allocation, target {alloc['target']:.4f}, "
+                  f"allocated overall {alloc['realized']:.4f})", "",
+                  "![sparsity per layer](sparsity_per_layer.png)", "",
+                  "| layer | allocated | achieved | " + " | ".join(k.replace("_", " ") for k in extra) + " |",
+                  "|---|---|---|" + "---|" * len(extra)]
+        for p in r["sparsity"]["per_layer"]:
+            i = p["layer"]
+            cells = " | ".join(f"{alloc[k][i]:.4g}" for k in extra)
+            lines.append(f"| {i} | {alloc['sparsity'][i]:.4f} | {p['sparsity']:.4f} | {cells} |")
+    else:
+        lines += ["## Sparsity per decoder layer", "", "| layer | sparsity |", "|---|---|"]
+        lines += [f"| {p['layer']} | {p['sparsity']:.4f} |" for p in r["sparsity"]["per_layer"]]
     v = r["versions"]
     lines += ["", f"sparsellm {v['sparsellm']}, torch {v['torch']}, transformers {v['transformers']}, python {v['python']}", ""]
     return "\n".join(lines)
 
 
+def plot_layer_sparsity(report: dict, path: Path) -> None:
+    """Bar chart of achieved sparsity per decoder layer, with the allocation and the overall target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_layer = report["sparsity"]["per_layer"]
+    alloc = report["allocation"]
+    x = [p["layer"] for p in per_layer]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(x)), 3.5), dpi=100)
+    ax.bar(x, [p["sparsity"] for p in per_layer], color="#4C72B0", label="achieved")
+    ax.plot(x, alloc["sparsity"], "o", color="#DD8452", markersize=4, label=f"allocated ({alloc['method']})")
+    ax.axhline(alloc["target"], color="k", linestyle="--", linewidth=1, label=f"target {alloc['target']:.2f}")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity")
+    lo = min(min(alloc["sparsity"]), min(p["sparsity"] for p in per_layer))
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    # fixed metadata so that the same run writes the same bytes
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
 def write_report(folder: Path, report: dict) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    if report.get("allocation"):
+        plot_layer_sparsity(report, folder / "sparsity_per_layer.png")

@@ -27,6 +27,8 @@ class Adapter:
     pre_layer_paths: tuple[str, ...]
     # true-sequential order: each group sees inputs produced by the already-compressed earlier groups
     sequential_groups: tuple[tuple[str, ...], ...]
+    # modules that turn the last decoder layer's output into logits, in order
+    head_paths: tuple[str, ...] = ()
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)
@@ -36,6 +38,9 @@ class Adapter:
 
     def pre_layer_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for p in self.pre_layer_paths if (m := _get(model, p)) is not None]
+
+    def head_modules(self, model: nn.Module) -> list[nn.Module]:
+        return [m for p in self.head_paths if (m := _get(model, p)) is not None]
 
     def groups_for(self, names: list[str]) -> list[list[str]]:
         """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
@@ -60,6 +65,7 @@ LLAMA = Adapter(
         ("mlp.gate_proj", "mlp.up_proj"),
         ("mlp.down_proj",),
     ),
+    head_paths=("model.norm", "lm_head"),
 )
 
 OPT = Adapter(
@@ -73,6 +79,7 @@ OPT = Adapter(
         ("fc1",),
         ("fc2",),
     ),
+    head_paths=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
 )
 
 ADAPTERS = (LLAMA, OPT)

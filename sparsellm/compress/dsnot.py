@@ -1,0 +1,154 @@
+"""DSnoT, Dynamic Sparse No Training (Zhang et al., ICLR 2024): training-free prune-and-grow.
+
+For each output row i the expected reconstruction error against the dense layer is
+    e_i = Σ_j (W_dense − W_sparse)_ij · E[x_j].
+One cycle swaps, in every row still active, one pruned weight back in and one kept weight out:
+grow the pruned weight whose contribution has the sign of e_i and the largest |W_ij E[x_j]| / Var[x_j]^p,
+prune, inside the same comparison group (the row, or the N:M group of the grown weight), the kept
+weight of lowest Wanda score whose contribution has the opposite sign. The mask changes, never the
+values: a grown weight gets its dense value back. Every weight moves at most once.
+
+Where the reference code differs on purpose: a swap that would not shrink |e_i| is rejected (that
+candidate is dropped and the row continues) instead of being applied, so no row's error ever grows;
+candidates of the wrong sign are never taken when the right-signed ones run out; the same-sign rule
+is a working option; and the error is measured against the dense weights, so a SparseGPT start (whose
+kept weights were updated) is refined against the layer it approximates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..recipe import DSnoTRefine
+from .base import LayerwiseMethod, Target
+
+
+@dataclass
+class DSnoTResult:
+    weight: torch.Tensor  # refined weights
+    error_before: torch.Tensor  # e_i per row, float64
+    error_after: torch.Tensor
+    cycles: int
+    swaps: int
+
+
+def row_error(dense: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """e_i = Σ_j (dense − weight)_ij · mean_j in float64."""
+    return ((dense.double() - weight.double()) * mean.double()[None, :]).sum(1)
+
+
+def _lowest(key: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the k lowest entries along the last dim, sorted, and how many of them are finite."""
+    k = min(k, key.shape[-1])
+    vals, idx = torch.topk(key, k, dim=-1, largest=False, sorted=True)
+    return idx, torch.isfinite(vals).sum(-1)
+
+
+@torch.no_grad()
+def dsnot_refine(
+    dense: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    sq_norm: torch.Tensor,
+    group: int | None = None,
+    max_cycles: int = 50,
+    threshold: float = 0.1,
+    pow_of_var: float = 1.0,
+    same_sign: bool = False,
+) -> DSnoTResult:
+    """Refine the mask of `weight` (zeros = pruned) against `dense`. `group`: M for N:M (swaps stay
+    inside each group of M inputs), None for unstructured (swaps anywhere in the row).
+    `mean`, `var`, `sq_norm`: per input channel E[x], Var[x], E[x²] (any common scale of `mean`
+    sets the unit of `threshold`).
+
+    Candidate sets never change (a weight moves at most once), so each row's candidates are ranked
+    once; a cycle then costs O(rows): sign s of the row's error picks the grow list (s>0: pruned
+    weights of positive contribution, largest rank first) and the partner lists (kept weights of
+    contribution −s, lowest Wanda score first, per group)."""
+    rows, cols = weight.shape
+    g = group or cols
+    if cols % g:
+        raise ValueError(f"N:M pattern with M={g} does not divide the input width {cols}")
+    ngroups, dev, inf = cols // g, weight.device, float("inf")
+    W = weight.detach().float().clone()
+    D = dense.detach().to(dev).float()
+    mu = mean.to(dev).float()
+    pruned = W == 0
+    grow_c, prune_c = D * mu, W * mu  # error removed by growing j / added by pruning k
+    rank = grow_c / var.to(dev).double().clamp_min(1e-12).pow(pow_of_var).float()
+    wanda = W.abs() * sq_norm.to(dev).float().sqrt()
+    K = max_cycles
+
+    # partner lists, index 1 for rows with e > 0 (prune a negative contribution), 0 for e <= 0
+    partner_idx, partner_cnt = [], []
+    for sign in (1.0, -1.0):  # e<=0 wants a kept weight of positive contribution
+        key = torch.where(~pruned & (prune_c * sign > 0), wanda, inf).view(rows, ngroups, g)
+        idx, cnt = _lowest(key, K if group is None else g)
+        partner_idx.append(idx + torch.arange(ngroups, device=dev)[None, :, None] * g)
+        partner_cnt.append(cnt)
+    partner_idx, partner_cnt = torch.stack(partner_idx), torch.stack(partner_cnt)  # (2, rows, ngroups, L), (2, rows, ngroups)
+    # grow lists: only weights whose group has a partner to swap with
+    grow_idx, grow_ok = [], []
+    for si, sign in ((0, -1.0), (1, 1.0)):
+        has = (partner_cnt[si] > 0).repeat_interleave(g, dim=1)
+        key = torch.where(pruned & (grow_c * sign > 0) & has, -rank * sign, inf)
+        idx, cnt = _lowest(key, K)
+        grow_idx.append(idx)
+        grow_ok.append(torch.arange(idx.shape[1], device=dev)[None, :] < cnt[:, None])
+    grow_idx, grow_ok = torch.stack(grow_idx), torch.stack(grow_ok)  # (2, rows, K)
+    del grow_c, prune_c, rank, wanda, pruned
+
+    e = row_error(D, W, mu)
+    before = e.clone()
+    mu64 = mu.double()
+    rix = torch.arange(rows, device=dev)
+    ptr_g = torch.zeros(2, rows, dtype=torch.long, device=dev)
+    ptr_p = torch.zeros(2, rows, ngroups, dtype=torch.long, device=dev)
+    active = e.abs() > threshold
+    cycles = swaps = 0
+    while cycles < max_cycles and bool(active.any()):
+        cycles += 1
+        si = (e > 0).long()
+        pg = ptr_g[si, rix]
+        pgc = pg.clamp(max=grow_idx.shape[2] - 1)
+        active &= (pg < grow_idx.shape[2]) & grow_ok[si, rix, pgc]
+        j = grow_idx[si, rix, pgc]
+        gi = j // g
+        pp = ptr_p[si, rix, gi]
+        has = pp < partner_cnt[si, rix, gi]
+        k = partner_idx[si, rix, gi, pp.clamp(max=partner_idx.shape[3] - 1)]
+        e_new = e - D[rix, j].double() * mu64[j] + W[rix, k].double() * mu64[k]
+        ok = active & has & (e_new.abs() < e.abs())
+        if same_sign:
+            ok &= torch.sign(e_new) * torch.sign(e) >= 0
+        ptr_g[si, rix] += active.long()  # the grow candidate is used up, accepted or not
+        ptr_p[si, rix, gi] += ok.long()
+        r = rix[ok]
+        W[r, j[ok]] = D[r, j[ok]]
+        W[r, k[ok]] = 0
+        e = torch.where(ok, e_new, e)
+        swaps += int(ok.sum())
+        active &= e.abs() > threshold
+    return DSnoTResult(W, before, e, cycles, swaps)
+
+
+class DSnoT(LayerwiseMethod):
+    """Refines the mask the preceding prune stage left in each Linear (needs its dense weights)."""
+
+    needs = frozenset({"sq_norm", "mean"})
+    needs_dense = True
+
+    def __init__(self, spec: DSnoTRefine):
+        self.spec = spec
+        self.nm: tuple[int, int] | None = None  # set by the pipeline from the prune stage it refines
+
+    @torch.no_grad()
+    def compress(self, t: Target) -> None:
+        s, st = self.spec, t.stats
+        # the reference's unit: error summed over one calibration window (tokens per window × E[x])
+        mean = st.mean * (st.tokens / max(st.sequences, 1))
+        res = dsnot_refine(t.dense, t.linear.weight, mean, st.var, st.sq_norm, self.nm[1] if self.nm else None,
+                           s.max_cycles, s.update_threshold, s.pow_of_var, s.same_sign)
+        t.linear.weight.copy_(res.weight.to(t.linear.weight.dtype))
