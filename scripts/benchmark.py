@@ -17,19 +17,37 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = {
-    "dense": None,
-    "magnitude-50": {"method": "magnitude", "sparsity": 0.5},
-    "magnitude-2:4": {"method": "magnitude", "pattern": "2:4"},
-    "magnitude-4:8": {"method": "magnitude", "pattern": "4:8"},
-    "wanda-50": {"method": "wanda", "sparsity": 0.5},
-    "wanda-2:4": {"method": "wanda", "pattern": "2:4"},
-    "wanda-4:8": {"method": "wanda", "pattern": "4:8"},
-    "sparsegpt-50": {"method": "sparsegpt", "sparsity": 0.5},
-    "sparsegpt-2:4": {"method": "sparsegpt", "pattern": "2:4"},
-    "sparsegpt-4:8": {"method": "sparsegpt", "pattern": "4:8"},
-    "wanda-60": {"method": "wanda", "sparsity": 0.6},
-    "wanda-70": {"method": "wanda", "sparsity": 0.7},
+def _p(method, s):
+    return {"method": method, "pattern": s} if ":" in str(s) else {"method": method, "sparsity": s}
+
+
+SETTINGS: dict[str, list | None] = {"dense": None}
+for _m in ("magnitude", "wanda", "sparsegpt"):
+    for _s in (0.5, "2:4", "4:8"):
+        SETTINGS[f"{_m}-{_s if ':' in str(_s) else int(_s * 100)}"] = [{"prune": _p(_m, _s)}]
+# layer-wise allocation and DSnoT (issue 3): 60 %, 70 % unstructured and 2:4
+for _s in (0.6, 0.7, "2:4"):
+    tag = _s if ":" in str(_s) else int(_s * 100)
+    SETTINGS[f"wanda-{tag}"] = [{"prune": _p("wanda", _s)}]
+    SETTINGS[f"wanda+dsnot-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot"}}]
+    SETTINGS[f"sparsegpt-{tag}"] = [{"prune": _p("sparsegpt", _s)}]
+    SETTINGS[f"sparsegpt+dsnot-{tag}"] = [{"prune": _p("sparsegpt", _s)}, {"refine": {"method": "dsnot"}}]
+    SETTINGS[f"owl+wanda-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}]
+    SETTINGS[f"owl+wanda+dsnot-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot"}}]
+    SETTINGS[f"ecoflap+wanda-{tag}"] = [{"allocate": {"method": "ecoflap"}}, {"prune": _p("wanda", _s)}]
+# which layers DSnoT should refine (the reference skips the MLP by default)
+SETTINGS["wanda+dsnot(attn)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "ignore": ["*.mlp.*"]}}]
+SETTINGS["wanda+dsnot(mlp)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "targets": ["*.mlp.*"]}}]
+for _s in (0.6, 0.7, "2:4"):
+    tag = _s if ":" in str(_s) else int(_s * 100)
+    SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mean"}}]
+    SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mse"}}]
+SETTINGS["wanda+dsnot(attn,mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "ignore": ["*.mlp.*"]}}]
+GROUPS = {
+    "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
+               "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
+    "issue3": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
+               ("wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "owl+wanda", "owl+wanda+dsnot", "ecoflap+wanda")],
 }
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
 
@@ -38,11 +56,11 @@ def worker(name: str, model_dir: str, data: Path) -> dict:
     import torch
 
     from sparsellm import memory
-    from sparsellm.calibrate import make_selector, run_layerwise
     from sparsellm.compress import build_method
     from sparsellm.data import calibration_windows, evaluation_chunks
     from sparsellm.evaluate import perplexity, sparsity_summary
     from sparsellm.loading import get_adapter, load_model
+    from sparsellm.pipeline import run_stages
     from sparsellm.recipe import recipe_from_dict
 
     torch.set_num_threads(2)
@@ -62,10 +80,13 @@ def worker(name: str, model_dir: str, data: Path) -> dict:
                 model(input_ids=batch, use_cache=False)
             row["dense_forward_seconds"] = time.perf_counter() - t
     else:
-        spec = recipe_from_dict({"stages": [{"prune": SETTINGS[name]}]}).stages[0].spec
+        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": SETTINGS[name]})
+        methods = [None if st.kind == "allocate" else build_method(st.spec) for st in recipe.stages]
         t = time.perf_counter()
-        run_layerwise(model, adapter, windows, [build_method(spec)], make_selector([], []), "cpu", BATCH, desc=name)
+        stages, allocation = run_stages(model, adapter, recipe, methods, windows, "cpu")
         row["seconds"] = time.perf_counter() - t
+        row["stage_seconds"] = {f"{st['kind']} {st['method']}": st["seconds"] for st in stages}
+        row["allocation"] = allocation
     row["peak_rss_bytes"] = memory.peak_rss_bytes()
     row["rss_before_bytes"] = rss0
     row["sparsity"] = sparsity_summary(model, adapter)["overall"]
@@ -78,7 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--only", help="comma-separated subset of: " + ", ".join(SETTINGS))
+    ap.add_argument("--only", help="comma-separated settings or groups (" + ", ".join(GROUPS) + "); settings: " + ", ".join(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -87,7 +108,8 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data)), flush=True)
         return
 
-    names = args.only.split(",") if args.only else list(SETTINGS)
+    names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
+    names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         sys.exit(f"unknown settings: {unknown}")
@@ -107,19 +129,25 @@ def main() -> None:
             if proc.returncode or line is None:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(line[7:]))
-            print(f"done {name}: ppl {rows[-1]['ppl']:.3f}", file=sys.stderr, flush=True)
+            print(f"done {name}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds'] or 0:.1f} s "
+                  f"{rows[-1].get('stage_seconds') or ''}", file=sys.stderr, flush=True)
+            if args.json:  # after every setting, so a long run can be inspected or resumed
+                args.json.write_text(json.dumps(rows, indent=2))
 
     dense_fwd = next((r["dense_forward_seconds"] for r in rows if r["dense_forward_seconds"]), None)
     print(f"\nSmolLM2-135M-Instruct fp32, {NSAMPLES}x{SEQLEN} calibration tokens from lee_calib.txt, "
           f"perplexity on {rows[0]['eval_tokens']} tokens of lee_eval.txt (seqlen {SEQLEN}), torch threads 2\n")
-    print("| setting | perplexity | sparsity | compression s | × dense fwd | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| setting | perplexity | sparsity | compression s | × dense fwd | of which allocate / refine s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
         ratio = "-" if r["seconds"] is None or not dense_fwd else f"{r['seconds'] / dense_fwd:.2f}"
         if r["dense_forward_seconds"]:
             secs = f"(fwd {r['dense_forward_seconds']:.1f})"
-        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['sparsity']:.4f} | {secs} | {ratio} | {r['peak_rss_bytes'] / 2**20:,.0f} |")
+        st = r.get("stage_seconds") or {}
+        parts = [f"{v:.1f}" for k, v in st.items() if k.split()[0] in ("allocate", "refine")]
+        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['sparsity']:.4f} | {secs} | {ratio} | {' / '.join(parts) or '-'} "
+              f"| {r['peak_rss_bytes'] / 2**20:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

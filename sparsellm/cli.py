@@ -49,6 +49,8 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), help="One-stage recipe without YAML.")
 @click.option("--sparsity", type=float, help="Fraction of weights to zero, in [0, 1).")
 @click.option("--pattern", default=None, help='"unstructured" (default) or N:M, e.g. 2:4 = 2 zeros in every 4 weights.')
+@click.option("--allocate", type=click.Choice(["owl", "ecoflap"]), help="Vary sparsity per decoder layer (same overall target) before --method.")
+@click.option("--refine", type=click.Choice(["dsnot"]), help="Prune-and-grow the mask of --method without changing its sparsity.")
 @click.option("--calib", help="Calibration data: " + DATA_HELP)
 @click.option("--nsamples", type=int, help="Number of calibration windows (default 128).")
 @click.option("--seqlen", type=int, help="Tokens per calibration window (default min(2048, context)).")
@@ -60,7 +62,7 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.pass_context
-def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, calib, nsamples, seqlen, seed, ppl, output,
+def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, refine, calib, nsamples, seqlen, seed, ppl, output,
           overwrite, device, dtype, trust_remote_code):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
@@ -69,6 +71,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, calib, nsampl
       sparsellm prune --recipe recipes/wanda-2of4.yaml --model ./llama -o out/
       sparsellm prune --method sparsegpt --sparsity 0.5 --calib c4 --ppl wikitext2 -o out/
       sparsellm prune --method wanda --pattern 4:8 --calib docs.jsonl --nsamples 64 --seqlen 1024 -o out/
+      sparsellm prune --allocate owl --method wanda --sparsity 0.7 --refine dsnot -o out/
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
@@ -77,15 +80,18 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, calib, nsampl
     from .recipe import load_recipe, recipe_from_dict
 
     def run():
-        if recipe_path and (method or sparsity is not None or pattern):
-            raise RecipeError("give either --recipe or --method/--sparsity/--pattern, not both")
+        if recipe_path and (method or sparsity is not None or pattern or allocate or refine):
+            raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--allocate/--refine, not both")
         if recipe_path:
             data = load_recipe(recipe_path).model_dump(exclude_none=True, exclude_unset=True)
         elif method:
             stage = {"method": method, "pattern": pattern or "unstructured"}
             if sparsity is not None:
                 stage["sparsity"] = sparsity
-            data = {"stages": [{"prune": stage}]}
+            data = {"stages": ([{"allocate": {"method": allocate}}] if allocate else []) + [{"prune": stage}]
+                    + ([{"refine": {"method": refine}}] if refine else [])}
+        elif allocate or refine:
+            raise RecipeError("--allocate and --refine need --method")
         else:
             raise RecipeError("nothing to do: give --recipe FILE or --method NAME (see sparsellm prune --help)")
         cal = data.setdefault("calibration", {})

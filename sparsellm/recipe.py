@@ -138,6 +138,8 @@ class ECoFLaPAllocate(_AllocateBase):
     num_noise: int = Field(2, gt=0, description="random directions per window and layer")
     eps: float = Field(1e-3, gt=0.0, description="finite-difference step along each direction")
     aggregate: Literal["sum", "avg"] = Field("sum", description="layer score: summed, or divided by the layer's parameter count")
+    importance: list[float] | None = Field(None, description="per-layer importance from an earlier run's report.json "
+                                           "(allocation.importance): skips the estimate, e.g. to try other targets")
 
 
 AllocateSpec = Annotated[Union[OWLAllocate, ECoFLaPAllocate], Field(discriminator="method")]
@@ -151,6 +153,8 @@ class DSnoTRefine(_Strict):
                                     "(unit: the error summed over one calibration window, as in the reference)")
     pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
     same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
+    criterion: Literal["mean", "mse"] = Field("mean", description="take a swap when it shrinks |mean error| (paper), "
+                                              "or only when it also lowers the row's expected squared error")
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear the prune stage pruned")
     ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
 

@@ -208,3 +208,21 @@ def test_data_free_recipe_needs_no_calibration_text(model_dirs, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"] is None and report["sparsity"]["overall"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.stages
+
+
+def test_allocate_and_refine_from_the_command_line(model_dirs, tmp_path):
+    out = tmp_path / "out"
+    r = run("prune", "--model", model_dirs["llama"], "--allocate", "owl", "--method", "wanda", "--sparsity", "0.6",
+            "--refine", "dsnot", "--calib", TEXT, "--nsamples", 4, "--seqlen", 32, "--output", out)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert [s["kind"] for s in rep["stages"]] == ["allocate", "prune", "refine"]
+    assert len(rep["allocation"]["sparsity"]) == 2
+    r = run("prune", "--model", model_dirs["llama"], "--refine", "dsnot", "--output", tmp_path / "o2")
+    assert r.exit_code == 2 and "need --method" in r.output

@@ -31,8 +31,9 @@ def smollm_dir(tmp_path_factory):
 
 
 def prune(model_dir, out, stage, tmp_path):
+    stages = stage if isinstance(stage, list) else [{"prune": stage}]
     recipe = {"seed": 0, "calibration": {"dataset": str(CALIB), "nsamples": 8, "seqlen": 256},
-              "evaluation": {"ppl": [str(EVAL)], "limit": 8, "batch_size": 4}, "stages": [{"prune": stage}]}
+              "evaluation": {"ppl": [str(EVAL)], "limit": 8, "batch_size": 4}, "stages": stages}
     path = tmp_path / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     r = CliRunner().invoke(cli, ["prune", "--model", str(model_dir), "--recipe", str(path), "--output", str(out)])
@@ -71,3 +72,18 @@ def test_sparsegpt_2of4_and_eval_command(smollm_dir, tmp_path):
     assert r.exit_code == 0, r.output
     ppl = json.loads(r.output.strip().splitlines()[-1])["perplexity"][str(EVAL)]
     assert 1 < ppl < 1e4
+
+
+def test_owl_allocation_and_dsnot_on_the_real_model(smollm_dir, tmp_path):
+    rep = prune(smollm_dir, tmp_path / "owl", [{"allocate": {"method": "owl"}}, {"prune": {"method": "wanda", "sparsity": 0.7}},
+                                               {"refine": {"method": "dsnot"}}], tmp_path)
+    alloc = rep["allocation"]
+    assert abs(rep["sparsity"]["overall"] - 0.7) < 1e-3  # the overall target holds within 0.1 %
+    assert len(alloc["sparsity"]) == 30 and max(alloc["sparsity"]) - min(alloc["sparsity"]) == pytest.approx(0.16, abs=0.01)
+    per_layer = [p["sparsity"] for p in rep["sparsity"]["per_layer"]]
+    assert per_layer == pytest.approx(alloc["sparsity"], abs=2e-3)  # realized per layer, row rounding aside
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "owl")
+    for i, layer in enumerate(model.model.layers):  # DSnoT kept every row at its layer's count
+        for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert ((lin.weight == 0).sum(1) == int(lin.in_features * alloc["sparsity"][i])).all()
+    assert (tmp_path / "owl" / "sparsity_per_layer.png").stat().st_size > 1000

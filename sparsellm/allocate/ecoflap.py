@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibrate.engine import _layer_forward, _module_device, capture_layer_inputs, target_linears
+from ..errors import RecipeError
 from .base import water_fill
 
 
@@ -69,10 +70,15 @@ def layer_importance(model, adapter, windows, select, device, batch_size: int, n
 
 def ecoflap_allocate(model, adapter, windows, select, device, batch_size, target: float, spec, seed: int,
                      sizes) -> tuple[list[float], dict]:
-    probe_windows = windows[: spec.nsamples]
-    scores = layer_importance(model, adapter, probe_windows, select, device, batch_size, spec.num_noise, spec.eps, seed)
+    if spec.importance is not None:
+        if len(spec.importance) != len(sizes):
+            raise RecipeError(f"ecoflap importance has {len(spec.importance)} values; the model has {len(sizes)} layers")
+        scores = list(spec.importance)
+    else:
+        # one window per probe: more random directions for the same tokens, a less noisy estimate
+        scores = layer_importance(model, adapter, windows[: spec.nsamples], select, device, 1,
+                                  spec.num_noise, spec.eps, seed)
     params = [sum(r * c for r, c in shapes) for shapes in sizes]
-    if spec.aggregate == "avg":
-        scores = [s / p if p else 0.0 for s, p in zip(scores, params)]
+    weights = [s / p if p else 0.0 for s, p in zip(scores, params)] if spec.aggregate == "avg" else scores
     max_s = spec.max_sparsity if spec.max_sparsity is not None else min(0.99, target + 0.1)
-    return water_fill(scores, params, target, max_s), {"importance": scores}
+    return water_fill(weights, params, target, max_s), {"importance": scores}

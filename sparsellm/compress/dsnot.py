@@ -57,16 +57,23 @@ def dsnot_refine(
     threshold: float = 0.1,
     pow_of_var: float = 1.0,
     same_sign: bool = False,
+    criterion: str = "mean",
+    window: float = 1.0,
 ) -> DSnoTResult:
     """Refine the mask of `weight` (zeros = pruned) against `dense`. `group`: M for N:M (swaps stay
     inside each group of M inputs), None for unstructured (swaps anywhere in the row).
-    `mean`, `var`, `sq_norm`: per input channel E[x], Var[x], E[x²] (any common scale of `mean`
-    sets the unit of `threshold`).
+    `mean`, `var`, `sq_norm`: per input channel E[x], Var[x], E[x²], with `mean` scaled by `window`
+    (the reference sums the error over a calibration window; that scale is the unit of `threshold`).
+    criterion "mean": take a swap when it shrinks |e| (the paper). "mse": also require that it lowers
+    the row's expected squared output error E[(ΔW x)²] ≈ (e/window)² + Σ_j ΔW_j² Var[x_j], i.e.
+    the error under H ≈ diag(Var x) + E[x]E[x]ᵀ, so that cancelling the mean never costs more variance.
 
     Candidate sets never change (a weight moves at most once), so each row's candidates are ranked
     once; a cycle then costs O(rows): sign s of the row's error picks the grow list (s>0: pruned
     weights of positive contribution, largest rank first) and the partner lists (kept weights of
     contribution −s, lowest Wanda score first, per group)."""
+    if criterion not in ("mean", "mse"):
+        raise ValueError(f"unknown DSnoT criterion {criterion!r}")
     rows, cols = weight.shape
     g = group or cols
     if cols % g:
@@ -102,7 +109,7 @@ def dsnot_refine(
 
     e = row_error(D, W, mu)
     before = e.clone()
-    mu64 = mu.double()
+    mu64, var64 = mu.double(), var.to(dev).double()
     rix = torch.arange(rows, device=dev)
     ptr_g = torch.zeros(2, rows, dtype=torch.long, device=dev)
     ptr_p = torch.zeros(2, rows, ngroups, dtype=torch.long, device=dev)
@@ -119,8 +126,11 @@ def dsnot_refine(
         pp = ptr_p[si, rix, gi]
         has = pp < partner_cnt[si, rix, gi]
         k = partner_idx[si, rix, gi, pp.clamp(max=partner_idx.shape[3] - 1)]
-        e_new = e - D[rix, j].double() * mu64[j] + W[rix, k].double() * mu64[k]
+        dj, wk = D[rix, j].double(), W[rix, k].double()
+        e_new = e - dj * mu64[j] + wk * mu64[k]
         ok = active & has & (e_new.abs() < e.abs())
+        if criterion == "mse":
+            ok &= (e_new ** 2 - e ** 2) / window ** 2 + wk ** 2 * var64[k] - dj ** 2 * var64[j] < 0
         if same_sign:
             ok &= torch.sign(e_new) * torch.sign(e) >= 0
         ptr_g[si, rix] += active.long()  # the grow candidate is used up, accepted or not
@@ -148,7 +158,7 @@ class DSnoT(LayerwiseMethod):
     def compress(self, t: Target) -> None:
         s, st = self.spec, t.stats
         # the reference's unit: error summed over one calibration window (tokens per window × E[x])
-        mean = st.mean * (st.tokens / max(st.sequences, 1))
-        res = dsnot_refine(t.dense, t.linear.weight, mean, st.var, st.sq_norm, self.nm[1] if self.nm else None,
-                           s.max_cycles, s.update_threshold, s.pow_of_var, s.same_sign)
+        window = st.tokens / max(st.sequences, 1)
+        res = dsnot_refine(t.dense, t.linear.weight, st.mean * window, st.var, st.sq_norm, self.nm[1] if self.nm else None,
+                           s.max_cycles, s.update_threshold, s.pow_of_var, s.same_sign, s.criterion, window)
         t.linear.weight.copy_(res.weight.to(t.linear.weight.dtype))
