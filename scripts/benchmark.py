@@ -42,7 +42,7 @@ for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mean"}}]
     SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mse"}}]
-SETTINGS["wanda+dsnot(attn,mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "ignore": ["*.mlp.*"]}}]
+SETTINGS["wanda+dsnot(attn-mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "ignore": ["*.mlp.*"]}}]
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
@@ -52,7 +52,7 @@ GROUPS = {
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
 
 
-def worker(name: str, model_dir: str, data: Path) -> dict:
+def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None) -> dict:
     import torch
 
     from sparsellm import memory
@@ -80,7 +80,12 @@ def worker(name: str, model_dir: str, data: Path) -> dict:
                 model(input_ids=batch, use_cache=False)
             row["dense_forward_seconds"] = time.perf_counter() - t
     else:
-        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": SETTINGS[name]})
+        stages = json.loads(json.dumps(SETTINGS[name]))
+        for st in stages:  # ECoFLaP's importance does not depend on the target: estimate it once per benchmark
+            if importance and st.get("allocate", {}).get("method") == "ecoflap":
+                st["allocate"]["importance"] = importance
+                row["importance_reused"] = True
+        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": stages})
         methods = [None if st.kind == "allocate" else build_method(st.spec) for st in recipe.stages]
         t = time.perf_counter()
         stages, allocation = run_stages(model, adapter, recipe, methods, windows, "cpu")
@@ -103,9 +108,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--importance", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data)), flush=True)
+        imp = json.loads(args.importance) if args.importance else None
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp)), flush=True)
         return
 
     names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
@@ -121,14 +128,16 @@ def main() -> None:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         del loaded
-        rows = []
+        rows, importance = [], None
         for name in names:
-            proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp, "--data", str(args.data)],
+            extra = ["--importance", json.dumps(importance)] if importance else []
+            proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp, "--data", str(args.data)] + extra,
                                   capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(line[7:]))
+            importance = importance or (rows[-1].get("allocation") or {}).get("importance")
             print(f"done {name}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds'] or 0:.1f} s "
                   f"{rows[-1].get('stage_seconds') or ''}", file=sys.stderr, flush=True)
             if args.json:  # after every setting, so a long run can be inspected or resumed
@@ -140,7 +149,7 @@ def main() -> None:
     print("| setting | perplexity | sparsity | compression s | × dense fwd | of which allocate / refine s | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}" + (" *" if r.get("importance_reused") else "")
         ratio = "-" if r["seconds"] is None or not dense_fwd else f"{r['seconds'] / dense_fwd:.2f}"
         if r["dense_forward_seconds"]:
             secs = f"(fwd {r['dense_forward_seconds']:.1f})"

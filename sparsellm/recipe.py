@@ -153,8 +153,9 @@ class DSnoTRefine(_Strict):
                                     "(unit: the error summed over one calibration window, as in the reference)")
     pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
     same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
-    criterion: Literal["mean", "mse"] = Field("mean", description="take a swap when it shrinks |mean error| (paper), "
-                                              "or only when it also lowers the row's expected squared error")
+    criterion: Literal["mean", "mse"] = Field("mse", description="take a swap when it shrinks |mean error| (the paper), "
+                                              "or only when it also lowers the row's expected squared error (default: "
+                                              "measured better, see README)")
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear the prune stage pruned")
     ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
 

@@ -58,14 +58,15 @@ def _start(kind, D, sq, X, sparsity, nm):
 
 @pytest.mark.parametrize("kind", ["wanda", "magnitude", "sparsegpt"])
 @pytest.mark.parametrize("nm,sparsity", [(None, 0.6), (None, 0.7), ((2, 4), 0.5), ((4, 8), 0.5)])
-@pytest.mark.parametrize("same_sign", [False, True])
-def test_invariants(kind, nm, sparsity, same_sign):
+@pytest.mark.parametrize("same_sign,criterion", [(False, "mean"), (True, "mean"), (False, "mse")])
+def test_invariants(kind, nm, sparsity, same_sign, criterion):
     torch.manual_seed(1)
     rows, cols = 40, 64
     D = torch.randn(rows, cols)
     mean, var, sq, X = _stats(cols, 2)
     W = _start(kind, D, sq, X, sparsity, nm)
-    r = dsnot_refine(D, W, mean * 64, var, sq, nm[1] if nm else None, max_cycles=20, threshold=0.05, same_sign=same_sign)
+    r = dsnot_refine(D, W, mean * 64, var, sq, nm[1] if nm else None, max_cycles=20, threshold=0.05, same_sign=same_sign,
+                     criterion=criterion, window=64)
     out = r.weight
     # sparsity is unchanged per row, and per N:M group
     assert torch.equal((out == 0).sum(1), (W == 0).sum(1))
@@ -79,6 +80,11 @@ def test_invariants(kind, nm, sparsity, same_sign):
     assert r.swaps > 0 and r.cycles <= 20
     if same_sign:
         assert bool((torch.sign(r.error_after) * torch.sign(r.error_before) >= 0).all())
+    if criterion == "mse":
+        # nor does the row's expected squared error under H = diag(Var x) + E[x]E[x]^T
+        def mse(Wx):
+            return (row_error(D, Wx, mean) ** 2 + ((D - Wx).double() ** 2 * var.double()).sum(1))
+        assert bool((mse(out) <= mse(W) + 1e-9).all())
     # every weight moves at most once: at most `cycles` swaps, i.e. 2 changed entries per cycle, per row
     assert int((out != W).sum(1).max()) <= 2 * r.cycles
 
@@ -145,3 +151,15 @@ def test_wanda_then_dsnot_in_one_pass_keeps_row_sparsity_and_dense_values(window
             changed += int((f != w).any())
     # layer 0 sees the same inputs either way, so its attention projections must have been refined
     assert changed > 0
+
+
+def test_mse_criterion_refuses_swaps_that_cost_more_variance_than_they_save():
+    # the mean criterion grows 4 (channel variance 0) and prunes -2; with Var[x_5] = 10 that prune
+    # costs 40 in variance while the mean error only drops from 16 to 4: refused under "mse"
+    D = torch.tensor([[4.0, -1.0, 2.0, 3.0, 1.0, -2.0]])
+    W = torch.tensor([[0.0, 0.0, 2.0, 3.0, 0.0, -2.0]])
+    var = torch.tensor([1e-9, 1.0, 1.0, 1.0, 1.0, 10.0])
+    r = dsnot_refine(D, W, ONES, var, ONES, threshold=0.1, criterion="mse")
+    assert r.weight[0, 5] == -2.0
+    r = dsnot_refine(D, W, ONES, var, ONES, threshold=0.1, criterion="mean")
+    assert r.weight[0, 5] == 0.0

@@ -65,7 +65,7 @@ def dsnot_refine(
     `mean`, `var`, `sq_norm`: per input channel E[x], Var[x], E[x²], with `mean` scaled by `window`
     (the reference sums the error over a calibration window; that scale is the unit of `threshold`).
     criterion "mean": take a swap when it shrinks |e| (the paper). "mse": also require that it lowers
-    the row's expected squared output error E[(ΔW x)²] ≈ (e/window)² + Σ_j ΔW_j² Var[x_j], i.e.
+    the row's expected squared output error E[(ΔW x)²] ≈ (e/window)² + Σ_j ΔW_j² Var[x_j] (ΔW = D − W), i.e.
     the error under H ≈ diag(Var x) + E[x]E[x]ᵀ, so that cancelling the mean never costs more variance.
 
     Candidate sets never change (a weight moves at most once), so each row's candidates are ranked
@@ -130,7 +130,9 @@ def dsnot_refine(
         e_new = e - dj * mu64[j] + wk * mu64[k]
         ok = active & has & (e_new.abs() < e.abs())
         if criterion == "mse":
-            ok &= (e_new ** 2 - e ** 2) / window ** 2 + wk ** 2 * var64[k] - dj ** 2 * var64[j] < 0
+            # Σ (D − W)² Var: pruning k turns (D_k − W_k)² into D_k², growing j turns D_j² into 0
+            dk = D[rix, k].double()
+            ok &= (e_new ** 2 - e ** 2) / window ** 2 + (dk ** 2 - (dk - wk) ** 2) * var64[k] - dj ** 2 * var64[j] < 0
         if same_sign:
             ok &= torch.sign(e_new) * torch.sign(e) >= 0
         ptr_g[si, rix] += active.long()  # the grow candidate is used up, accepted or not
