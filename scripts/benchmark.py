@@ -34,15 +34,17 @@ for _s in (0.6, 0.7, "2:4"):
     SETTINGS[f"sparsegpt+dsnot-{tag}"] = [{"prune": _p("sparsegpt", _s)}, {"refine": {"method": "dsnot"}}]
     SETTINGS[f"owl+wanda-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}]
     SETTINGS[f"owl+wanda+dsnot-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot"}}]
-    SETTINGS[f"ecoflap+wanda-{tag}"] = [{"allocate": {"method": "ecoflap"}}, {"prune": _p("wanda", _s)}]
+    # 4 windows x 2 directions per layer (the recipe default is 8 x 2): the estimate is the costly part on CPU
+    SETTINGS[f"ecoflap+wanda-{tag}"] = [{"allocate": {"method": "ecoflap", "nsamples": 4}}, {"prune": _p("wanda", _s)}]
 # which layers DSnoT should refine (the reference skips the MLP by default)
-SETTINGS["wanda+dsnot(attn)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "ignore": ["*.mlp.*"]}}]
-SETTINGS["wanda+dsnot(mlp)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "targets": ["*.mlp.*"]}}]
+SETTINGS["wanda+dsnot(attn)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "attention"}}]
+SETTINGS["wanda+dsnot(mlp)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "mlp"}}]
+SETTINGS["wanda+dsnot(all)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "all"}}]
 for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
-    SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mean"}}]
-    SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mse"}}]
-SETTINGS["wanda+dsnot(attn-mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "ignore": ["*.mlp.*"]}}]
+    SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "all"}}]
+    SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "all"}}]
+SETTINGS["wanda+dsnot(attn-mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "attention"}}]
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],

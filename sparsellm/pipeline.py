@@ -134,9 +134,7 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device) -
             j += 1
         group = list(range(i, j))
         prune_select = make_selector(stage.spec.targets, stage.spec.ignore)
-        selects = [prune_select] + [
-            (lambda n, sel=make_selector(stages[k].spec.targets, stages[k].spec.ignore): prune_select(n) and sel(n))
-            for k in group[1:]]
+        selects = [prune_select] + [refine_selector(adapter, stages[k].spec, prune_select) for k in group[1:]]
         desc = " + ".join(_label(stages[k].spec) for k in group)
         own = run_layerwise(model, adapter, windows, [methods[k] for k in group], selects, device, batch, desc=desc)
         total = time.perf_counter() - t
@@ -146,6 +144,18 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device) -
             reports.append(_stage_report(stages[k], secs, compute_seconds=own[n]))
         i = j
     return reports, allocation
+
+
+def refine_selector(adapter, spec, prune_select):
+    """A refine stage works on what the prune stage pruned, narrowed to its `modules` and globs."""
+    sel = make_selector(spec.targets, spec.ignore)
+
+    def select(name: str) -> bool:
+        if spec.modules != "all" and adapter.is_attention(name) != (spec.modules == "attention"):
+            return False
+        return prune_select(name) and sel(name)
+
+    return select
 
 
 def _stage_report(stage, seconds: float, compute_seconds: float | None = None) -> dict:

@@ -156,7 +156,9 @@ class DSnoTRefine(_Strict):
     criterion: Literal["mean", "mse"] = Field("mse", description="take a swap when it shrinks |mean error| (the paper), "
                                               "or only when it also lowers the row's expected squared error (default: "
                                               "measured better, see README)")
-    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear the prune stage pruned")
+    modules: Literal["attention", "mlp", "all"] = Field("attention", description="which pruned Linear layers to refine "
+                                                         "(default: attention, measured best; see README)")
+    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names, within `modules`")
     ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
 
 

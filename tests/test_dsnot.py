@@ -163,3 +163,31 @@ def test_mse_criterion_refuses_swaps_that_cost_more_variance_than_they_save():
     assert r.weight[0, 5] == -2.0
     r = dsnot_refine(D, W, ONES, var, ONES, threshold=0.1, criterion="mean")
     assert r.weight[0, 5] == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_refine_modules_default_to_attention(arch):
+    from conftest import tiny_model
+    from sparsellm.calibrate import make_selector
+    from sparsellm.calibrate.engine import target_linears
+    from sparsellm.loading import get_adapter
+    from sparsellm.pipeline import refine_selector
+    from sparsellm.recipe import recipe_from_dict
+
+    model = tiny_model(arch)
+    adapter = get_adapter(model)
+    names = list(target_linears(adapter.layers(model)[0], adapter.layer_prefix(0), make_selector([], [])))
+    full = [f"{adapter.layer_prefix(0)}.{n}" for n in names]
+    prune_sel = make_selector([], ["*k_proj"])
+
+    def chosen(refine):
+        spec = recipe_from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}, {"refine": refine}]}).stages[1].spec
+        sel = refine_selector(adapter, spec, prune_sel)
+        return {n.split(".")[-1] for n in full if sel(n)}
+
+    attn = {"q_proj", "v_proj", "o_proj"} if arch == "llama" else {"q_proj", "v_proj", "out_proj"}
+    mlp = {"gate_proj", "up_proj", "down_proj"} if arch == "llama" else {"fc1", "fc2"}
+    assert chosen({"method": "dsnot"}) == attn  # k_proj was not pruned, so it is not refined either
+    assert chosen({"method": "dsnot", "modules": "mlp"}) == mlp
+    assert chosen({"method": "dsnot", "modules": "all"}) == attn | mlp
+    assert chosen({"method": "dsnot", "modules": "all", "ignore": ["*.v_proj"]}) == (attn | mlp) - {"v_proj"}

@@ -30,6 +30,11 @@ class Adapter:
     # modules that turn the last decoder layer's output into logits, in order
     head_paths: tuple[str, ...] = ()
 
+    def is_attention(self, name: str) -> bool:
+        """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
+        true-sequential groups (q/k/v and the output projection)."""
+        return any(name == a or name.endswith("." + a) for g in self.sequential_groups[:2] for a in g)
+
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)
 
