@@ -45,6 +45,8 @@ for _s in (0.6, 0.7, "2:4"):
     SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "all"}}]
     SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "all"}}]
 SETTINGS["wanda+dsnot(attn-mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "attention"}}]
+for _s in (0.6, 0.7):
+    SETTINGS[f"wanda+dsnot(all)-{int(_s * 100)}-verify"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "modules": "all"}}]
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],

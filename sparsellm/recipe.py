@@ -156,6 +156,8 @@ class DSnoTRefine(_Strict):
     criterion: Literal["mean", "mse"] = Field("mse", description="take a swap when it shrinks |mean error| (the paper), "
                                               "or only when it also lowers the row's expected squared error (default: "
                                               "measured better, see README)")
+    verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
+                         "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
     modules: Literal["attention", "mlp", "all"] = Field("attention", description="which pruned Linear layers to refine "
                                                          "(default: attention, measured best; see README)")
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names, within `modules`")

@@ -191,3 +191,23 @@ def test_refine_modules_default_to_attention(arch):
     assert chosen({"method": "dsnot", "modules": "mlp"}) == mlp
     assert chosen({"method": "dsnot", "modules": "all"}) == attn | mlp
     assert chosen({"method": "dsnot", "modules": "all", "ignore": ["*.v_proj"]}) == (attn | mlp) - {"v_proj"}
+
+
+def test_verify_keeps_only_rows_whose_output_error_drops():
+    from sparsellm.compress.dsnot import keep_better_rows, row_output_error
+
+    torch.manual_seed(7)
+    D = torch.randn(24, 48)
+    mean, var, sq, X = _stats(48, 8)
+    W = _start("wanda", D, sq, X, 0.7, None)
+    xtx = X.T @ X / X.shape[0]
+    r = dsnot_refine(D, W, mean * 64, var, sq, max_cycles=50, threshold=0.0, criterion="mean", window=64)
+    out, kept = keep_better_rows(D, W, r.weight, xtx)
+    e_start, e_ref, e_out = (row_output_error(D, w, xtx) for w in (W, r.weight, out))
+    # the exact output error never grows, and it is the lower of the two per row
+    assert bool((e_out <= e_start).all()) and torch.allclose(e_out, torch.minimum(e_start, e_ref))
+    assert kept == int((e_ref >= e_start).sum())
+    # direct check against the inputs themselves
+    direct = ((X @ (D - out).T) ** 2).mean(0)
+    assert torch.allclose(direct, e_out, rtol=1e-3)
+    assert torch.equal((out == 0).sum(1), (W == 0).sum(1))

@@ -15,6 +15,7 @@ is a working option; and the error is measured against the dense weights, so a S
 kept weights were updated) is refined against the layer it approximates."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 
 from ..recipe import DSnoTRefine
 from .base import LayerwiseMethod, Target
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,21 +149,43 @@ def dsnot_refine(
     return DSnoTResult(W, before, e, cycles, swaps)
 
 
+def row_output_error(dense: torch.Tensor, weight: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+    """Per row, E[((W_dense − W) x)²] over the calibration inputs, from E[x xᵀ]."""
+    dw = dense.float() - weight.float()
+    return ((dw @ xtx.float()) * dw).sum(1)
+
+
+def keep_better_rows(dense: torch.Tensor, start: torch.Tensor, refined: torch.Tensor, xtx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Refined rows whose exact output error on the calibration inputs is lower than the starting
+    mask's, the starting rows elsewhere; and how many rows were kept as they started."""
+    better = row_output_error(dense, refined, xtx) < row_output_error(dense, start, xtx)
+    return torch.where(better[:, None], refined, start.float()), int((~better).sum())
+
+
 class DSnoT(LayerwiseMethod):
     """Refines the mask the preceding prune stage left in each Linear (needs its dense weights)."""
 
-    needs = frozenset({"sq_norm", "mean"})
     needs_dense = True
 
     def __init__(self, spec: DSnoTRefine):
         self.spec = spec
+        self.needs = frozenset({"sq_norm", "mean"} | ({"hessian"} if spec.verify else set()))
         self.nm: tuple[int, int] | None = None  # set by the pipeline from the prune stage it refines
+        self.rows = self.reverted = 0
 
     @torch.no_grad()
     def compress(self, t: Target) -> None:
-        s, st = self.spec, t.stats
+        s, st, w = self.spec, t.stats, t.linear.weight
         # the reference's unit: error summed over one calibration window (tokens per window × E[x])
         window = st.tokens / max(st.sequences, 1)
-        res = dsnot_refine(t.dense, t.linear.weight, st.mean * window, st.var, st.sq_norm, self.nm[1] if self.nm else None,
+        res = dsnot_refine(t.dense, w, st.mean * window, st.var, st.sq_norm, self.nm[1] if self.nm else None,
                            s.max_cycles, s.update_threshold, s.pow_of_var, s.same_sign, s.criterion, window)
-        t.linear.weight.copy_(res.weight.to(t.linear.weight.dtype))
+        new = res.weight
+        if s.verify:
+            new, reverted = keep_better_rows(t.dense.to(w.device), w, new, st.hessian.to(w.device))
+            self.reverted += reverted
+        self.rows += w.shape[0]
+        w.copy_(new.to(w.dtype))
+
+    def finish_layer(self, layer: int) -> None:
+        log.debug("dsnot: %d of %d rows so far kept their starting mask (output error not lower)", self.reverted, self.rows)
