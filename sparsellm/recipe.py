@@ -158,8 +158,8 @@ class DSnoTRefine(_Strict):
                                               "measured better, see README)")
     verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
                          "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
-    modules: Literal["attention", "mlp", "all"] = Field("attention", description="which pruned Linear layers to refine "
-                                                         "(default: attention, measured best; see README)")
+    modules: Literal["attention", "mlp", "all"] = Field("all", description="which pruned Linear layers to refine "
+                                                         "(default all: measured best with verify; see README)")
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names, within `modules`")
     ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
 

@@ -166,7 +166,7 @@ def test_mse_criterion_refuses_swaps_that_cost_more_variance_than_they_save():
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_refine_modules_default_to_attention(arch):
+def test_refine_modules_resolved_by_the_adapter(arch):
     from conftest import tiny_model
     from sparsellm.calibrate import make_selector
     from sparsellm.calibrate.engine import target_linears
@@ -187,7 +187,8 @@ def test_refine_modules_default_to_attention(arch):
 
     attn = {"q_proj", "v_proj", "o_proj"} if arch == "llama" else {"q_proj", "v_proj", "out_proj"}
     mlp = {"gate_proj", "up_proj", "down_proj"} if arch == "llama" else {"fc1", "fc2"}
-    assert chosen({"method": "dsnot"}) == attn  # k_proj was not pruned, so it is not refined either
+    assert chosen({"method": "dsnot", "modules": "attention"}) == attn  # k_proj was not pruned, so it is not refined either
+    assert chosen({"method": "dsnot"}) == attn | mlp
     assert chosen({"method": "dsnot", "modules": "mlp"}) == mlp
     assert chosen({"method": "dsnot", "modules": "all"}) == attn | mlp
     assert chosen({"method": "dsnot", "modules": "all", "ignore": ["*.v_proj"]}) == (attn | mlp) - {"v_proj"}
