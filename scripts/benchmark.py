@@ -47,6 +47,9 @@ for _s in (0.6, 0.7, "2:4"):
 SETTINGS["wanda+dsnot(attn-mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "attention"}}]
 for _s in (0.6, 0.7):
     SETTINGS[f"wanda+dsnot(all)-{int(_s * 100)}-verify"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "modules": "all"}}]
+# the reference code's effective settings: paper rule, attention only, sign check on (its N:M path)
+SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
+    "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
