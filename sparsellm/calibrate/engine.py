@@ -103,11 +103,15 @@ class _Collected(Exception):
 
 
 @torch.no_grad()
-def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: frozenset[str], acts: Activations) -> dict[str, InputStats]:
-    """Accumulate input statistics of `linears` over all calibration batches. The layer's outputs are
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[str, frozenset[str]], acts: Activations) -> dict[str, InputStats]:
+    """Accumulate the statistics `needs[name]` of the inputs of `linears` over all calibration batches
+    (Linears that need none are skipped). The layer's outputs are
     not needed here, so each forward stops as soon as every hooked Linear has seen its input
     (this skips e.g. down_proj's own matmul, or the rest of the layer in true-sequential groups)."""
-    stats = {n: InputStats(m.in_features, needs, m.weight.device) for n, m in linears.items()}
+    linears = {n: m for n, m in linears.items() if needs[n]}
+    stats = {n: InputStats(m.in_features, needs[n], m.weight.device) for n, m in linears.items()}
+    if not stats:
+        return stats
     seen: set[str] = set()
 
     def hook(name):
@@ -167,7 +171,10 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
         groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
         for group in groups:
             chosen = {n: linears[n] for n in group}
-            stats = collect_stats(layer, chosen, needs, acts) if needs and chosen else {}
+            # each Linear gets only what the methods that touch it need (no XᵀX for a layer DSnoT skips)
+            own_needs = {n: frozenset().union(*(m.needs for m, sel in zip(methods, selects) if sel(f"{prefix}.{n}")))
+                         for n in chosen}
+            stats = collect_stats(layer, chosen, own_needs, acts) if needs else {}
             for name, linear in chosen.items():
                 full = f"{prefix}.{name}"
                 dense = linear.weight.detach().clone() if keep_dense else None
