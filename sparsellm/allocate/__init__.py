@@ -17,12 +17,12 @@ def allocate(spec, prune_spec, model, adapter, windows, select, device, batch_si
     Returns {"sparsity": [...], "target": t, "realized": r, plus the method's per-layer scores}."""
     target = prune_spec.sparsity
     sizes = layer_shapes(model, adapter, select)
+    # defaults: OWL only needs room below 1; ECoFLaP's scripts cap layers at target + 0.1
+    hi = spec.max_sparsity if spec.max_sparsity is not None else 0.99 if spec.method == "owl" else min(0.99, target + 0.1)
     if spec.method == "owl":
         raw, scores = owl_allocate(model, adapter, windows, select, device, batch_size, target, spec.lam, spec.M)
-        hi = spec.max_sparsity if spec.max_sparsity is not None else 0.99
     else:
-        raw, scores = ecoflap_allocate(model, adapter, windows, select, device, batch_size, target, spec, seed, sizes)
-        hi = spec.max_sparsity if spec.max_sparsity is not None else min(0.99, target + 0.1)
+        raw, scores = ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes)
     sparsity = fit_mean(raw, sizes, target, spec.min_sparsity, hi)
     if prune_spec.nm:
         sparsity = round_nm(sparsity, sizes, target, prune_spec.nm[1])

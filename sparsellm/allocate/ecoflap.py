@@ -34,22 +34,11 @@ def _loss_from(model, adapter, start: int, hidden, kwargs, labels, device) -> fl
 
 
 @torch.no_grad()
-def layer_importance(model, adapter, windows, select, device, batch_size: int, num_noise: int, eps: float, seed: int) -> list[float]:
-    """Mean over windows and directions z ~ N(0, I) of |L(θ + εz) − L(θ − εz)| / 2ε, per decoder layer."""
-    device = torch.device(device)
-    for m in adapter.head_modules(model):
-        m.to(device)
-    acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
-    labels = list(windows.split(batch_size))
-    layers = adapter.layers(model)
-    scores = []
-    for index in tqdm(range(len(layers)), desc="ecoflap importance", unit="layer"):
-        layer = layers[index]
-        layer.to(device)
-        linears = list(target_linears(layer, adapter.layer_prefix(index), select).values())
-        originals = [lin.weight.detach().clone() for lin in linears]
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
-        total, probes = 0.0, 0
+def _layer_score(model, adapter, index: int, linears, acts, labels, num_noise: int, eps: float, gen, device) -> float:
+    """Mean |L(θ + εz) − L(θ − εz)| / 2ε over the windows and `num_noise` directions z in `linears`."""
+    originals = [lin.weight.detach().clone() for lin in linears]
+    total, probes = 0.0, 0
+    try:
         for hidden, kw, lab in zip(acts.hidden, acts.kwargs, labels):
             for _ in range(num_noise):
                 zs = [torch.randn(w.shape, generator=gen).to(w.device, w.dtype) for w in originals]
@@ -60,15 +49,41 @@ def layer_importance(model, adapter, windows, select, device, batch_size: int, n
                     losses.append(_loss_from(model, adapter, index, hidden, kw, lab, device))
                 total += abs(losses[0] - losses[1]) / (2 * eps)
                 probes += 1
-        for lin, w in zip(linears, originals):  # restore exactly, not by subtracting the noise back
+    finally:  # restore exactly, not by subtracting the noise back, whatever happened
+        for lin, w in zip(linears, originals):
             lin.weight.copy_(w)
-        scores.append(total / max(probes, 1))
-        for i, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
-            acts.hidden[i] = _layer_forward(layer, hidden, kw)
+    return total / max(probes, 1)
+
+
+@torch.no_grad()
+def layer_importance(model, adapter, windows, select, device, batch_size: int, num_noise: int, eps: float, seed: int) -> list[float]:
+    """Mean over windows and directions z ~ N(0, I) of |L(θ + εz) − L(θ − εz)| / 2ε, per decoder layer."""
+    device = torch.device(device)
+    acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
+    labels = list(windows.split(batch_size))
+    layers = adapter.layers(model)
+    # after capturing: capture sends the embedding home again, and it may be tied to lm_head
+    head = adapter.head_modules(model)
+    head_homes = [_module_device(m) for m in head]
+    for m in head:
+        m.to(device)
+    scores = []
+    try:
+        for index in tqdm(range(len(layers)), desc="ecoflap importance", unit="layer"):
+            layer = layers[index]
+            layer.to(device)
+            linears = list(target_linears(layer, adapter.layer_prefix(index), select).values())
+            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
+            scores.append(_layer_score(model, adapter, index, linears, acts, labels, num_noise, eps, gen, device))
+            for i, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
+                acts.hidden[i] = _layer_forward(layer, hidden, kw)
+    finally:
+        for m, home in zip(head, head_homes):
+            m.to(home)
     return scores
 
 
-def ecoflap_allocate(model, adapter, windows, select, device, batch_size, target: float, spec, seed: int,
+def ecoflap_allocate(model, adapter, windows, select, device, target: float, max_sparsity: float, spec, seed: int,
                      sizes) -> tuple[list[float], dict]:
     if spec.importance is not None:
         if len(spec.importance) != len(sizes):
@@ -80,5 +95,4 @@ def ecoflap_allocate(model, adapter, windows, select, device, batch_size, target
                                   spec.num_noise, spec.eps, seed)
     params = [sum(r * c for r, c in shapes) for shapes in sizes]
     weights = [s / p if p else 0.0 for s, p in zip(scores, params)] if spec.aggregate == "avg" else scores
-    max_s = spec.max_sparsity if spec.max_sparsity is not None else min(0.99, target + 0.1)
-    return water_fill(weights, params, target, max_s), {"importance": scores}
+    return water_fill(weights, params, target, max_sparsity), {"importance": scores}

@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..recipe import DSnoTRefine
 from .base import LayerwiseMethod, Target
