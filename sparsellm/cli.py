@@ -12,12 +12,35 @@ from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
 log = logging.getLogger("sparsellm")
 
 EXIT_CODES = """\b
-Exit codes: 0 ok, 1 unexpected error, 2 invalid recipe or options, 3 model cannot be
-loaded, 4 unsupported architecture, 5 bad calibration/evaluation data, 6 output cannot
-be written, 7 method cannot be applied to a layer, 130 interrupted."""
+Exit codes: 0 ok, 1 unexpected error, 2 invalid recipe or options (device not available
+included), 3 model cannot be loaded, 4 unsupported architecture, 5 bad calibration or
+evaluation data, 6 output or checkpoint cannot be written, 7 method cannot be applied to a
+layer, 8 NaN/inf during calibration, 9 checkpoint cannot be resumed, 130 interrupted."""
 
 
-@click.group(epilog=EXIT_CODES)
+class OneLineErrors(click.Group):
+    """Usage errors (unknown option, bad value) as one line like every other error, exit code 2,
+    instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f"; see {e.ctx.command_path} --help" if e.ctx else ""
+            click.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, epilog=EXIT_CODES)
 @click.version_option(package_name="sparsellm")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -40,6 +63,7 @@ def cli(ctx, verbose, debug):
 
 
 MODEL_HELP = "Hub id, local folder, .gguf file, or smollm2-135m (the embedded demo model; the default)."
+ALLOW_PICKLE_HELP = "Also load pickle weights (pytorch_model.bin), which can run code: only for checkpoints you trust."
 DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line) / .jsonl / .json / .parquet (text field)."
 
 
@@ -61,9 +85,12 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+@click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, refine, calib, nsamples, seqlen, seed, ppl, output,
-          overwrite, device, dtype, trust_remote_code):
+          overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -75,11 +102,13 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
-    report.json and report.md."""
+    report.json and report.md. With --checkpoint-dir a killed run continues with --resume:
+      sparsellm prune --recipe r.yaml -o out/ --checkpoint-dir ckpt/ [--resume]"""
     from .pipeline import RunOptions, compress
     from .recipe import load_recipe, recipe_from_dict
 
     def run():
+        _positive(("--nsamples", nsamples), ("--seqlen", seqlen))
         if recipe_path and (method or sparsity is not None or pattern or allocate or refine):
             raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--allocate/--refine, not both")
         if recipe_path:
@@ -91,7 +120,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
             data = {"stages": ([{"allocate": {"method": allocate}}] if allocate else []) + [{"prune": stage}]
                     + ([{"refine": {"method": refine}}] if refine else [])}
         elif allocate or refine:
-            raise RecipeError("--allocate and --refine need --method")
+            raise RecipeError("--allocate and --refine need --method; add e.g. --method wanda")
         else:
             raise RecipeError("nothing to do: give --recipe FILE or --method NAME (see sparsellm prune --help)")
         cal = data.setdefault("calibration", {})
@@ -103,12 +132,14 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
         if ppl:
             data.setdefault("evaluation", {})["ppl"] = list(ppl)
         recipe = recipe_from_dict(data, recipe_path or "command line")
-        report = compress(recipe, output, RunOptions(device, dtype, trust_remote_code, overwrite), model_spec)
+        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume)
+        report = compress(recipe, output, options, model_spec)
         ppl_after = (report.get("perplexity") or {}).get("after") or {}
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())
         click.echo(f"{output}: sparsity {report['sparsity']['overall']:.4f}" + (f", {summary}" if summary else ""))
 
-    _guarded(ctx, run)
+    resume_hint = f"; run the same command with --resume to continue from {checkpoint_dir}" if checkpoint_dir else ""
+    _guarded(ctx, run, resume_hint)
 
 
 @cli.command("eval")
@@ -120,9 +151,10 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True)
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, as_json):
+def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, allow_pickle, as_json):
     """Perplexity of a model (exp of the mean next-token NLL over non-overlapping chunks)."""
     from .data import evaluation_chunks
     from .evaluate import perplexity
@@ -130,11 +162,9 @@ def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, tru
     from .pipeline import default_seqlen, resolve_device
 
     def run():
-        for name, val in (("--seqlen", seqlen), ("--batch-size", batch_size), ("--limit", limit)):
-            if val is not None and val <= 0:
-                raise RecipeError(f"{name} must be positive, got {val}")
+        _positive(("--seqlen", seqlen), ("--batch-size", batch_size), ("--limit", limit))
         dev = resolve_device(device)
-        loaded = load_model(model_spec, dtype, trust_remote_code)
+        loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
         model = loaded.model.to(dev)
         n = default_seqlen(model, seqlen)
         results = {}
@@ -150,8 +180,14 @@ def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, tru
     _guarded(ctx, run)
 
 
-def _guarded(ctx, fn) -> None:
-    """One clear line and a documented exit code for every expected failure."""
+def _positive(*named) -> None:
+    for name, val in named:
+        if val is not None and val <= 0:
+            raise RecipeError(f"{name} must be a positive integer, got {val}; give a number of at least 1")
+
+
+def _guarded(ctx, fn, resume_hint: str = "") -> None:
+    """One clear line and a documented exit code for every failure; the traceback only with --debug."""
     try:
         fn()
     except SparseLLMError as e:
@@ -160,10 +196,16 @@ def _guarded(ctx, fn) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; no output was written", err=True)
+        if ctx.obj["debug"]:
+            log.exception("interrupted")
+        click.echo(f"error: interrupted; no output was written{resume_hint}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except FloatingPointError as e:
-        click.echo(f"error: {e}; try float32 (--dtype float32) or more calibration data", err=True)
+    except Exception as e:
+        if ctx.obj["debug"]:
+            log.exception("unexpected error")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"error: unexpected {type(e).__name__}{': ' + first if first else ''}; run again with "
+                   "sparsellm --debug ... for the traceback, and report it", err=True)
         sys.exit(1)
 
 

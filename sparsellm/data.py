@@ -46,7 +46,7 @@ def read_documents(source: str, split: str) -> list[str]:
 def read_local_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}; check the path")
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
@@ -56,19 +56,22 @@ def read_local_documents(path: str | Path) -> list[str]:
 
             ds = datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path), split="train")
             if "text" not in ds.column_names:
-                raise DataError(f"{path} has no 'text' field (fields: {', '.join(ds.column_names)})")
+                raise DataError(f"{path} has no 'text' field (fields: {', '.join(ds.column_names)}); "
+                               "put each document's text in a 'text' field")
             docs = list(ds["text"])
         else:
             raise DataError(f"unsupported data file type {suffix or '(none)'} for {path}; use .txt, .jsonl, .json or .parquet")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {e.start}); "
+                        "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                        "check that the file is complete and in the format its extension says") from e
     docs = [d for d in docs if isinstance(d, str) and d.strip()]
     if not docs:
-        raise DataError(f"{path} contains no text")
+        raise DataError(f"{path} contains no text; give a file with the documents to calibrate or evaluate on")
     return docs
 
 
@@ -90,13 +93,14 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
                 if ids.numel() > seqlen:
                     break
             else:
-                raise DataError(f"no C4 document longer than {seqlen} tokens found")
+                raise DataError(f"no C4 document longer than {seqlen} tokens found; use a smaller --seqlen")
             start = rng.randint(0, ids.numel() - seqlen - 1)
             windows.append(ids[start:start + seqlen])
         return torch.stack(windows)
     ids = _tokenize(tokenizer, "\n\n".join(docs))
     if ids.numel() <= seqlen + 1:
-        raise DataError(f"calibration text {source} has {ids.numel()} tokens; need more than seqlen+1 = {seqlen + 1}")
+        raise DataError(f"calibration text {source} has {ids.numel()} tokens, too few for windows of {seqlen}; "
+                        f"give more than {seqlen + 1} tokens of text, or a smaller --seqlen")
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
@@ -111,7 +115,8 @@ def evaluation_chunks(tokenizer, source: str, seqlen: int, limit: int | None = N
         ids = _tokenize(tokenizer, "\n\n".join(docs))
     n = ids.numel() // seqlen
     if n == 0:
-        raise DataError(f"evaluation text {source} has {ids.numel()} tokens, fewer than one chunk of {seqlen}")
+        raise DataError(f"evaluation text {source} has {ids.numel()} tokens, fewer than one chunk of {seqlen}; "
+                        "give more text, or a smaller seqlen")
     if limit is not None:
         n = min(n, limit)
     return ids[: n * seqlen].view(n, seqlen)

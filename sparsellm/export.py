@@ -22,8 +22,30 @@ def check_output(out: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"cannot create the output folder: {parent} is a file")
-    if not os.access(parent, os.W_OK):
+    if not _writable(parent):
         raise OutputError(f"folder {parent} is not writable; choose another --output")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> None:
+    """Temp folders of earlier runs that were killed (SIGKILL, power loss) before they could clean up."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = stale.name[len(out.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -31,6 +53,7 @@ def atomic_folder(out: Path, overwrite: bool):
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -47,7 +70,7 @@ def atomic_folder(out: Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise OutputError(f"no space left on the device while writing {out}; free space and run again") from None
-        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {out}: {e.strerror or e}; check the disk and permissions, or choose another --output") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,11 +14,13 @@ from . import __version__, memory
 from .calibrate import make_selector, run_layerwise
 from .calibrate.engine import target_linears
 from .allocate import allocate
+from .checkpoint import Checkpoint, check_folder, fingerprint
 from .compress import build_method
 from .data import calibration_windows, evaluation_chunks
-from .errors import RecipeError, SparseLLMError
+from .errors import RecipeError
 from .evaluate import perplexity, sparsity_summary, write_report
 from .export import atomic_folder, check_output, save_model
+from .faults import fault_point
 from .loading import get_adapter, load_model
 from .recipe import Recipe
 
@@ -31,6 +33,9 @@ class RunOptions:
     dtype: str = "auto"
     trust_remote_code: bool = False
     overwrite: bool = False
+    allow_pickle: bool = False
+    checkpoint_dir: str | None = None  # save progress per decoder layer here
+    resume: bool = False  # continue from the checkpoint in checkpoint_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,7 +78,7 @@ def default_seqlen(model, requested: int | None) -> int:
     ctx = model_context(model)
     seqlen = requested or min(2048, ctx or 2048)
     if ctx and seqlen > ctx:
-        raise RecipeError(f"calibration.seqlen {seqlen} exceeds the model's context of {ctx} tokens")
+        raise RecipeError(f"seqlen {seqlen} exceeds the model's context of {ctx} tokens; use a seqlen of at most {ctx}")
     return seqlen
 
 
@@ -86,9 +91,11 @@ def check_stage_fits(model, adapter, spec) -> None:
             found += 1
             if spec.nm and lin.in_features % spec.nm[1]:
                 raise RecipeError(f"pattern {spec.pattern}: M={spec.nm[1]} does not divide the input width "
-                                  f"{lin.in_features} of {adapter.layer_prefix(i)}.{name}")
+                                  f"{lin.in_features} of {adapter.layer_prefix(i)}.{name}; use an M that divides "
+                                  "every targeted layer's width (2:4, 4:8), or ignore that layer")
     if not found:
-        raise RecipeError("stage targets/ignore match no Linear layer inside the decoder layers")
+        raise RecipeError("stage targets/ignore match no Linear layer inside the decoder layers; check the globs "
+                          "against module names such as model.layers.0.mlp.down_proj")
 
 
 def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: str) -> dict[str, float]:
@@ -107,10 +114,12 @@ def _label(spec) -> str:
     return f"{spec.method} {spec.sparsity}" if getattr(spec, "sparsity", None) is not None else spec.method
 
 
-def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device) -> tuple[list[dict], dict | None]:
+def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
+               checkpoint: Checkpoint | None = None) -> tuple[list[dict], dict | None]:
     """Run the recipe's stages. An allocate stage sets the per-layer sparsities of the prune stage after
     it; a prune stage and the refine stages right after it share one calibration pass (DSnoT needs the
-    statistics of the same inputs the mask was chosen on, and the dense weights)."""
+    statistics of the same inputs the mask was chosen on, and the dense weights). With a checkpoint,
+    finished allocations and layers are taken from it and new ones saved to it."""
     reports, allocation = [], None
     stages, batch = recipe.stages, recipe.calibration.batch_size
     i = 0
@@ -121,7 +130,12 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device) -
         if stage.kind == "allocate":
             prune = stages[i + 1].spec
             select = make_selector(prune.targets, prune.ignore)
-            allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed)
+            key = f"allocation{i}"
+            allocation = checkpoint.result(key) if checkpoint is not None else None
+            if allocation is None:
+                allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed)
+                if checkpoint is not None:
+                    checkpoint.put_result(key, allocation)
             methods[i + 1].layer_sparsity = allocation["sparsity"]
             log.info("%s allocation: layer sparsity %.3f..%.3f, realized overall %.4f", stage.spec.method,
                      min(allocation["sparsity"]), max(allocation["sparsity"]), allocation["realized"])
@@ -136,7 +150,8 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device) -
         prune_select = make_selector(stage.spec.targets, stage.spec.ignore)
         selects = [prune_select] + [refine_selector(adapter, stages[k].spec, prune_select) for k in group[1:]]
         desc = " + ".join(_label(stages[k].spec) for k in group)
-        own = run_layerwise(model, adapter, windows, [methods[k] for k in group], selects, device, batch, desc=desc)
+        own = run_layerwise(model, adapter, windows, [methods[k] for k in group], selects, device, batch, desc=desc,
+                            checkpoint=checkpoint, pass_key=f"stage{i}")
         total = time.perf_counter() - t
         for n, k in enumerate(group):
             # the shared calibration forwards are booked on the prune stage
@@ -169,13 +184,17 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     torch.manual_seed(recipe.seed)
     out = Path(output)
     check_output(out, options.overwrite)
+    if options.resume and not options.checkpoint_dir:
+        raise RecipeError("--resume needs --checkpoint-dir DIR, the folder the interrupted run saved its progress to")
+    if options.checkpoint_dir:
+        check_folder(Path(options.checkpoint_dir), options.resume)
     device = resolve_device(options.device)
     timer = Timer()
     spec = model_spec or recipe.model
     memory.reset_peak()
 
     with timer("load"):
-        loaded = load_model(spec, options.dtype, options.trust_remote_code)
+        loaded = load_model(spec, options.dtype, options.trust_remote_code, options.allow_pickle)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
     for stage in recipe.stages:
@@ -191,14 +210,22 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         with timer("calibration data"):
             windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
 
+    checkpoint = None
+    if options.checkpoint_dir:  # after loading: the fingerprint needs the dense weights and the windows
+        checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(model, recipe, windows), options.resume)
+
     ppl_before = {}
     if recipe.evaluation.ppl and recipe.evaluation.before:
-        with timer("perplexity before"):
-            model.to(device)
-            ppl_before = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "before")
-            model.to("cpu")
+        ppl_before = checkpoint.result("ppl_before") if checkpoint is not None else None
+        if ppl_before is None:
+            with timer("perplexity before"):
+                model.to(device)
+                ppl_before = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "before")
+                model.to("cpu")
+            if checkpoint is not None:
+                checkpoint.put_result("ppl_before", ppl_before)
 
-    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device)
+    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint)
     for n, r in enumerate(stage_reports):
         timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
 
@@ -227,11 +254,16 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         "timings": timer.timings,
         "memory": {"rss_after_load_bytes": rss_after_load, "peak_rss_load_bytes": peak_load,
                    "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
+        # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
+        "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
     }
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         write_report(tmp, report)
+        fault_point("export")
+    if checkpoint is not None:
+        checkpoint.remove()  # the output is complete: nothing left to resume
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
     return report

@@ -227,12 +227,15 @@ def _format_error(err: ValidationError, origin: str) -> str:
         got = e.get("input")
         tail = f" (got {got!r})" if isinstance(got, (int, float, str)) and e["type"] != "extra_forbidden" else ""
         parts.append(f"{loc}: {msg}{tail}" if loc else f"{msg}{tail}")
-    return f"invalid recipe ({origin}): " + "; ".join(parts)
+    fix = "fix that option (see sparsellm prune --help)" if origin == "command line" else \
+        f"fix {'that field' if len(parts) == 1 else 'those fields'} (see 'Recipe reference' in README.md)"
+    return f"invalid recipe ({origin}): " + "; ".join(parts) + "; " + fix
 
 
 def recipe_from_dict(data: object, origin: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
-        raise RecipeError(f"invalid recipe ({origin}): expected a mapping at the top level")
+        raise RecipeError(f"invalid recipe ({origin}): expected a mapping at the top level; "
+                          "a recipe is a YAML mapping with a stages list (see recipes/)")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
@@ -244,13 +247,13 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
+        raise RecipeError(f"recipe file not found: {path}; check the path (ready recipes are in recipes/)") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe {path}: {e}") from None
+        raise RecipeError(f"cannot read recipe {path}: {e}; give a readable UTF-8 YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML{where}: {getattr(e, 'problem', e)}; fix the syntax there") from None
     return recipe_from_dict(data, str(path))

@@ -112,7 +112,7 @@ def test_unsupported_architecture_names_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported: llama, mistral, qwen2, opt"):
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported architecture: llama, mistral, qwen2, opt"):
         get_adapter(model)
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CompressionError
+from ..errors import CompressionError, NumericalError
+from ..faults import fault_point
 from ..loading.adapters import Adapter
 from .stats import InputStats
 
@@ -137,19 +138,33 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
     return stats
 
 
+def _overflow_hint(module: nn.Module) -> str:
+    dtype = next(module.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return f"the model overflows in {str(dtype).removeprefix('torch.')}: load it in float32 (--dtype float32)"
+    return "the model's weights may contain NaN/inf: check or re-download the checkpoint"
+
+
+def check_finite(hidden: list[torch.Tensor], where: str, module: nn.Module) -> None:
+    if not all(bool(torch.isfinite(h).all()) for h in hidden):
+        raise NumericalError(f"non-finite values (NaN/inf) in the calibration activations {where}; {_overflow_hint(module)}")
+
+
 @torch.no_grad()
-def propagate(layer: nn.Module, acts: Activations) -> None:
+def propagate(layer: nn.Module, acts: Activations, index: int = 0) -> None:
     """Replace the activations by the layer's outputs: the next layer's inputs."""
     for i, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
         acts.hidden[i] = _layer_forward(layer, hidden, kw)
-        if not torch.isfinite(acts.hidden[i]).all():
-            raise FloatingPointError("non-finite activations after a compressed layer")
+    check_finite(acts.hidden, f"leaving decoder layer {index} after compression", layer)
 
 
 def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, methods: list, select,
-                  device="cpu", batch_size: int = 8, desc: str = "compress") -> list[float]:
+                  device="cpu", batch_size: int = 8, desc: str = "compress", checkpoint=None,
+                  pass_key: str = "compress") -> list[float]:
     """Apply `methods` (LayerwiseMethod, in order, sharing one calibration pass) to the selected Linear
     layers, layer by layer. `select`: one module-name predicate for all methods, or one per method.
+    With a `checkpoint` (sparsellm.checkpoint.Checkpoint), the layers it holds for `pass_key` are
+    restored instead of recomputed and every finished layer is saved to it.
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
     from ..compress.base import Target  # compress depends on calibrate, not the other way round
 
@@ -158,11 +173,18 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     needs = frozenset().union(*(m.needs for m in methods))
     true_seq = any(m.true_sequential for m in methods)
     keep_dense = any(m.needs_dense for m in methods)
-    # data-free methods (magnitude) need no activations at all
-    acts = capture_layer_inputs(model, adapter, windows, device, batch_size) if needs else None
     layers = adapter.layers(model)
+    start = checkpoint.restore(pass_key, layers, methods) if checkpoint is not None else 0
+    acts = None
+    if needs and start < len(layers):  # data-free methods (magnitude) need no activations at all
+        # the captured keyword arguments (masks, positions) are recomputed; a resumed pass takes the
+        # hidden states its last finished layer produced
+        acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
+        if start:
+            acts.hidden = checkpoint.inputs(pass_key, start, device)
+        check_finite(acts.hidden, f"entering decoder layer {start}", layers[start])
     seconds = [0.0] * len(methods)
-    for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
+    for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", initial=start, total=len(layers)):
         layer = layers[index]
         home = _module_device(layer)
         layer.to(device)
@@ -175,8 +197,12 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
             own_needs = {n: frozenset().union(*(m.needs for m, sel in zip(methods, selects) if sel(f"{prefix}.{n}")))
                          for n in chosen}
             stats = collect_stats(layer, chosen, own_needs, acts) if needs else {}
+            fault_point(f"stats:{index}")
             for name, linear in chosen.items():
                 full = f"{prefix}.{name}"
+                if name in stats and not stats[name].finite():
+                    raise NumericalError(f"non-finite values (NaN/inf) in the calibration inputs of {full}; "
+                                         f"{_overflow_hint(layer)}")
                 dense = linear.weight.detach().clone() if keep_dense else None
                 for i, (method, sel) in enumerate(zip(methods, selects)):
                     if not sel(full):
@@ -184,14 +210,21 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
                     t = time.perf_counter()
                     try:
                         method.compress(Target(full, index, linear, stats.get(name), dense))
+                    except torch.linalg.LinAlgError as e:
+                        raise NumericalError(f"{full}: {str(e).splitlines()[0]}; raise the damping (percdamp, e.g. "
+                                             "0.1) or calibrate on more data") from None
                     except ValueError as e:
                         raise CompressionError(f"{full}: {e}") from None
                     seconds[i] += time.perf_counter() - t
                 del dense
         for method in methods:
             method.finish_layer(index)
-        if acts is not None and index + 1 < len(layers):  # the last layer's outputs feed nothing
-            propagate(layer, acts)
+        last = index + 1 == len(layers)
+        if acts is not None and not last:  # the last layer's outputs feed nothing
+            propagate(layer, acts, index)
         layer.to(home)
+        if checkpoint is not None:
+            checkpoint.save_layer(pass_key, index, layer, None if acts is None or last else acts.hidden, methods)
+        fault_point(f"layer:{index}")
     del acts
     return seconds

@@ -31,6 +31,9 @@ class InputStats:
         if self._xtx is not None:
             self._xtx += (x.T @ x).double()
 
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self._sq, self._sum, self._xtx) if t is not None)
+
     @property
     def sq_norm(self) -> torch.Tensor:
         """Mean of x_j² over tokens, per input channel (Wanda's ‖X_j‖² up to a constant)."""

@@ -41,6 +41,13 @@ class LayerwiseMethod(ABC):
     def finish_layer(self, layer: int) -> None:
         """Called after every Linear of decoder layer `layer` went through `compress`."""
 
+    def state(self) -> dict:
+        """Running state kept across layers (JSON-serializable), saved with each layer's checkpoint."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what `state` returned, when a run resumes from a checkpoint."""
+
 
 class PruneMethod(LayerwiseMethod):
     """A method with a target sparsity, optionally varied per decoder layer by an allocate stage."""

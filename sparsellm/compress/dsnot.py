@@ -186,5 +186,11 @@ class DSnoT(LayerwiseMethod):
         self.rows += w.shape[0]
         w.copy_(new.to(w.dtype))
 
+    def state(self) -> dict:
+        return {"rows": self.rows, "reverted": self.reverted}
+
+    def load_state(self, state: dict) -> None:
+        self.rows, self.reverted = state["rows"], state["reverted"]
+
     def finish_layer(self, layer: int) -> None:
         log.debug("dsnot: %d of %d rows so far kept their starting mask (output error not lower)", self.reverted, self.rows)

@@ -97,5 +97,6 @@ def get_adapter(model_or_type) -> Adapter:
         if model_type in a.model_types:
             return a
     raise UnsupportedArchitectureError(
-        f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        f"unsupported architecture {model_type!r}; use a model of a supported architecture: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
     )

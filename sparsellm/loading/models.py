@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedArchitectureError
+from .adapters import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +54,89 @@ def resolve_model(spec: str | None) -> ModelSource:
     p = Path(spec)
     if spec.endswith(".gguf"):
         if not p.is_file():
-            raise ModelLoadError(f"GGUF file not found: {spec}")
+            raise ModelLoadError(f"GGUF file not found: {spec}; check the path")
+        _check_readable(p, spec)
         return ModelSource(spec, "gguf", str(p.parent.resolve()), p.name)
     if p.exists():
         if not p.is_dir():
-            raise ModelLoadError(f"model path is not a folder or .gguf file: {spec}")
+            raise ModelLoadError(f"model path {spec} is a file, not a model folder or .gguf file; "
+                                 "give the folder that holds config.json")
+        _check_readable(p, spec)
         if not (p / "config.json").is_file():
-            raise ModelLoadError(f"no config.json in model folder {spec}")
+            raise ModelLoadError(f"no config.json in model folder {spec}; give a complete Hugging Face model folder "
+                                 "(config.json + *.safetensors)")
+        _check_readable(p / "config.json", spec)
         return ModelSource(spec, "local", str(p.resolve()))
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelLoadError(f"model path not found: {spec}")
+        raise ModelLoadError(f"model path not found: {spec}; check the path, or give a hub id like org/name")
     return ModelSource(spec, "hub", spec)
+
+
+def _readable(path: Path) -> bool:
+    return os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0))
+
+
+def _check_readable(path: Path, spec: str) -> None:
+    if not _readable(path):
+        raise ModelLoadError(f"model {spec} is not readable (permission denied on {path}); "
+                             "fix its permissions (chmod -R u+rX) or run as a user who can read it")
+
+
+# GGUF metadata value types and their sizes in bytes (8 = string, 9 = array)
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` from a GGUF header. Read by hand: gguf.GGUFReader parses every tensor and
+    the whole vocabulary first (seconds), while the architecture is one of the first keys."""
+    with open(path, "rb") as f:
+        def num(fmt: str):
+            data = f.read(struct.calcsize(fmt))
+            if len(data) < struct.calcsize(fmt):
+                raise ValueError("file ends inside the header")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> bytes:
+            return f.read(num("Q"))
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                string()
+            elif kind == 9:
+                item, count = num("I"), num("Q")
+                if item in _GGUF_SIZES:
+                    f.seek(_GGUF_SIZES[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in _GGUF_SIZES:
+                f.seek(_GGUF_SIZES[kind], 1)
+            else:
+                raise ValueError(f"unknown metadata type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        if num("I") < 2:
+            raise ValueError("GGUF version 1 is not supported")
+        num("Q")  # tensor count
+        for _ in range(num("Q")):
+            key, kind = string(), num("I")
+            if key == b"general.architecture" and kind == 8:
+                return string().decode("utf-8", "replace")
+            skip(kind)
+    raise ValueError("no general.architecture key")
+
+
+def check_gguf(path: Path, spec: str) -> None:
+    """Fail fast, before transformers dequantizes anything, on a GGUF we could not compress anyway."""
+    try:
+        arch = gguf_architecture(path)
+    except (OSError, ValueError, struct.error) as e:
+        raise ModelLoadError(f"{spec} is not a valid GGUF file ({e}); re-download or re-convert it") from None
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"GGUF file {spec} holds a {arch!r} model, an architecture sparsellm does not support; "
+            f"use a model of a supported architecture: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
@@ -73,22 +148,85 @@ def resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
     return DTYPES[name]
 
 
-def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _refuse_pickle_only(folder: Path, spec: str) -> None:
+    """A folder with pickle weights and no safetensors: say why it is refused and how to allow it."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pat in PICKLE_PATTERNS for p in folder.glob(pat))
+    if pickles:
+        raise ModelLoadError(f"model folder {spec} has only pickle weights ({', '.join(pickles)}), which can run code "
+                             "when loaded; pass --allow-pickle if you trust their source, or convert them to safetensors")
+
+
+def _causes(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _load_error(e: Exception, source: ModelSource) -> ModelLoadError:
+    """One line with the problem and the fix for the ways from_pretrained fails on a bad model."""
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError)
+    from safetensors import SafetensorError
+
+    spec, text = source.spec, str(e)
+    chain = list(_causes(e))
+    if any(isinstance(c, SafetensorError) for c in chain):
+        detail = next(str(c) for c in chain if isinstance(c, SafetensorError))
+        return ModelLoadError(f"model weights of {spec} are corrupt or truncated ({detail}); "
+                              "re-download or re-export the model")
+    if "is not a valid JSON file" in text:
+        return ModelLoadError(f"config.json of {spec} is not valid JSON; fix or re-download the file")
+    if any(isinstance(c, PermissionError) for c in chain):
+        return ModelLoadError(f"model {spec} is not readable (permission denied); fix its permissions "
+                              "(chmod -R u+rX) or run as a user who can read it")
+    if source.kind == "hub":
+        if any(isinstance(c, GatedRepoError) for c in chain):
+            return ModelLoadError(f"hub model {spec} is gated; accept its terms on huggingface.co and log in "
+                                  "(hf auth login), or give a local folder")
+        if any(isinstance(c, RepositoryNotFoundError) for c in chain):
+            return ModelLoadError(f"no model {spec!r} on the hub (or it is private); check the id, or give a local folder")
+        if any(isinstance(c, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for c in chain) or "couldn't connect" in text:
+            return ModelLoadError(f"cannot download {spec!r}: the hub is unreachable (offline or HF_HUB_OFFLINE=1) and "
+                                  "it is not in the local cache; connect to the network once, or give a local model "
+                                  "folder or .gguf file")
+    if "no file named model.safetensors" in text:
+        return ModelLoadError(f"model {spec} has no safetensors weights; pass --allow-pickle if you trust its "
+                              "pickle weights (pytorch_model.bin), or convert them to safetensors")
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return ModelLoadError(f"cannot load model {spec!r}: {first}; check that it is a complete Hugging Face model "
+                          "folder, hub id or GGUF file")
+
+
+def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer. Weights come from safetensors (or GGUF) only, unless
+    allow_pickle: a pickle checkpoint (pytorch_model.bin) can run arbitrary code when loaded."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
     kwargs = dict(trust_remote_code=trust_remote_code)
+    model_kwargs = {}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+        check_gguf(Path(source.path) / source.gguf_file, source.spec)
+    elif not allow_pickle:
+        model_kwargs["use_safetensors"] = True
+        if source.kind == "local":
+            _refuse_pickle_only(Path(source.path), source.spec)
     log.info("loading %s (%s)", source.spec, source.kind)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=resolve_dtype(dtype, source), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=resolve_dtype(dtype, source), **kwargs, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"cannot load model {source.spec!r}: {first}") from e
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise _load_error(e, source) from e
     if source.gguf_file:
         # The weights are now plain dequantized tensors; a saved copy must not claim to be GGUF.
         if hasattr(model.config, "quantization_config"):

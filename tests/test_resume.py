@@ -1,0 +1,126 @@
+"""Crash safety: a real `sparsellm prune` process is SIGKILLed at a chosen point (the fault hook in
+sparsellm/faults.py), then resumed from its checkpoint; the output must equal, byte for byte, that of
+an uninterrupted run without any checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import TEXT, tiny_config
+from sparsellm.cli import cli
+
+ROOT = Path(__file__).parent.parent
+LAYERS = 4
+# fields of report.json that legitimately differ between runs: wall time, memory, what was resumed
+VOLATILE_STAGE = ("seconds", "compute_seconds", "peak_rss_bytes", "peak_cuda_bytes")
+VOLATILE_TOP = ("timings", "memory", "resumed")
+
+
+@pytest.fixture(scope="module")
+def model4(tmp_path_factory, tokenizer):
+    """A tiny Llama with 4 decoder layers, so that a kill can fall between checkpointed layers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = LAYERS
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    d = tmp_path_factory.mktemp("model4")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """Every kind of state a checkpoint must carry: an allocation, a prune stage, DSnoT's counters,
+    activations between layers, and the perplexity before."""
+    path = tmp_path_factory.mktemp("recipe") / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "seed": 0, "calibration": {"dataset": str(TEXT), "nsamples": 6, "seqlen": 32, "batch_size": 4},
+        "evaluation": {"ppl": [str(TEXT)], "seqlen": 32, "limit": 2},
+        "stages": [{"allocate": {"method": "owl"}}, {"prune": {"method": "wanda", "sparsity": 0.6}},
+                   {"refine": {"method": "dsnot"}}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model4, recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def prune_process(model, recipe, out, ckpt, *extra, kill_at=None, signal_name="KILL"):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("SPARSELLM_TEST_KILL_AT", None)
+    if kill_at:
+        env.update(SPARSELLM_TEST_KILL_AT=kill_at, SPARSELLM_TEST_SIGNAL=signal_name)
+    cmd = [sys.executable, "-m", "sparsellm", "prune", "--model", str(model), "--recipe", str(recipe),
+           "--output", str(out), "--checkpoint-dir", str(ckpt), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def stable_report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    for key in VOLATILE_TOP:
+        report.pop(key)
+    for stage in report["stages"]:
+        for key in VOLATILE_STAGE:
+            stage.pop(key)
+    return report
+
+
+def assert_same_output(out: Path, ref: Path) -> None:
+    names = sorted(p.name for p in ref.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        if name == "report.json":
+            assert stable_report(out / name) == stable_report(ref / name)
+        elif name != "report.md":  # timings and memory only; the same numbers as report.json
+            assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("kill_at,restored", [
+    ("stats:0", {"ppl_before": True}),  # calibrating the first layer (in OWL's pass): no layer saved yet
+    ("save:2", {"allocation0": True, "ppl_before": True, "stage1": 2}),  # mid-save of layer 2: 0 and 1 committed
+    ("export", {"allocation0": True, "ppl_before": True, "stage1": LAYERS}),  # output files written, not renamed
+])
+def test_kill_then_resume_gives_identical_output(kill_at, restored, model4, recipe, reference, tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    killed = prune_process(model4, recipe, out, ckpt, kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    assert (ckpt / "state.json").is_file()
+    if kill_at == "save:2":  # the torn save: layer 2's files are there, under temp names or not committed
+        state = json.loads((ckpt / "state.json").read_text())
+        assert state["passes"]["stage1"]["layers_done"] == 2
+
+    # the resumed run may as well be in-process: only the kill needs a real process
+    resumed = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output", str(out),
+                                       "--checkpoint-dir", str(ckpt), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_output(out, reference)
+    assert json.loads((out / "report.json").read_text())["resumed"] == restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp folder, checkpoint removed
+
+
+def test_checkpointing_run_without_a_crash_matches_and_cleans_up(model4, recipe, reference, tmp_path):
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output",
+                                 str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert r.exit_code == 0, r.output
+    assert_same_output(tmp_path / "out", reference)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["resumed"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
