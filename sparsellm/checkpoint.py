@@ -80,7 +80,8 @@ class Checkpoint:
             differ = [k for k in fp if self.state["fingerprint"].get(k) != fp[k]]
             if differ:
                 raise CheckpointError(f"the checkpoint in {self.folder} belongs to a different run ({' and '.join(differ)} "
-                                      "differ); give the same model, recipe and data, or another --checkpoint-dir")
+                                      f"differ{'s' if len(differ) == 1 else ''}); give the same model, recipe and data, "
+                                      "or another --checkpoint-dir")
             log.info("resuming from the checkpoint in %s", self.folder)
         else:
             if resume:

@@ -20,7 +20,7 @@ def _check_data_source(value: str) -> str:
     if value in HUB_DATASETS:
         return value
     if not Path(value).is_file():
-        raise ValueError(f"not {' or '.join(HUB_DATASETS)} and no such file: {value}")
+        raise ValueError(f"not {' or '.join(HUB_DATASETS)}, and no such file")
     return value
 
 
@@ -69,10 +69,10 @@ class _PruneBase(_Strict):
             return v
         m = _PATTERN.match(v)
         if not m:
-            raise ValueError(f'must be "unstructured" or "N:M" like "2:4", got {v!r}')
+            raise ValueError('must be "unstructured" or "N:M" like "2:4"')
         n, mm = int(m[1]), int(m[2])
         if not 0 < n < mm:
-            raise ValueError(f"N:M needs 0 < N < M, got {v}")
+            raise ValueError("N:M needs 0 < N < M")
         return v
 
     @model_validator(mode="after")

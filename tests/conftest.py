@@ -31,11 +31,12 @@ def tokenizer():
     return _train_tokenizer()
 
 
-def tiny_config(arch: str, vocab: int = 320):
+def tiny_config(arch: str, vocab: int = 320, **overrides):
     from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common.update(overrides)
     if arch == "llama":
         return LlamaConfig(**common)
     if arch == "qwen2":
@@ -48,16 +49,17 @@ def tiny_config(arch: str, vocab: int = 320):
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, std: float = 0.2, **overrides):
+    """A random model of tiny_config(arch, **overrides) (Llama-family overrides: layers, widths, heads)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
     # larger-than-default init so that pruning visibly changes outputs
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
     return model.eval().requires_grad_(False)
 
 
@@ -80,3 +82,17 @@ def windows(tokenizer):
     from sparsellm.data import calibration_windows
 
     return calibration_windows(tokenizer, str(TEXT), nsamples=8, seqlen=32, seed=0)
+
+
+def cli_process(*args, env: dict | None = None, timeout: int = 300):
+    """`python -m sparsellm ARGS` in a real child process (for signals), this checkout first on the path;
+    `env` adds variables (e.g. the SPARSELLM_TEST_KILL_AT fault hook)."""
+    import os
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("SPARSELLM_TEST_")}
+    full["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sparsellm", *map(str, args)], env=full, capture_output=True,
+                          text=True, timeout=timeout)

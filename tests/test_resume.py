@@ -2,21 +2,16 @@
 sparsellm/faults.py), then resumed from its checkpoint; the output must equal, byte for byte, that of
 an uninterrupted run without any checkpoint."""
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import TEXT, tiny_config
+from conftest import TEXT, cli_process, tiny_model
 from sparsellm.cli import cli
 
-ROOT = Path(__file__).parent.parent
 LAYERS = 4
 # fields of report.json that legitimately differ between runs: wall time, memory, what was resumed
 VOLATILE_STAGE = ("seconds", "compute_seconds", "peak_rss_bytes", "peak_cuda_bytes")
@@ -26,18 +21,8 @@ VOLATILE_TOP = ("timings", "memory", "resumed")
 @pytest.fixture(scope="module")
 def model4(tmp_path_factory, tokenizer):
     """A tiny Llama with 4 decoder layers, so that a kill can fall between checkpointed layers."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = tiny_config("llama")
-    cfg.num_hidden_layers = LAYERS
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.2)
     d = tmp_path_factory.mktemp("model4")
-    model.save_pretrained(d)
+    tiny_model("llama", num_hidden_layers=LAYERS).save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
 
@@ -63,14 +48,9 @@ def reference(model4, recipe, tmp_path_factory):
     return out
 
 
-def prune_process(model, recipe, out, ckpt, *extra, kill_at=None, signal_name="KILL"):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env.pop("SPARSELLM_TEST_KILL_AT", None)
-    if kill_at:
-        env.update(SPARSELLM_TEST_KILL_AT=kill_at, SPARSELLM_TEST_SIGNAL=signal_name)
-    cmd = [sys.executable, "-m", "sparsellm", "prune", "--model", str(model), "--recipe", str(recipe),
-           "--output", str(out), "--checkpoint-dir", str(ckpt), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def prune_process(model, recipe, out, ckpt, kill_at):
+    return cli_process("prune", "--model", model, "--recipe", recipe, "--output", out, "--checkpoint-dir", ckpt,
+                       env={"SPARSELLM_TEST_KILL_AT": kill_at})
 
 
 def stable_report(path: Path) -> dict:
@@ -100,7 +80,7 @@ def assert_same_output(out: Path, ref: Path) -> None:
 ])
 def test_kill_then_resume_gives_identical_output(kill_at, restored, model4, recipe, reference, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
-    killed = prune_process(model4, recipe, out, ckpt, kill_at=kill_at)
+    killed = prune_process(model4, recipe, out, ckpt, kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()
     assert (ckpt / "state.json").is_file()

@@ -1,0 +1,501 @@
+"""The bad-input matrix: every way a user can get `sparsellm` wrong that we know of, one test each.
+
+Each case must end with exactly one line `error: <problem>; <fix>` (compared whole, below), its
+documented exit code, no traceback, and nothing left behind: the test folder holds the same files
+after the run as before it (the checkpoint of an interrupted run, kept on purpose for --resume, is
+the one exception a case may declare). Run with `--junitxml=FILE` to collect the messages: each test
+records its line as the property `message`."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from conftest import TEXT, cli_process, tiny_model
+from sparsellm.cli import cli
+
+SUPPORTED = "llama, mistral, qwen2, opt"
+MAGNITUDE = ["--method", "magnitude", "--sparsity", "0.5"]  # data-free: the quickest complete run
+WANDA = ["--method", "wanda", "--sparsity", "0.5", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16]
+RECIPE_FIX = "fix that field (see 'Recipe reference' in README.md)"
+
+
+@dataclass
+class Case:
+    args: list
+    code: int
+    message: str  # the whole error line after "error: "; {tmp} stands for the test's folder
+    process: dict | None = None  # run in a child process with these environment variables (signals)
+    keeps: list[str] = field(default_factory=list)  # files the run may leave on purpose, relative to {tmp}
+
+
+@dataclass
+class Workspace:
+    tmp: Path
+    models: dict
+    tokenizer: object
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    def model(self, arch: str = "llama") -> Path:
+        """A copy of a tiny model folder to damage."""
+        return Path(shutil.copytree(self.models[arch], self.tmp / "model"))
+
+    def recipe(self, stage: dict | None = None, **top) -> Path:
+        data = {"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                "stages": [{"prune": stage or {"method": "wanda", "sparsity": 0.5}}], **top}
+        path = self.tmp / "r.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def prune(self, *args) -> list:
+        return ["prune", "--model", self.models["llama"], *args, "--output", self.out]
+
+    def as_if_not_root(self, module, name: str, bits: int) -> None:
+        """root reads and writes whatever the permission bits say; judge by the bits, as for a user."""
+        if os.geteuid() == 0:
+            self.monkeypatch.setattr(module, name, lambda p: bool(Path(p).stat().st_mode & bits))
+
+    def interrupted_checkpoint(self, *args) -> Path:
+        """A real checkpoint: an in-process run stopped by SIGINT after its first layer."""
+        ckpt = self.tmp / "ckpt"
+        self.monkeypatch.setenv("SPARSELLM_TEST_KILL_AT", "layer:0")
+        self.monkeypatch.setenv("SPARSELLM_TEST_SIGNAL", "INT")
+        r = CliRunner().invoke(cli, [str(a) for a in self.prune(*args, "--checkpoint-dir", ckpt)])
+        assert r.exit_code == 130, r.output
+        self.monkeypatch.delenv("SPARSELLM_TEST_KILL_AT")
+        return ckpt
+
+
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+# -- the model -------------------------------------------------------------------------------------
+@case
+def model_path_missing(w):
+    return Case(["prune", "--model", w.tmp / "nothing", *MAGNITUDE, "-o", w.out], 3,
+                "model path not found: {tmp}/nothing; check the path, or give a hub id like org/name")
+
+
+@case
+def model_path_unreadable(w):
+    import sparsellm.loading.models as models
+
+    d = w.model()
+    d.chmod(0o000)
+    w.as_if_not_root(models, "_readable", 0o444)
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "model {tmp}/model is not readable (permission denied on {tmp}/model); "
+                "fix its permissions (chmod -R u+rX) or run as a user who can read it")
+
+
+@case
+def model_path_is_a_file(w):
+    (w.tmp / "weights.bin").write_bytes(b"\0" * 16)
+    return Case(["prune", "--model", w.tmp / "weights.bin", *MAGNITUDE, "-o", w.out], 3,
+                "model path {tmp}/weights.bin is a file, not a model folder or .gguf file; "
+                "give the folder that holds config.json")
+
+
+@case
+def model_folder_without_config(w):
+    d = w.model()
+    (d / "config.json").unlink()
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "no config.json in model folder {tmp}/model; give a complete Hugging Face model folder "
+                "(config.json + *.safetensors)")
+
+
+@case
+def hub_unreachable_offline(w):
+    import huggingface_hub.constants
+
+    # offline mode: the hub client fails at once instead of waiting for a network timeout
+    w.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return Case(["prune", "--model", "sparsellm-tests/no-such-model", *MAGNITUDE, "-o", w.out], 3,
+                "cannot download 'sparsellm-tests/no-such-model': the hub is unreachable (offline or HF_HUB_OFFLINE=1) "
+                "and it is not in the local cache; connect to the network once, or give a local model folder or .gguf file")
+
+
+@case
+def unsupported_architecture(w):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = w.tmp / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(d)
+    w.tokenizer.save_pretrained(d)
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 4,
+                f"unsupported architecture 'gpt2'; use a model of a supported architecture: {SUPPORTED}")
+
+
+@case
+def corrupt_safetensors(w):
+    d = w.model()
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "model weights of {tmp}/model are corrupt or truncated (Error while deserializing header: "
+                "incomplete metadata, file not fully covered); re-download or re-export the model")
+
+
+@case
+def corrupt_config(w):
+    d = w.model()
+    (d / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,')
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "config.json of {tmp}/model is not valid JSON; fix or re-download the file")
+
+
+def _write_gguf(path: Path, arch: str) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_token_list(["<s>", "</s>", "a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@case
+def gguf_unsupported_architecture(w):
+    # RWKV-6: a real llama.cpp architecture that transformers cannot read from GGUF, nor we prune
+    path = _write_gguf(w.tmp / "tiny-rwkv6.gguf", "rwkv6")
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 4,
+                "GGUF file {tmp}/tiny-rwkv6.gguf holds a 'rwkv6' model, an architecture sparsellm does not support; "
+                f"use a model of a supported architecture: {SUPPORTED}")
+
+
+@case
+def gguf_truncated(w):
+    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    path.write_bytes(path.read_bytes()[:20])
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/tiny.gguf is not a valid GGUF file (file ends inside the header); re-download or re-convert it")
+
+
+@case
+def pickle_weights_refused(w):
+    from safetensors.torch import load_file
+
+    d = w.model()
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "model folder {tmp}/model has only pickle weights (pytorch_model.bin), which can run code when loaded; "
+                "pass --allow-pickle if you trust their source, or convert them to safetensors")
+
+
+# -- the recipe and options --------------------------------------------------------------------------
+@case
+def recipe_missing(w):
+    return Case(w.prune("--recipe", w.tmp / "missing.yaml"), 2,
+                "recipe file not found: {tmp}/missing.yaml; check the path (ready recipes are in recipes/)")
+
+
+@case
+def recipe_yaml_syntax_error(w):
+    (w.tmp / "r.yaml").write_text("stages:\n  - prune: {method: wanda, sparsity: 0.5\n")
+    return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
+                "recipe {tmp}/r.yaml is not valid YAML at line 3, column 1: expected ',' or '}', but got "
+                "'<stream end>'; fix the syntax there")
+
+
+@case
+def recipe_unknown_key(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda", "sparsity": 0.5, "colour": 1})), 2,
+                f"invalid recipe ({{tmp}}/r.yaml): stages.0.prune.wanda.colour: unknown key; {RECIPE_FIX}")
+
+
+@case
+def recipe_unknown_top_level_key(w):
+    return Case(w.prune("--recipe", w.recipe(extra=1)), 2,
+                f"invalid recipe ({{tmp}}/r.yaml): extra: unknown key; {RECIPE_FIX}")
+
+
+@case
+def recipe_wrong_type(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda", "sparsity": "half"})), 2,
+                "invalid recipe ({tmp}/r.yaml): stages.0.prune.wanda.sparsity: Input should be a valid number, "
+                f"unable to parse string as a number (got 'half'); {RECIPE_FIX}")
+
+
+@case
+def recipe_unknown_method(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "obs", "sparsity": 0.5})), 2,
+                "invalid recipe ({tmp}/r.yaml): stages.0.prune: Input tag 'obs' found using 'method' does not match "
+                f"any of the expected tags: 'magnitude', 'wanda', 'sparsegpt'; {RECIPE_FIX}")
+
+
+@case
+def sparsity_negative(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda", "sparsity": -0.1})), 2,
+                "invalid recipe ({tmp}/r.yaml): stages.0.prune.wanda.sparsity: Input should be greater than or equal "
+                f"to 0 (got -0.1); {RECIPE_FIX}")
+
+
+@case
+def sparsity_one(w):
+    return Case(w.prune(*WANDA[:2], "--sparsity", "1.0"), 2,
+                "invalid recipe (command line): stages.0.prune.wanda.sparsity: Input should be less than 1 (got 1.0); "
+                "fix that option (see sparsellm prune --help)")
+
+
+@case
+def sparsity_missing(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda"})), 2,
+                f"invalid recipe ({{tmp}}/r.yaml): stages.0.prune.wanda: sparsity is required for unstructured pruning; {RECIPE_FIX}")
+
+
+@case
+def sparsity_contradicts_pattern(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda", "sparsity": 0.3, "pattern": "2:4"})), 2,
+                "invalid recipe ({tmp}/r.yaml): stages.0.prune.wanda: sparsity 0.3 contradicts pattern 2:4 (= 0.5); "
+                f"{RECIPE_FIX}")
+
+
+@case
+def nm_with_n_not_below_m(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda", "pattern": "4:2"})), 2,
+                f"invalid recipe ({{tmp}}/r.yaml): stages.0.prune.wanda.pattern: N:M needs 0 < N < M (got '4:2'); {RECIPE_FIX}")
+
+
+@case
+def nm_malformed(w):
+    return Case(w.prune("--recipe", w.recipe({"method": "wanda", "pattern": "2-4"})), 2,
+                'invalid recipe ({tmp}/r.yaml): stages.0.prune.wanda.pattern: must be "unstructured" or "N:M" like '
+                f'"2:4" (got \'2-4\'); {RECIPE_FIX}')
+
+
+@case
+def nm_m_not_dividing_width(w):
+    return Case(w.prune("--method", "wanda", "--pattern", "3:7", "--calib", TEXT), 2,
+                "pattern 3:7: M=7 does not divide the input width 64 of model.layers.0.self_attn.q_proj; use an M that "
+                "divides every targeted layer's width (2:4, 4:8), or ignore that layer")
+
+
+@case
+def unknown_option(w):
+    return Case(w.prune(*MAGNITUDE, "--sparsty", "0.5"), 2,
+                "No such option '--sparsty'. Did you mean '--sparsity'?; see sparsellm prune --help")
+
+
+@case
+def nsamples_zero(w):
+    return Case(w.prune(*WANDA, "--nsamples", 0), 2,
+                "--nsamples must be a positive integer, got 0; give a number of at least 1")
+
+
+@case
+def seqlen_negative(w):
+    return Case(w.prune("--recipe", w.recipe(calibration={"dataset": str(TEXT), "seqlen": -5})), 2,
+                f"invalid recipe ({{tmp}}/r.yaml): calibration.seqlen: Input should be greater than 0 (got -5); {RECIPE_FIX}")
+
+
+@case
+def seqlen_beyond_context(w):
+    return Case(w.prune(*WANDA, "--seqlen", 512), 2,
+                "seqlen 512 exceeds the model's context of 256 tokens; use a seqlen of at most 256")
+
+
+@case
+def cuda_not_available(w):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return Case(w.prune(*MAGNITUDE, "--device", "cuda"), 2,
+                "device 'cuda' requested but CUDA is not available on this machine; use --device cpu")
+
+
+@case
+def resume_without_checkpoint_dir(w):
+    return Case(w.prune(*WANDA, "--resume"), 2,
+                "--resume needs --checkpoint-dir DIR, the folder the interrupted run saved its progress to")
+
+
+# -- the data -----------------------------------------------------------------------------------------
+@case
+def calibration_file_missing(w):
+    return Case(w.prune(*WANDA, "--calib", w.tmp / "nope.txt"), 2,
+                "invalid recipe (command line): calibration.dataset: not wikitext2 or c4, and no such file "
+                "(got '{tmp}/nope.txt'); fix that option (see sparsellm prune --help)")
+
+
+@case
+def calibration_text_empty(w):
+    (w.tmp / "empty.txt").write_text("\n \n\n")
+    return Case(w.prune(*WANDA, "--calib", w.tmp / "empty.txt"), 5,
+                "{tmp}/empty.txt contains no text; give a file with the documents to calibrate or evaluate on")
+
+
+@case
+def calibration_text_too_short(w):
+    (w.tmp / "short.txt").write_text("The cat sat on the mat.\n")
+    return Case(w.prune(*WANDA, "--calib", w.tmp / "short.txt"), 5,
+                "calibration text {tmp}/short.txt has 11 tokens, too few for windows of 16; give more than 17 tokens "
+                "of text, or a smaller --seqlen")
+
+
+@case
+def calibration_text_not_utf8(w):
+    (w.tmp / "latin1.txt").write_bytes("Les élèves arrivent à l'école.\n".encode("latin-1"))
+    return Case(w.prune(*WANDA, "--calib", w.tmp / "latin1.txt"), 5,
+                "{tmp}/latin1.txt is not UTF-8 text (invalid byte at offset 4); convert it to UTF-8, e.g. iconv -f latin1 "
+                "-t utf-8")
+
+
+# -- the output ---------------------------------------------------------------------------------------
+@case
+def output_exists(w):
+    w.out.mkdir()
+    (w.out / "model.safetensors").write_bytes(b"an earlier result")
+    return Case(w.prune(*MAGNITUDE), 6, "output folder {tmp}/out already exists; pass --overwrite to replace it")
+
+
+@case
+def output_is_a_file(w):
+    w.out.write_text("notes")
+    return Case(w.prune(*MAGNITUDE), 6, "output path {tmp}/out is a file; choose a folder path")
+
+
+@case
+def output_parent_is_a_file(w):
+    (w.tmp / "f").write_text("notes")
+    return Case(["prune", "--model", w.models["llama"], *MAGNITUDE, "-o", w.tmp / "f" / "out"], 6,
+                "cannot create the output folder: {tmp}/f is a file")
+
+
+@case
+def output_not_writable(w):
+    import sparsellm.export as export
+
+    ro = w.tmp / "ro"
+    ro.mkdir(mode=0o555)
+    w.as_if_not_root(export, "_writable", 0o222)
+    return Case(["prune", "--model", w.models["llama"], *MAGNITUDE, "-o", ro / "out"], 6,
+                "folder {tmp}/ro is not writable; choose another --output")
+
+
+@case
+def disk_full_while_writing_output(w):
+    import sparsellm.pipeline as pipeline
+
+    def full_disk(model, tokenizer, folder):
+        (folder / "model.safetensors").write_bytes(b"the first half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w.monkeypatch.setattr(pipeline, "save_model", full_disk)
+    return Case(w.prune(*MAGNITUDE), 6, "no space left on the device while writing {tmp}/out; free space and run again")
+
+
+@case
+def disk_full_while_writing_checkpoint(w):
+    import sparsellm.checkpoint as checkpoint
+
+    def full_disk(tensors, path):
+        Path(path).write_bytes(b"the first half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w.monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    # the checkpoint folder and its (empty) commit record stay: resumable once there is space
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt"), 6,
+                "no space left on the device while writing the checkpoint in {tmp}/ckpt; free space and run again "
+                "with --resume", keeps=["ckpt", "ckpt/state.json"])
+
+
+# -- during the run -----------------------------------------------------------------------------------
+@case
+def nan_during_calibration(w):
+    # activations of 1e5 in layer 0's MLP: fine in float32, inf in the float16 the checkpoint is stored in
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for proj in (model.model.layers[0].mlp.gate_proj, model.model.layers[0].mlp.up_proj):
+            proj.weight.mul_(100)
+    d = w.tmp / "fp16"
+    model.half().save_pretrained(d)
+    w.tokenizer.save_pretrained(d)
+    return Case(["prune", "--model", d, *WANDA, "-o", w.out], 8,
+                "non-finite values (NaN/inf) in the calibration inputs of model.layers.0.mlp.down_proj; "
+                "the model overflows in float16: load it in float32 (--dtype float32)")
+
+
+@case
+def interrupted(w):
+    return Case(w.prune(*WANDA), 130, "interrupted; no output was written",
+                process={"SPARSELLM_TEST_KILL_AT": "stats:0", "SPARSELLM_TEST_SIGNAL": "INT"})
+
+
+@case
+def interrupted_with_checkpoint(w):
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt"), 130,
+                "interrupted; no output was written; run the same command with --resume to continue from {tmp}/ckpt",
+                process={"SPARSELLM_TEST_KILL_AT": "layer:0", "SPARSELLM_TEST_SIGNAL": "INT"},
+                keeps=["ckpt", "ckpt/state.json", "ckpt/stage0-layer0.safetensors", "ckpt/stage0-inputs0.safetensors"])
+
+
+@case
+def checkpoint_exists_without_resume(w):
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt), 9,
+                "{tmp}/ckpt already holds a checkpoint; pass --resume to continue that run, or delete the folder to "
+                "start over")
+
+
+@case
+def checkpoint_of_another_run(w):
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    return Case(w.prune(*WANDA, "--sparsity", "0.6", "--checkpoint-dir", ckpt, "--resume"), 9,
+                "the checkpoint in {tmp}/ckpt belongs to a different run (recipe differs); give the same model, recipe "
+                "and data, or another --checkpoint-dir")
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, model_dirs, tokenizer, tmp_path, monkeypatch, record_property):
+    w = Workspace(tmp_path, model_dirs, tokenizer, monkeypatch)
+    c = CASES[name](w)
+    args = [str(a) for a in c.args]
+    before = _tree(tmp_path)
+    try:
+        if c.process is not None:
+            proc = cli_process(*args, env=c.process)
+            code, output = proc.returncode, proc.stdout + proc.stderr
+        else:
+            r = CliRunner().invoke(cli, args, prog_name="sparsellm")
+            code, output = r.exit_code, r.output
+    finally:
+        for p in tmp_path.rglob("*"):  # let pytest clean up what a case made unreadable
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    record_property("message", errors[0] if errors else "")
+    record_property("exit_code", code)
+    assert "Traceback" not in output, output
+    assert code == c.code, output
+    assert errors == ["error: " + c.message.replace("{tmp}", str(tmp_path))], output
+    assert _tree(tmp_path) == before | set(c.keeps)  # no output folder, temp folder or temp file left
