@@ -25,9 +25,12 @@ class OneLineErrors(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `sparsellm`: the help is the answer
+            click.echo(e.ctx.get_help())
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             where = f"; see {e.ctx.command_path} --help" if e.ctx else ""
-            click.echo(f"error: {e.format_message()}{where}", err=True)
+            click.echo(f"error: {e.format_message().rstrip('.')}{where}", err=True)
             sys.exit(e.exit_code)
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)

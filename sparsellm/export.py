@@ -21,7 +21,7 @@ def check_output(out: Path, overwrite: bool) -> None:
     while not parent.exists():  # missing parents are created at the end; the first existing one must be writable
         parent = parent.parent
     if not parent.is_dir():
-        raise OutputError(f"cannot create the output folder: {parent} is a file")
+        raise OutputError(f"cannot create the output folder: {parent} is a file; choose another --output")
     if not _writable(parent):
         raise OutputError(f"folder {parent} is not writable; choose another --output")
 

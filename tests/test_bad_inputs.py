@@ -384,7 +384,7 @@ def output_is_a_file(w):
 def output_parent_is_a_file(w):
     (w.tmp / "f").write_text("notes")
     return Case(["prune", "--model", w.models["llama"], *MAGNITUDE, "-o", w.tmp / "f" / "out"], 6,
-                "cannot create the output folder: {tmp}/f is a file")
+                "cannot create the output folder: {tmp}/f is a file; choose another --output")
 
 
 @case
