@@ -55,8 +55,8 @@ for _s in (0.1, 0.2, 0.3):
     SETTINGS[f"slicegpt-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s}}]
     SETTINGS[f"slicegpt-uniform-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s, "rotation": "uniform"}}]
 SETTINGS["slicegpt-headsliced-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "slice_head": True}}]
-SETTINGS["slicegpt-uniform-untied-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "untie_embeddings": True}}]
-SETTINGS["slicegpt-uniform-untied-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform", "untie_embeddings": True}}]
+SETTINGS["slicegpt-uniform-tied-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "keep_tied": True}}]
+SETTINGS["slicegpt-uniform-tied-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform", "keep_tied": True}}]
 SETTINGS["slicegpt-uniform-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform"}}]
 SETTINGS["slicegpt-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0}}]
 SETTINGS["slicegpt-20+wanda-2:4"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform"}}, {"prune": _p("wanda", "2:4")}]
@@ -65,9 +65,8 @@ GROUPS = {
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
     "issue3": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
                ("wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "owl+wanda", "owl+wanda+dsnot", "ecoflap+wanda")],
-    "issue4": ["slicegpt-0", "slicegpt-uniform-0", "slicegpt-uniform-untied-0"]
-              + [f"slicegpt{m}-{t}" for t in ("10", "20", "30") for m in ("", "-uniform")]
-              + ["slicegpt-headsliced-20", "slicegpt-uniform-untied-20"],
+    "issue4": ["slicegpt-0", "slicegpt-uniform-0"] + [f"slicegpt{m}-{t}" for t in ("10", "20", "30") for m in ("", "-uniform")]
+              + ["slicegpt-headsliced-20", "slicegpt-uniform-tied-0", "slicegpt-uniform-tied-20"],
 }
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
 

@@ -179,8 +179,9 @@ class SliceGPTSlice(_Strict):
     slice_head: bool = Field(False, description="per-layer: also slice the last layer's output and the head's input "
                              "(the reference's default keeps them full); uniform always slices it")
     damp: float = Field(0.01, ge=0.0, description="PCA damping, fraction of the covariance's mean diagonal")
-    untie_embeddings: bool = Field(False, description="uniform, tied embeddings: store a separate head, exact at 0 % "
-                                   "slicing (default keeps them tied; the final norm scale is then fitted by least squares)")
+    keep_tied: bool = Field(False, description="uniform, tied embeddings: keep the head tied to the embeddings (smaller) "
+                            "with the final norm scale fitted by least squares in the rotated basis; only exact when "
+                            "that scale is constant, measured costly on SmolLM2 (see README). Default: a separate head")
 
 
 SliceSpec = Annotated[Union[SliceGPTSlice], Field(discriminator="method")]

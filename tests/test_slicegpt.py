@@ -123,8 +123,7 @@ def test_norm_fusion_alone_is_exact(arch):
 def test_zero_slicing_reproduces_logits(arch, rotation, tie):
     m = model_with_random_norms(arch, tie=tie)
     ref = m(IDS).logits
-    # tied + uniform keeps the tie only approximately; untie_embeddings gives the exact variant
-    slicegpt(m, get_adapter(m), IDS, _spec(slicing=0.0, rotation=rotation, round_to=1, untie_embeddings=True), "cpu", 2)
+    slicegpt(m, get_adapter(m), IDS, _spec(slicing=0.0, rotation=rotation, round_to=1), "cpu", 2)
     assert (m(IDS).logits - ref).abs().max() <= 1e-4
 
 
@@ -133,7 +132,7 @@ def test_tied_uniform_keeps_tie_and_fits_final_scale():
     with torch.no_grad():
         m.model.norm.weight.fill_(1.3)  # a constant scale commutes with the rotation: exact even tied
     ref = m(IDS).logits
-    slicegpt(m, get_adapter(m), IDS, _spec(slicing=0.0, rotation="uniform", round_to=1), "cpu", 2)
+    slicegpt(m, get_adapter(m), IDS, _spec(slicing=0.0, rotation="uniform", round_to=1, keep_tied=True), "cpu", 2)
     assert tied(m) and m.config.tie_word_embeddings
     assert (m(IDS).logits - ref).abs().max() <= 1e-4
 
@@ -204,7 +203,7 @@ def test_slice_head_option_and_rounding():
 
 def test_uniform_rmsnorm_result_is_the_stock_architecture():
     m = model_with_random_norms("qwen2", tie=True)
-    details = slicegpt(m, get_adapter(m), IDS, _spec(rotation="uniform"), "cpu", 2)
+    details = slicegpt(m, get_adapter(m), IDS, _spec(rotation="uniform", keep_tied=True), "cpu", 2)
     assert details["stock_architecture"] and details["tied_embeddings"]
     assert type(m).__name__ == "Qwen2ForCausalLM" and m.config.hidden_size == 48
     assert m.config.head_dim == 16 and not hasattr(m.config, "sparsellm_slicing")
@@ -218,7 +217,7 @@ def test_more_slicing_costs_more():
     for s in (0.0, 0.25, 0.5, 0.75):
         m = model_with_random_norms("llama")
         ref = m(IDS).logits
-        slicegpt(m, get_adapter(m), IDS, _spec(slicing=s, rotation="uniform", untie_embeddings=True), "cpu", 2)
+        slicegpt(m, get_adapter(m), IDS, _spec(slicing=s, rotation="uniform"), "cpu", 2)
         errs.append((m(IDS).logits - ref).pow(2).mean().item())
     assert errs[0] < 1e-8 and errs == sorted(errs)
 
@@ -343,3 +342,17 @@ def test_post_norm_opt_is_refused_with_a_clear_error(model_dirs, tmp_path):
                                   "stages": [{"slice": {"method": "slicegpt", "slicing": 0.2}}]}))
     r = CliRunner().invoke(cli, ["prune", "--model", str(folder), "--recipe", str(recipe), "-o", str(tmp_path / "o")])
     assert r.exit_code == 4 and "SliceGPT needs pre-norm blocks" in r.output and not (tmp_path / "o").exists()
+
+
+def test_cli_one_liner_slice_then_prune(model_dirs, tmp_path):
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model_dirs["mistral"]), "--slicing", "0.25", "--rotation", "uniform",
+                                 "--method", "wanda", "--pattern", "2:4", "--calib", str(TEXT), "--nsamples", "4",
+                                 "--seqlen", "32", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "parameters" in r.output and "sparsity 0.5000" in r.output
+    report = json.loads((out / "report.json").read_text())
+    assert [s["kind"] for s in report["stages"]] == ["slice", "prune"]
+    assert "hidden size 64 → 48" in (out / "report.md").read_text()
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model_dirs["llama"]), "--rotation", "uniform", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--rotation needs --slicing" in r.output
