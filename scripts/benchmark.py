@@ -10,6 +10,7 @@ Each setting runs in a fresh worker process so its peak RSS is its own. Prints o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     from sparsellm.compress import build_method
     from sparsellm.data import calibration_windows, evaluation_chunks
     from sparsellm.evaluate import perplexity, sparsity_summary
-    from sparsellm.evaluate.speed import measure_speed
+    from sparsellm.evaluate.speed import compare_speed
     from sparsellm.loading import get_adapter, load_model
     from sparsellm.pipeline import run_stages
     from sparsellm.recipe import recipe_from_dict
@@ -93,8 +94,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
            "params_before": sum(p.numel() for p in model.parameters())}
     structured = any("slice" in st for st in SETTINGS[name] or [])
-    if structured:  # dense and compressed throughput in the same process, same settings
-        row["speed_dense"] = measure_speed(model)
+    dense_copy = copy.deepcopy(model) if structured else None  # timed against the compressed model, interleaved
     memory.reset_peak()
     rss0 = memory.current_rss_bytes()
     if SETTINGS[name] is None:
@@ -123,7 +123,9 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     row["hidden_size"] = model.config.hidden_size
     row["details"] = [st.get("details") for st in stages] if SETTINGS[name] else None
     if structured:
-        row["speed"] = measure_speed(model)
+        speed = compare_speed({"dense": dense_copy, "compressed": model})
+        row["speed_dense"], row["speed"] = speed["dense"], speed["compressed"]
+        del dense_copy
     row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
     row["eval_tokens"] = int(chunks.numel())
     return row

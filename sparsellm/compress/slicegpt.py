@@ -14,6 +14,7 @@ and delete the least significant ones, so every weight matrix gets smaller.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 
@@ -340,6 +341,16 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
         width = sliced_dim(d, spec.slicing, spec.round_to)
     except ValueError as e:
         raise CompressionError(str(e)) from None
+    if stock and not _stock_accepts(model.config, width):
+        # e.g. transformers' LlamaConfig insists on hidden_size % num_attention_heads == 0 (head_dim is explicit)
+        step = math.lcm(spec.round_to, model.config.num_attention_heads)
+        if width < step:
+            raise CompressionError(f"SliceGPT uniform: hidden size {width} must be a multiple of {step} for a stock "
+                                   f"{model.config.model_type} config; slice less")
+        log.warning("slicegpt uniform: hidden size %d -> %d, a multiple of %d (round_to and the %d heads) that a "
+                    "stock %s config accepts", width, width - width % step, step, model.config.num_attention_heads,
+                    model.config.model_type)
+        width -= width % step
     head_width = width if (uniform or spec.slice_head) else d
     dims = [{"in": width, "mid": width, "out": width, "shortcuts": not uniform} for _ in adapter.layers(model)]
     dims[-1]["out"] = head_width
@@ -371,6 +382,19 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
     return {"hidden_size": [d, width], "head_dim": head_width, "parameters": [params_before, params_after],
             "stock_architecture": stock, "tied_embeddings": tied(model),
             "final_norm_fit": None if final_scale is None else "least squares in the rotated basis"}
+
+
+def _stock_accepts(config, width: int) -> bool:
+    probe = copy.deepcopy(config)
+    try:
+        if getattr(probe, "head_dim", None) is None:
+            probe.head_dim = probe.hidden_size // probe.num_attention_heads
+        probe.hidden_size = width
+        if hasattr(probe, "validate_architecture"):
+            probe.validate_architecture()
+    except Exception:  # transformers' strict-dataclass errors have no common base
+        return False
+    return True
 
 
 @torch.no_grad()

@@ -13,48 +13,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def measure_speed(model, device="cpu", prefill_tokens: int = 512, decode_prompt: int = 64, decode_tokens: int = 64,
-                  repeats: int = 5, warmup: int = 1, vocab: int | None = None, seed: int = 0) -> dict:
+class _Bench:
     """Prefill: one forward over `prefill_tokens` tokens (batch 1, KV cache built). Decode: greedy
-    steps of one token with the KV cache after a `decode_prompt`-token prompt. Token ids are random
-    (throughput does not depend on them); returns tokens/s medians and every repeat's value."""
-    device = torch.device(device)
-    vocab = vocab or model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=gen).to(device)
-    short = prompt[:, :decode_prompt]
+    steps of one token with the KV cache after a `decode_prompt`-token prompt. Token ids are random:
+    throughput does not depend on them."""
 
-    def prefill() -> float:
-        _sync(device)
+    def __init__(self, device, prefill_tokens: int, decode_prompt: int, decode_tokens: int, vocab: int, seed: int):
+        self.device = torch.device(device)
+        gen = torch.Generator().manual_seed(seed)
+        self.prompt = torch.randint(0, vocab, (1, prefill_tokens), generator=gen).to(self.device)
+        self.short = self.prompt[:, :decode_prompt]
+        self.decode_tokens = decode_tokens
+
+    @torch.no_grad()
+    def prefill(self, model) -> float:
+        _sync(self.device)
         t = time.perf_counter()
-        model(input_ids=prompt, use_cache=True)
-        _sync(device)
-        return prefill_tokens / (time.perf_counter() - t)
+        model(input_ids=self.prompt, use_cache=True)
+        _sync(self.device)
+        return self.prompt.shape[1] / (time.perf_counter() - t)
 
-    # transformers renamed past_key_values to cache (5.x); accept either
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-    def decode() -> float:
-        out = model(input_ids=short, use_cache=True)
+    @torch.no_grad()
+    def decode(self, model) -> float:
+        # transformers renamed past_key_values to cache (5.x); accept either
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(input_ids=self.short, use_cache=True)
         cache, tok = getattr(out, key), out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        _sync(self.device)
         t = time.perf_counter()
-        for _ in range(decode_tokens):
+        for _ in range(self.decode_tokens):
             out = model(input_ids=tok, use_cache=True, **{key: cache})
             cache, tok = getattr(out, key), out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        return decode_tokens / (time.perf_counter() - t)
+        _sync(self.device)
+        return self.decode_tokens / (time.perf_counter() - t)
 
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(warmup):
-            prefill(), decode()
-        pre = [prefill() for _ in range(repeats)]
-        dec = [decode() for _ in range(repeats)]
-    finally:
-        model.train(was_training)
-    return {"prefill_tokens_per_s": statistics.median(pre), "decode_tokens_per_s": statistics.median(dec),
-            "prefill_runs": pre, "decode_runs": dec, "prefill_tokens": prefill_tokens,
-            "decode_prompt": decode_prompt, "decode_tokens": decode_tokens, "repeats": repeats, "device": str(device)}
+
+def compare_speed(models: dict, device="cpu", prefill_tokens: int = 512, decode_prompt: int = 64,
+                  decode_tokens: int = 64, repeats: int = 5, warmup: int = 1, seed: int = 0) -> dict:
+    """Prefill and decode tokens/s of several models (e.g. dense and compressed), interleaved repeat
+    by repeat so that drifting machine load hits all of them alike; medians plus every repeat."""
+    vocab = min(m.config.vocab_size for m in models.values())
+    bench = _Bench(device, prefill_tokens, decode_prompt, decode_tokens, vocab, seed)
+    runs = {name: {"prefill": [], "decode": []} for name in models}
+    for m in models.values():
+        m.eval()
+    for r in range(warmup + repeats):
+        for name, m in models.items():
+            pre, dec = bench.prefill(m), bench.decode(m)
+            if r >= warmup:
+                runs[name]["prefill"].append(pre)
+                runs[name]["decode"].append(dec)
+    return {name: {"prefill_tokens_per_s": statistics.median(v["prefill"]),
+                   "decode_tokens_per_s": statistics.median(v["decode"]),
+                   "prefill_runs": v["prefill"], "decode_runs": v["decode"], "prefill_tokens": prefill_tokens,
+                   "decode_prompt": decode_prompt, "decode_tokens": decode_tokens, "repeats": repeats,
+                   "device": str(bench.device), "threads": torch.get_num_threads()}
+            for name, v in runs.items()}
+
+
+def measure_speed(model, device="cpu", **kwargs) -> dict:
+    """compare_speed for one model."""
+    return compare_speed({"model": model}, device, **kwargs)["model"]
