@@ -10,6 +10,7 @@ Each setting runs in a fresh worker process so its peak RSS is its own. Prints o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -50,11 +51,23 @@ for _s in (0.6, 0.7):
 # the reference code's effective settings: paper rule, attention only, sign check on (its N:M path)
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
+# SliceGPT (issue 4): both rotation schemes; speed is measured for these (structured: faster on any hardware)
+for _s in (0.1, 0.2, 0.3):
+    SETTINGS[f"slicegpt-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s}}]
+    SETTINGS[f"slicegpt-uniform-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s, "rotation": "uniform"}}]
+SETTINGS["slicegpt-headsliced-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "slice_head": True}}]
+SETTINGS["slicegpt-uniform-tied-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "keep_tied": True}}]
+SETTINGS["slicegpt-uniform-tied-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform", "keep_tied": True}}]
+SETTINGS["slicegpt-uniform-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform"}}]
+SETTINGS["slicegpt-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0}}]
+SETTINGS["slicegpt-20+wanda-2:4"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform"}}, {"prune": _p("wanda", "2:4")}]
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
     "issue3": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
                ("wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "owl+wanda", "owl+wanda+dsnot", "ecoflap+wanda")],
+    "issue4": ["slicegpt-0", "slicegpt-uniform-0"] + [f"slicegpt{m}-{t}" for t in ("10", "20", "30") for m in ("", "-uniform")]
+              + ["slicegpt-headsliced-20", "slicegpt-uniform-tied-0", "slicegpt-uniform-tied-20"],
 }
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
 
@@ -66,6 +79,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     from sparsellm.compress import build_method
     from sparsellm.data import calibration_windows, evaluation_chunks
     from sparsellm.evaluate import perplexity, sparsity_summary
+    from sparsellm.evaluate.speed import compare_speed
     from sparsellm.loading import get_adapter, load_model
     from sparsellm.pipeline import run_stages
     from sparsellm.recipe import recipe_from_dict
@@ -77,7 +91,10 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     adapter = get_adapter(model)
     windows = calibration_windows(tok, str(data / "lee_calib.txt"), NSAMPLES, SEQLEN, seed=0)
     chunks = evaluation_chunks(tok, str(data / "lee_eval.txt"), SEQLEN)
-    row = {"setting": name, "seconds": None, "dense_forward_seconds": None}
+    row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
+           "params_before": sum(p.numel() for p in model.parameters())}
+    structured = any("slice" in st for st in SETTINGS[name] or [])
+    dense_copy = copy.deepcopy(model) if structured else None  # timed against the compressed model, interleaved
     memory.reset_peak()
     rss0 = memory.current_rss_bytes()
     if SETTINGS[name] is None:
@@ -93,7 +110,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
                 st["allocate"]["importance"] = importance
                 row["importance_reused"] = True
         recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": stages})
-        methods = [None if st.kind == "allocate" else build_method(st.spec) for st in recipe.stages]
+        methods = [build_method(st.spec) if st.kind in ("prune", "refine") else None for st in recipe.stages]
         t = time.perf_counter()
         stages, allocation = run_stages(model, adapter, recipe, methods, windows, "cpu")
         row["seconds"] = time.perf_counter() - t
@@ -102,6 +119,13 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     row["peak_rss_bytes"] = memory.peak_rss_bytes()
     row["rss_before_bytes"] = rss0
     row["sparsity"] = sparsity_summary(model, adapter)["overall"]
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["hidden_size"] = model.config.hidden_size
+    row["details"] = [st.get("details") for st in stages] if SETTINGS[name] else None
+    if structured:
+        speed = compare_speed({"dense": dense_copy, "compressed": model})
+        row["speed_dense"], row["speed"] = speed["dense"], speed["compressed"]
+        del dense_copy
     row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
     row["eval_tokens"] = int(chunks.numel())
     return row
@@ -153,8 +177,9 @@ def main() -> None:
     dense_fwd = next((r["dense_forward_seconds"] for r in rows if r["dense_forward_seconds"]), None)
     print(f"\nSmolLM2-135M-Instruct fp32, {NSAMPLES}x{SEQLEN} calibration tokens from lee_calib.txt, "
           f"perplexity on {rows[0]['eval_tokens']} tokens of lee_eval.txt (seqlen {SEQLEN}), torch threads 2\n")
-    print("| setting | perplexity | sparsity | compression s | × dense fwd | of which allocate / refine s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| setting | perplexity | sparsity | parameters | compression s | × dense fwd | of which allocate / refine s "
+          "| peak RSS MiB | prefill tok/s (dense) | decode tok/s (dense) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}" + (" *" if r.get("importance_reused") else "")
         ratio = "-" if r["seconds"] is None or not dense_fwd else f"{r['seconds'] / dense_fwd:.2f}"
@@ -162,8 +187,11 @@ def main() -> None:
             secs = f"(fwd {r['dense_forward_seconds']:.1f})"
         st = r.get("stage_seconds") or {}
         parts = [f"{v:.1f}" for k, v in st.items() if k.split()[0] in ("allocate", "refine")]
-        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['sparsity']:.4f} | {secs} | {ratio} | {' / '.join(parts) or '-'} "
-              f"| {r['peak_rss_bytes'] / 2**20:,.0f} |")
+        speed = ["-", "-"]
+        if r.get("speed"):
+            speed = [f"{r['speed'][k]:.0f} ({r['speed_dense'][k]:.0f})" for k in ("prefill_tokens_per_s", "decode_tokens_per_s")]
+        print(f"| {r['setting']} | {r['ppl']:.3f} | {r['sparsity']:.4f} | {r['params']:,} | {secs} | {ratio} | "
+              f"{' / '.join(parts) or '-'} | {r['peak_rss_bytes'] / 2**20:,.0f} | {speed[0]} | {speed[1]} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -76,6 +76,9 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), help="One-stage recipe without YAML.")
 @click.option("--sparsity", type=float, help="Fraction of weights to zero, in [0, 1).")
 @click.option("--pattern", default=None, help='"unstructured" (default) or N:M, e.g. 2:4 = 2 zeros in every 4 weights.')
+@click.option("--slicing", type=float, help="SliceGPT first: remove this fraction of the hidden dimension (e.g. 0.25).")
+@click.option("--rotation", type=click.Choice(["per-layer", "uniform"]), help="SliceGPT rotation (default per-layer; "
+              "uniform gives a stock architecture for Llama/Mistral/Qwen2).")
 @click.option("--allocate", type=click.Choice(["owl", "ecoflap"]), help="Vary sparsity per decoder layer (same overall target) before --method.")
 @click.option("--refine", type=click.Choice(["dsnot"]), help="Prune-and-grow the mask of --method without changing its sparsity.")
 @click.option("--calib", help="Calibration data: " + DATA_HELP)
@@ -92,8 +95,8 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
 @click.pass_context
-def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, refine, calib, nsamples, seqlen, seed, ppl, output,
-          overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
+def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, calib, nsamples, seqlen,
+          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -102,6 +105,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
       sparsellm prune --method sparsegpt --sparsity 0.5 --calib c4 --ppl wikitext2 -o out/
       sparsellm prune --method wanda --pattern 4:8 --calib docs.jsonl --nsamples 64 --seqlen 1024 -o out/
       sparsellm prune --allocate owl --method wanda --sparsity 0.7 --refine dsnot -o out/
+      sparsellm prune --slicing 0.25 --calib docs.txt -o out/          # SliceGPT: a smaller dense model
+      sparsellm prune --slicing 0.2 --rotation uniform --method wanda --pattern 2:4 -o out/
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
@@ -112,20 +117,29 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
 
     def run():
         _positive(("--nsamples", nsamples), ("--seqlen", seqlen))
-        if recipe_path and (method or sparsity is not None or pattern or allocate or refine):
-            raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--allocate/--refine, not both")
+        inline = (method, sparsity, pattern, slicing, rotation, allocate, refine)
+        if recipe_path and any(v is not None for v in inline):
+            raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--slicing/--rotation/--allocate/"
+                              "--refine, not both")
+        if rotation and slicing is None:
+            raise RecipeError("--rotation needs --slicing; add e.g. --slicing 0.25")
+        if (allocate or refine) and not method:
+            raise RecipeError("--allocate and --refine need --method; add e.g. --method wanda")
         if recipe_path:
             data = load_recipe(recipe_path).model_dump(exclude_none=True, exclude_unset=True)
-        elif method:
-            stage = {"method": method, "pattern": pattern or "unstructured"}
-            if sparsity is not None:
-                stage["sparsity"] = sparsity
-            data = {"stages": ([{"allocate": {"method": allocate}}] if allocate else []) + [{"prune": stage}]
-                    + ([{"refine": {"method": refine}}] if refine else [])}
-        elif allocate or refine:
-            raise RecipeError("--allocate and --refine need --method; add e.g. --method wanda")
+        elif method or slicing is not None:
+            stages = []
+            if slicing is not None:
+                stages.append({"slice": {"method": "slicegpt", "slicing": slicing, **({"rotation": rotation} if rotation else {})}})
+            if method:
+                stage = {"method": method, "pattern": pattern or "unstructured"}
+                if sparsity is not None:
+                    stage["sparsity"] = sparsity
+                stages += ([{"allocate": {"method": allocate}}] if allocate else []) + [{"prune": stage}]
+                stages += [{"refine": {"method": refine}}] if refine else []
+            data = {"stages": stages}
         else:
-            raise RecipeError("nothing to do: give --recipe FILE or --method NAME (see sparsellm prune --help)")
+            raise RecipeError("nothing to do: give --recipe FILE, --method NAME or --slicing FRACTION (see sparsellm prune --help)")
         cal = data.setdefault("calibration", {})
         for key, val in (("dataset", calib), ("nsamples", nsamples), ("seqlen", seqlen)):
             if val is not None:
@@ -139,7 +153,9 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, allocate, ref
         report = compress(recipe, output, options, model_spec)
         ppl_after = (report.get("perplexity") or {}).get("after") or {}
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())
-        click.echo(f"{output}: sparsity {report['sparsity']['overall']:.4f}" + (f", {summary}" if summary else ""))
+        m = report["model"]
+        size = f", parameters {m['parameters_before']:,} -> {m['parameters']:,}" if m["parameters"] != m["parameters_before"] else ""
+        click.echo(f"{output}: sparsity {report['sparsity']['overall']:.4f}{size}" + (f", {summary}" if summary else ""))
 
     resume_hint = f"; run the same command with --resume to continue from {checkpoint_dir}" if checkpoint_dir else ""
     _guarded(ctx, run, resume_hint)

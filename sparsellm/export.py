@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -78,6 +79,8 @@ def atomic_folder(out: Path, overwrite: bool):
 
 def save_model(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
+    if getattr(model.config, "sparsellm_slicing", None) is not None:
+        _declare_sliced(Path(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     # safetensors writes through a private temp file (mode 0600); published files should be readable
@@ -86,3 +89,19 @@ def save_model(model, tokenizer, folder: Path) -> None:
     for f in Path(folder).iterdir():
         if f.is_file():
             f.chmod(0o666 & ~umask)
+
+
+def _declare_sliced(folder: Path) -> None:
+    """A SliceGPT model with per-layer shapes: its own model_type, and the runtime file named in
+    auto_map so that transformers loads it with trust_remote_code=True (and refuses without)."""
+    from .loading import modeling_sliced as runtime
+
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    base = cfg["sparsellm_slicing"]["base_model_type"]
+    config_name, model_name = runtime.class_names(base)
+    module = Path(runtime.__file__).stem
+    cfg.update(model_type=runtime.PREFIX + base, architectures=[model_name],
+               auto_map={"AutoConfig": f"{module}.{config_name}", "AutoModelForCausalLM": f"{module}.{model_name}"})
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    shutil.copyfile(runtime.__file__, folder / f"{module}.py")

@@ -16,6 +16,7 @@ from .calibrate.engine import target_linears
 from .allocate import allocate
 from .checkpoint import Checkpoint, check_folder, fingerprint
 from .compress import build_method
+from .compress.slicegpt import slicegpt
 from .data import calibration_windows, evaluation_chunks
 from .errors import RecipeError
 from .evaluate import perplexity, sparsity_summary, write_report
@@ -127,6 +128,11 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
         stage, method = stages[i], methods[i]
         memory.reset_peak()
         t = time.perf_counter()
+        if stage.kind == "slice":
+            details = slicegpt(model, adapter, windows, stage.spec, device, batch)
+            reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
+            i += 1
+            continue
         if stage.kind == "allocate":
             prune = stages[i + 1].spec
             select = make_selector(prune.targets, prune.ignore)
@@ -173,10 +179,10 @@ def refine_selector(adapter, spec, prune_select):
     return select
 
 
-def _stage_report(stage, seconds: float, compute_seconds: float | None = None) -> dict:
+def _stage_report(stage, seconds: float, compute_seconds: float | None = None, details: dict | None = None) -> dict:
     return {"kind": stage.kind, "method": stage.spec.method, "settings": stage.spec.model_dump(mode="json", by_alias=True),
             "seconds": seconds, "compute_seconds": compute_seconds, "peak_rss_bytes": memory.peak_rss_bytes(),
-            "peak_cuda_bytes": memory.peak_cuda_bytes()}
+            "peak_cuda_bytes": memory.peak_cuda_bytes(), "details": details}
 
 
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
@@ -200,11 +206,13 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     for stage in recipe.stages:
         if stage.kind == "prune":
             check_stage_fits(model, adapter, stage.spec)
+        if stage.kind == "slice":
+            adapter.check_sliceable(model)
     rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
 
     seqlen = default_seqlen(model, recipe.calibration.seqlen)
     eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
-    methods = [None if stage.kind == "allocate" else build_method(stage.spec) for stage in recipe.stages]
+    methods = [build_method(stage.spec) if stage.kind in ("prune", "refine") else None for stage in recipe.stages]
     windows = None
     if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
         with timer("calibration data"):
@@ -214,6 +222,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     if options.checkpoint_dir:  # after loading: the fingerprint needs the dense weights and the windows
         checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(model, recipe, windows), options.resume)
 
+    params_before = sum(p.numel() for p in model.parameters())
     ppl_before = {}
     if recipe.evaluation.ppl and recipe.evaluation.before:
         ppl_before = checkpoint.result("ppl_before") if checkpoint is not None else None
@@ -241,7 +250,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         "versions": versions(),
         "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "parameters": sum(p.numel() for p in model.parameters())},
+                  "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
+                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None},
         "recipe": recipe.model_dump(mode="json"),
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),

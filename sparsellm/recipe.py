@@ -167,7 +167,28 @@ class DSnoTRefine(_Strict):
 RefineSpec = Annotated[Union[DSnoTRefine], Field(discriminator="method")]
 
 
+class SliceGPTSlice(_Strict):
+    """Rotate the residual stream into its principal directions and delete the weakest ones (Ashkboos et al., 2024)."""
+    method: Literal["slicegpt"]
+    slicing: float = Field(ge=0.0, lt=1.0, description="fraction of the hidden (embedding) dimension to remove")
+    rotation: Literal["per-layer", "uniform"] = Field("per-layer", description="a PCA basis per signal with shortcut "
+                                                      "matrices on the residual (the paper; output needs "
+                                                      "trust_remote_code), or one basis for the whole residual stream "
+                                                      "(RMSNorm models: a stock architecture with a smaller hidden size)")
+    round_to: int = Field(8, gt=0, description="round the kept width down to a multiple of this (fast kernels)")
+    slice_head: bool = Field(False, description="per-layer: also slice the last layer's output and the head's input "
+                             "(the reference's default keeps them full); uniform always slices it")
+    damp: float = Field(0.01, ge=0.0, description="PCA damping, fraction of the covariance's mean diagonal")
+    keep_tied: bool = Field(False, description="uniform, tied embeddings: keep the head tied to the embeddings (smaller) "
+                            "with the final norm scale fitted by least squares in the rotated basis; only exact when "
+                            "that scale is constant, measured costly on SmolLM2 (see README). Default: a separate head")
+
+
+SliceSpec = Annotated[Union[SliceGPTSlice], Field(discriminator="method")]
+
+
 class Stage(_Strict):
+    slice: SliceSpec | None = None
     allocate: AllocateSpec | None = None
     prune: PruneSpec | None = None
     refine: RefineSpec | None = None
@@ -208,6 +229,12 @@ class Recipe(_Strict):
                     raise ValueError(f"stages.{i}: allocate sparsity {a.sparsity} differs from the prune stage's {p.sparsity}")
                 if not a.min_sparsity <= p.sparsity <= (a.max_sparsity or 1.0):
                     raise ValueError(f"stages.{i}: target sparsity {p.sparsity} is outside [min_sparsity, max_sparsity]")
+            if st.kind == "prune" and st.spec.nm:
+                m = st.spec.nm[1]
+                for j, prev in enumerate(self.stages[:i]):
+                    if prev.kind == "slice" and prev.spec.round_to % m:
+                        raise ValueError(f"stages.{j}: round_to {prev.spec.round_to} must be a multiple of M={m} "
+                                         f"for the {st.spec.pattern} stage after it")
             if st.kind == "refine" and (i == 0 or kinds[i - 1] not in ("prune", "refine")):
                 raise ValueError(f"stages.{i}: a refine stage must come right after a prune (or refine) stage, "
                                  "whose dense weights it needs")

@@ -87,3 +87,32 @@ def test_owl_allocation_and_dsnot_on_the_real_model(smollm_dir, tmp_path):
         for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
             assert ((lin.weight == 0).sum(1) == int(lin.in_features * alloc["sparsity"][i])).all()
     assert (tmp_path / "owl" / "sparsity_per_layer.png").stat().st_size > 1000
+
+
+def test_slicegpt_on_smollm2(smollm_dir, tmp_path):
+    """0 % per-layer slicing keeps the real model's logits; 20 % uniform gives a stock Llama with a
+    smaller hidden size (a multiple of its 9 heads, as LlamaConfig demands; its own head) whose perplexity
+    stays within a small factor."""
+    import sparsellm
+    from sparsellm.compress.slicegpt import slicegpt
+    from sparsellm.data import calibration_windows
+    from sparsellm.loading import get_adapter
+    from sparsellm.recipe import SliceGPTSlice
+
+    model, tok = sparsellm.load(str(smollm_dir))
+    ids = calibration_windows(tok, str(EVAL), 2, 128, 0)
+    with torch.no_grad():
+        ref = model(ids).logits
+    windows = calibration_windows(tok, str(CALIB), 4, 128, 0)
+    slicegpt(model, get_adapter(model), windows, SliceGPTSlice(method="slicegpt", slicing=0.0), "cpu", 4)
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max() < 1e-3  # fp32 over 30 layers, logits of size ~20
+
+    report = prune(smollm_dir, tmp_path / "sliced", [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "round_to": 1}}],
+                   tmp_path)
+    sliced = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced")  # stock transformers, no custom code
+    assert sliced.config.hidden_size == 459 and not sliced.config.tie_word_embeddings
+    assert report["model"]["parameters"] < 0.97 * report["model"]["parameters_before"]
+    key = str(EVAL)
+    before, after = report["perplexity"]["before"][key], report["perplexity"]["after"][key]
+    assert before < after < 4 * before

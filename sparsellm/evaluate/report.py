@@ -40,6 +40,14 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {s['kind']} | {s['method']} | {settings} | {s['seconds']:.1f} | {_mib(s['peak_rss_bytes'])} |")
     lines += ["", f"Achieved sparsity of decoder Linear weights: **{r['sparsity']['overall']:.4f}** "
               f"({r['sparsity']['params']:,} parameters)", ""]
+    for st in r["stages"]:
+        d = st.get("details") or {}
+        if "hidden_size" in d:
+            (h0, h1), (p0, p1) = d["hidden_size"], d["parameters"]
+            how = ("a stock architecture (loads without custom code)" if d["stock_architecture"] else
+                   "per-layer shapes: loads with trust_remote_code=True (modeling_sliced.py) or sparsellm")
+            lines += [f"SliceGPT ({st['settings']['rotation']}): hidden size {h0} → {h1}, parameters {p0:,} → {p1:,} "
+                      f"({p1 / p0:.1%}); {how}.", ""]
     ppl = r.get("perplexity") or {}
     if ppl.get("after"):
         lines += [f"## Perplexity (seqlen {ppl['seqlen']})", "", "| dataset | before | after |", "|---|---|---|"]

@@ -29,6 +29,14 @@ class Adapter:
     sequential_groups: tuple[tuple[str, ...], ...]
     # modules that turn the last decoder layer's output into logits, in order
     head_paths: tuple[str, ...] = ()
+    # what SliceGPT needs to see a pre-norm block: h + attn(norm1(h)), then h + mlp(norm2(h))
+    norm_kind: str = "rms"  # "rms" (scale only) or "layernorm" (mean-centering, scale and bias)
+    norms: tuple[str, str] = ("input_layernorm", "post_attention_layernorm")
+    attention: str = "self_attn"
+    mlp_call: tuple[str, ...] = ("mlp",)  # applied in order to norm2's output
+    embedding_paths: tuple[str, ...] = ()  # whose outputs add up to the residual stream
+    final_norm: str = ""
+    lm_head: str = "lm_head"
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
@@ -46,6 +54,24 @@ class Adapter:
 
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for p in self.head_paths if (m := _get(model, p)) is not None]
+
+    def slicing_names(self) -> dict:
+        """Module names for the sliced runtime (written to config.json, see modeling_sliced.py)."""
+        attn_in, (attn_out,), mlp_in, (mlp_out,) = self.sequential_groups
+        return {"layers": self.layers_path, "norm1": self.norms[0], "norm2": self.norms[1], "attn": self.attention,
+                "mlp": list(self.mlp_call), "attn_in": list(attn_in), "attn_out": attn_out, "mlp_in": list(mlp_in),
+                "mlp_out": mlp_out, "embeddings": list(self.embedding_paths), "final_norm": self.final_norm,
+                "lm_head": self.lm_head}
+
+    def check_sliceable(self, model: nn.Module) -> None:
+        """SliceGPT needs pre-norm blocks whose residual stream is the embeddings' sum."""
+        cfg = model.config
+        if getattr(cfg, "do_layer_norm_before", True) is False:
+            raise UnsupportedArchitectureError(f"SliceGPT needs pre-norm blocks; this {cfg.model_type} model normalizes "
+                                               "after each block (e.g. opt-350m)")
+        if any(_get(model, p) is not None for p in ("model.decoder.project_in", "model.decoder.project_out")):
+            raise UnsupportedArchitectureError("SliceGPT: models with project_in/project_out (word_embed_proj_dim != "
+                                               "hidden_size) are not supported")
 
     def groups_for(self, names: list[str]) -> list[list[str]]:
         """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
@@ -71,6 +97,8 @@ LLAMA = Adapter(
         ("mlp.down_proj",),
     ),
     head_paths=("model.norm", "lm_head"),
+    embedding_paths=("model.embed_tokens",),
+    final_norm="model.norm",
 )
 
 OPT = Adapter(
@@ -85,6 +113,11 @@ OPT = Adapter(
         ("fc2",),
     ),
     head_paths=("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    norm_kind="layernorm",
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    mlp_call=("fc1", "activation_fn", "fc2"),
+    embedding_paths=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    final_norm="model.decoder.final_layer_norm",
 )
 
 ADAPTERS = (LLAMA, OPT)

@@ -148,6 +148,20 @@ def resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
     return DTYPES[name]
 
 
+def _sliced_class(source: ModelSource):
+    """SliceGPT outputs carry their runtime in sparsellm itself: no remote code needed here."""
+    if source.gguf_file:
+        return None
+    from transformers import PretrainedConfig
+
+    cfg, _ = PretrainedConfig.get_config_dict(source.path)
+    if not str(cfg.get("model_type", "")).startswith("sparsellm_sliced_"):
+        return None
+    from .modeling_sliced import model_class
+
+    return model_class(cfg)
+
+
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -221,8 +235,11 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
             _refuse_pickle_only(Path(source.path), source.spec)
     log.info("loading %s (%s)", source.spec, source.kind)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=resolve_dtype(dtype, source), **kwargs, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
+        model_cls = _sliced_class(source) or AutoModelForCausalLM
+        model = model_cls.from_pretrained(source.path, dtype=resolve_dtype(dtype, source), **kwargs, **model_kwargs)
+        # a sliced config names a model type AutoTokenizer does not know: hand it the loaded one
+        tok_kwargs = {"config": model.config} if model_cls is not AutoModelForCausalLM else {}
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs, **tok_kwargs)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
