@@ -54,9 +54,10 @@ SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
 # SliceGPT (issue 4): both rotation schemes; speed is measured for these (structured: faster on any hardware)
 for _s in (0.1, 0.2, 0.3):
     SETTINGS[f"slicegpt-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s}}]
-    SETTINGS[f"slicegpt-uniform-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s, "rotation": "uniform"}}]
+    # round_to 1: the stock LlamaConfig needs a multiple of SmolLM2's 9 heads; lcm(8, 9) = 72 would be too coarse
+    SETTINGS[f"slicegpt-uniform-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s, "rotation": "uniform", "round_to": 1}}]
 SETTINGS["slicegpt-headsliced-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "slice_head": True}}]
-SETTINGS["slicegpt-uniform-tied-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "keep_tied": True}}]
+SETTINGS["slicegpt-uniform-tied-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "keep_tied": True, "round_to": 1}}]
 SETTINGS["slicegpt-uniform-tied-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform", "keep_tied": True}}]
 SETTINGS["slicegpt-uniform-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform"}}]
 SETTINGS["slicegpt-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0}}]
