@@ -356,3 +356,18 @@ def test_cli_one_liner_slice_then_prune(model_dirs, tmp_path):
     assert "hidden size 64 → 48" in (out / "report.md").read_text()
     r = CliRunner().invoke(cli, ["prune", "--model", str(model_dirs["llama"]), "--rotation", "uniform", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "--rotation needs --slicing" in r.output
+
+
+def test_non_finite_activations_while_slicing_exit_8(tmp_path, tokenizer):
+    folder = tmp_path / "broken"
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    m.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                  "stages": [{"slice": {"method": "slicegpt", "slicing": 0.25}}]}))
+    r = CliRunner().invoke(cli, ["prune", "--model", str(folder), "--recipe", str(recipe), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 8 and "inside decoder layer 0 while slicing" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()

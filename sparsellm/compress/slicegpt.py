@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibrate.engine import Activations, _layer_forward, _module_device, capture_layer_inputs
+from ..calibrate.engine import Activations, _layer_forward, _module_device, capture_layer_inputs, check_finite
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
 from ..loading.modeling_sliced import RMSN, make_sliced_layer
@@ -110,14 +110,12 @@ def fit_tied_scale(gram: torch.Tensor, cov: torch.Tensor, basis: torch.Tensor, s
 
 # ---- module surgery ----------------------------------------------------------------------------
 
-def _set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None, keep_bias: bool = True) -> None:
+def _set_linear(lin: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     dtype, dev = lin.weight.dtype, lin.weight.device
     lin.weight = nn.Parameter(weight.to(dev, dtype).contiguous(), requires_grad=False)
     lin.out_features, lin.in_features = lin.weight.shape
     if bias is not None:
         lin.bias = nn.Parameter(bias.to(dev, dtype).contiguous(), requires_grad=False)
-    elif not keep_bias:
-        lin.bias = None
 
 
 def rotate_input(lin: nn.Linear, basis: torch.Tensor) -> None:
@@ -207,7 +205,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _block_signals(layer: nn.Module, norm2: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+def _block_signals(layer: nn.Module, index: int, norm2: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                    full: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Inputs of the layer's second norm and (when `full`) the layer's outputs, per batch."""
     mids, outs = [], []
@@ -226,9 +224,7 @@ def _block_signals(layer: nn.Module, norm2: nn.Module, inputs: list[torch.Tensor
                 pass
     finally:
         handle.remove()
-    for o in outs:
-        if not torch.isfinite(o).all():
-            raise FloatingPointError("non-finite activations in a sliced layer")
+    check_finite(mids + outs, f"inside decoder layer {index} while slicing", layer)
     return mids, outs
 
 
@@ -239,7 +235,7 @@ def _normalized(x: torch.Tensor, mean_dim: int) -> torch.Tensor:
 
 # ---- the two rotation schemes ------------------------------------------------------------------
 
-def _per_layer(model, adapter, acts: Activations, d: int, dims: list[dict], damp: float, device, names) -> None:
+def _per_layer(model, adapter, acts: Activations, dims: list[dict], damp: float, device, names) -> None:
     """The paper's sequential scheme: every signal gets its own basis, computed on inputs that went
     through the already-sliced layers; shortcuts Q_iᵀQ_j carry the residual between bases."""
     layers = adapter.layers(model)
@@ -259,7 +255,7 @@ def _per_layer(model, adapter, acts: Activations, d: int, dims: list[dict], damp
         # until its output side is rotated, the attention block writes in the original basis
         layer.attn_shortcut_Q = nn.Parameter(q_in.T.to(dtype).contiguous(), requires_grad=False)
         layer.mlp_shortcut_Q = None
-        mids, _ = _block_signals(layer, _get(layer, names["norm2"]), inputs, acts.kwargs, full=False)
+        mids, _ = _block_signals(layer, i, _get(layer, names["norm2"]), inputs, acts.kwargs, full=False)
         _, q_mid = pca_basis(covariance(mids), damp)
         q_mid = q_mid[:, :dim["mid"]]
         del mids
@@ -268,7 +264,7 @@ def _per_layer(model, adapter, acts: Activations, d: int, dims: list[dict], damp
         for n in names["mlp_in"]:
             rotate_input(_get(layer, n), q_mid)
         layer.mlp_shortcut_Q = nn.Parameter(q_mid.T.to(dtype).contiguous(), requires_grad=False)
-        _, outs = _block_signals(layer, _get(layer, names["norm2"]), inputs, acts.kwargs, full=True)
+        _, outs = _block_signals(layer, i, _get(layer, names["norm2"]), inputs, acts.kwargs, full=True)
         del inputs
         _, q = pca_basis(covariance(outs), damp)
         q_out = q[:, :dim["out"]]
@@ -299,7 +295,7 @@ def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float,
         layer = layers[i]
         home = _module_device(layer)
         layer.to(device)
-        mids, outs = _block_signals(layer, _get(layer, names["norm2"]), acts.hidden, acts.kwargs, full=True)
+        mids, outs = _block_signals(layer, i, _get(layer, names["norm2"]), acts.hidden, acts.kwargs, full=True)
         add(mids)
         add(outs)
         acts.hidden = outs
@@ -362,20 +358,18 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
         q, cov_u = _uniform(model, adapter, acts, d, width, spec.damp, device, names, final_cov=keep_tied)
         final_scale = fit_tied_scale(gram, cov_u, q, fused["final_scale"].to(device)) if keep_tied else None
     else:
-        _per_layer(model, adapter, acts, d, dims, spec.damp, device, names)
+        _per_layer(model, adapter, acts, dims, spec.damp, device, names)
         final_scale = None
     del acts
 
-    structure = {"base_model_type": model.config.model_type, "rotation": spec.rotation, "slicing": spec.slicing,
-                 "names": names, "mean_dim": d, "eps": fused["eps"], "embedding_dim": width, "layers": dims,
-                 "head_dim": head_width, "head_bias": _get(model, names["lm_head"]).bias is not None,
-                 "final_norm_weight": final_scale is not None}
     if stock:
         to_stock(model, adapter, fused, width, final_scale)
-    else:
-        if final_scale is not None:  # not reached today (keep_tied implies stock); kept for the runtime form
-            _get(model, names["final_norm"]).weight = nn.Parameter(final_scale.float(), requires_grad=False)
-        model.config.sparsellm_slicing = structure
+    else:  # keep_tied implies stock: the runtime form never carries a fitted final-norm scale
+        model.config.sparsellm_slicing = {
+            "base_model_type": model.config.model_type, "rotation": spec.rotation, "slicing": spec.slicing,
+            "names": names, "mean_dim": d, "eps": fused["eps"], "embedding_dim": width, "layers": dims,
+            "head_dim": head_width, "head_bias": _get(model, names["lm_head"]).bias is not None,
+            "final_norm_weight": False}
     params_after = sum(p.numel() for p in model.parameters())
     log.info("slicegpt %s %.2f: hidden %d -> %d, parameters %d -> %d%s", spec.rotation, spec.slicing, d, width,
              params_before, params_after, " (stock architecture)" if stock else " (needs modeling_sliced.py)")

@@ -94,10 +94,10 @@ def apply_structure(model: nn.Module, s: dict) -> None:
         emb.embedding_dim = s["embedding_dim"]
     for layer, d in zip(_get(model, names["layers"]), s["layers"]):
         for n in names["attn_in"]:
-            _resize_linear(_get(layer, n), in_features=d["in"], bias=n in d.get("biased", ()))
+            _resize_linear(_get(layer, n), in_features=d["in"])
         _resize_linear(_get(layer, names["attn_out"]), out_features=d["mid"])
         for n in names["mlp_in"]:
-            _resize_linear(_get(layer, n), in_features=d["mid"], bias=n in d.get("biased", ()))
+            _resize_linear(_get(layer, n), in_features=d["mid"])
         _resize_linear(_get(layer, names["mlp_out"]), out_features=d["out"])
         for key in ("norm1", "norm2"):
             parent, _, attr = names[key].rpartition(".")
