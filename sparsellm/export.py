@@ -91,6 +91,11 @@ def save_model(model, tokenizer, folder: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the model weights in a folder (safetensors shards)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
 def _declare_sliced(folder: Path) -> None:
     """A SliceGPT model with per-layer shapes: its own model_type, and the runtime file named in
     auto_map so that transformers loads it with trust_remote_code=True (and refuses without)."""

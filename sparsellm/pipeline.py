@@ -20,9 +20,13 @@ from .compress.slicegpt import slicegpt
 from .data import calibration_windows, evaluation_chunks
 from .errors import RecipeError
 from .evaluate import perplexity, sparsity_summary, write_report
-from .export import atomic_folder, check_output, save_model
+from .evaluate.schema import SCHEMA_VERSION
+from .evaluate.speed import compare_speed
+from .evaluate.zeroshot import evaluate_tasks, mean_accuracy, task_manager
+from .export import atomic_folder, check_output, disk_bytes, save_model
 from .faults import fault_point
 from .loading import get_adapter, load_model
+from .loading.models import source_info
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -64,11 +68,16 @@ class Timer:
             self.timings[name] = time.perf_counter() - t
 
 
-def versions() -> dict:
+def versions(lm_eval: bool = False) -> dict:
     import transformers
 
-    return {"sparsellm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    v = {"sparsellm": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+         "python": platform.python_version()}
+    if lm_eval:
+        import importlib.metadata
+
+        v["lm_eval"] = importlib.metadata.version("lm_eval")
+    return v
 
 
 def model_context(model) -> int | None:
@@ -99,14 +108,61 @@ def check_stage_fits(model, adapter, spec) -> None:
                           "against module names such as model.layers.0.mlp.down_proj")
 
 
-def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: str) -> dict[str, float]:
+def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: str,
+                 counts: dict | None = None) -> dict[str, float]:
+    """Perplexity on every evaluation dataset; `counts` receives the number of chunks of each."""
     ev = recipe.evaluation
     out = {}
     for source in ev.ppl:
         chunks = evaluation_chunks(tokenizer, source, seqlen, ev.limit)
         out[source] = perplexity(model, chunks, ev.batch_size, device, desc=f"ppl {label} {Path(source).name}")
+        if counts is not None:
+            counts[source] = int(chunks.shape[0])
         log.info("perplexity %s on %s: %.3f", label, source, out[source])
     return out
+
+
+def evaluate_tasks_of(model, tokenizer, recipe: Recipe, label: str) -> dict:
+    ev = recipe.evaluation
+    log.info("lm-eval %s: %s", label, ", ".join(ev.tasks))
+    res = evaluate_tasks(model, tokenizer, ev.tasks, ev.task_paths, ev.task_limit, ev.num_fewshot,
+                         ev.task_batch_size, recipe.seed)
+    for task, r in res.items():
+        log.info("%s %s: acc %s", label, task, r.get("acc"))
+    return res
+
+
+def _nonzero(model) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def _removed(summary: dict, dense: dict) -> None:
+    """Per layer and overall: 1 - nonzero decoder Linear weights now / their number in the dense model
+    (= sparsity when only pruned; also counts rows and columns SliceGPT deleted)."""
+    for now, before in zip(summary["per_layer"], dense["per_layer"]):
+        now["params_before"] = before["params"]
+        now["removed"] = 1 - now["params"] * (1 - now["sparsity"]) / before["params"] if before["params"] else 0.0
+    summary["params_before"] = dense["params"]
+    summary["overall_before"] = dense["overall"]
+    summary["removed"] = 1 - summary["params"] * (1 - summary["overall"]) / dense["params"] if dense["params"] else 0.0
+
+
+def measure_speed_against_dense(model, loaded, options: RunOptions, device, spec) -> dict:
+    """Reload the dense model and time it against the compressed one, interleaved on the same device.
+    Reloading (rather than a deep copy kept through compression) holds two models only for the
+    measurement, not during calibration, whose activations are the other big consumer of memory."""
+    dense = load_model(loaded.source.spec, options.dtype, options.trust_remote_code, options.allow_pickle).model
+    try:
+        dense.to(device)
+        model.to(device)
+        res = compare_speed({"dense": dense, "compressed": model}, device, **spec.model_dump())
+    finally:
+        del dense
+        model.to("cpu")
+    log.info("speed (tokens/s, dense -> compressed): prefill %.0f -> %.0f, decode %.1f -> %.1f",
+             res["dense"]["prefill_tokens_per_s"], res["compressed"]["prefill_tokens_per_s"],
+             res["dense"]["decode_tokens_per_s"], res["compressed"]["decode_tokens_per_s"])
+    return {"interleaved": True, **res}
 
 
 def _label(spec) -> str:
@@ -195,6 +251,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     if options.checkpoint_dir:
         check_folder(Path(options.checkpoint_dir), options.resume)
     device = resolve_device(options.device)
+    ev = recipe.evaluation
+    if ev.tasks:  # an unknown task name fails here, before the model is loaded
+        task_manager(ev.tasks, ev.task_paths)
     timer = Timer()
     spec = model_spec or recipe.model
     memory.reset_peak()
@@ -223,7 +282,18 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(model, recipe, windows), options.resume)
 
     params_before = sum(p.numel() for p in model.parameters())
-    ppl_before = {}
+    nonzero_before = _nonzero(model)
+    dense_summary = sparsity_summary(model, adapter)
+    ppl_before, tasks_before = {}, {}
+    if ev.tasks and ev.before:
+        tasks_before = checkpoint.result("zeroshot_before") if checkpoint is not None else None
+        if tasks_before is None:
+            with timer("lm-eval before"):
+                model.to(device)
+                tasks_before = evaluate_tasks_of(model, tokenizer, recipe, "before")
+                model.to("cpu")
+            if checkpoint is not None:
+                checkpoint.put_result("zeroshot_before", tasks_before)
     if recipe.evaluation.ppl and recipe.evaluation.before:
         ppl_before = checkpoint.result("ppl_before") if checkpoint is not None else None
         if ppl_before is None:
@@ -238,20 +308,32 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     for n, r in enumerate(stage_reports):
         timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
 
-    ppl_after = {}
+    ppl_after, chunks, tasks_after, speed = {}, {}, {}, None
     if recipe.evaluation.ppl:
         with timer("perplexity after"):
             model.to(device)
-            ppl_after = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "after")
+            ppl_after = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "after", chunks)
             model.to("cpu")
+    if ev.tasks:
+        with timer("lm-eval after"):
+            model.to(device)
+            tasks_after = evaluate_tasks_of(model, tokenizer, recipe, "after")
+            model.to("cpu")
+    if ev.speed is not None:
+        with timer("speed"):
+            speed = measure_speed_against_dense(model, loaded, options, device, ev.speed)
 
+    sparsity = sparsity_summary(model, adapter)
+    _removed(sparsity, dense_summary)
     report = {
-        "schema_version": 2,
-        "versions": versions(),
+        "schema_version": SCHEMA_VERSION,
+        "versions": versions(lm_eval=bool(ev.tasks)),
         "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
-                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None},
+                  "nonzero_parameters_before": nonzero_before, "nonzero_parameters": _nonzero(model),
+                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
+                  "disk_bytes": None, **source_info(loaded.source)},
         "recipe": recipe.model_dump(mode="json"),
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
@@ -259,8 +341,14 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         "device": str(device),
         "stages": stage_reports,
         "allocation": allocation,
-        "sparsity": sparsity_summary(model, adapter),
-        "perplexity": {"seqlen": eval_seqlen, "before": ppl_before, "after": ppl_after} if recipe.evaluation.ppl else None,
+        "sparsity": sparsity,
+        "perplexity": {"seqlen": eval_seqlen, "limit": ev.limit, "chunks": chunks, "before": ppl_before,
+                       "after": ppl_after} if ev.ppl else None,
+        "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
+                     "batch_size": ev.task_batch_size, "before": tasks_before, "after": tasks_after,
+                     "mean_acc_before": mean_accuracy(tasks_before), "mean_acc_after": mean_accuracy(tasks_after)}
+                    if ev.tasks else None,
+        "speed": speed,
         "timings": timer.timings,
         "memory": {"rss_after_load_bytes": rss_after_load, "peak_rss_load_bytes": peak_load,
                    "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
@@ -270,8 +358,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp)
+        report["model"]["disk_bytes"] = disk_bytes(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        write_report(tmp, report)
+        write_report(tmp, report, name=out.name)
         fault_point("export")
     if checkpoint is not None:
         checkpoint.remove()  # the output is complete: nothing left to resume

@@ -40,17 +40,39 @@ class Calibration(_Strict):
         return _check_data_source(v)
 
 
+class Speed(_Strict):
+    """Prefill/decode throughput of the dense and the compressed model, interleaved repeat by repeat."""
+    prefill_tokens: int = Field(512, gt=0, description="prompt length of the prefill measurement")
+    decode_prompt: int = Field(64, gt=0, description="prompt before the decode steps")
+    decode_tokens: int = Field(64, gt=0, description="greedy steps with the KV cache")
+    repeats: int = Field(5, gt=0, description="the median of this many repeats is reported")
+    warmup: int = Field(1, ge=0, description="unreported repeats first")
+
+
 class Evaluation(_Strict):
     ppl: list[str] = Field(default_factory=list, description="datasets to report perplexity on")
     seqlen: int | None = Field(None, gt=0, description="default: the calibration seqlen")
     batch_size: int = Field(4, gt=0)
     limit: int | None = Field(None, gt=0, description="evaluate at most this many chunks")
     before: bool = Field(True, description="also evaluate the uncompressed model")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (names, 'suite' for the papers' "
+                             "eight, or task YAML files): accuracy before/after")
+    task_paths: list[str] = Field(default_factory=list, description="folders of lm-eval task YAMLs (include_path)")
+    task_limit: int | None = Field(None, gt=0, description="at most this many examples per task")
+    num_fewshot: int | None = Field(0, ge=0, description="few-shot examples (null: each task's default)")
+    task_batch_size: int = Field(8, gt=0, description="lm-eval batch size")
+    speed: Speed | None = Field(None, description="measure prefill/decode tokens/s of dense vs compressed "
+                                "(true for the defaults)")
 
     @field_validator("ppl")
     @classmethod
     def _sources(cls, v: list[str]) -> list[str]:
         return [_check_data_source(s) for s in v]
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_flag(cls, v):
+        return {} if v is True else None if v is False else v
 
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")

