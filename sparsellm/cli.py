@@ -15,7 +15,8 @@ EXIT_CODES = """\b
 Exit codes: 0 ok, 1 unexpected error, 2 invalid recipe or options (device not available
 included), 3 model cannot be loaded, 4 unsupported architecture, 5 bad calibration or
 evaluation data, 6 output or checkpoint cannot be written, 7 method cannot be applied to a
-layer, 8 NaN/inf during calibration, 9 checkpoint cannot be resumed, 130 interrupted."""
+layer, 8 NaN/inf during calibration, 9 checkpoint cannot be resumed, 10 push cannot
+upload (no token, hub refused), 130 interrupted."""
 
 
 class OneLineErrors(click.Group):
@@ -56,11 +57,13 @@ def cli(ctx, verbose, debug):
       sparsellm prune --model smollm2-135m --recipe recipes/wanda-2of4.yaml --output out/
       sparsellm prune --model ./my-llama --method wanda --sparsity 0.5 --calib data.txt --output out/
       sparsellm prune --method sparsegpt --pattern 2:4 --calib c4 --ppl wikitext2 --output out/
-    Then evaluate any model folder, GGUF file or hub id:
-      sparsellm eval --model out/ --ppl eval.txt
+    Then evaluate any model folder, GGUF file or hub id, compare runs, publish:
+      sparsellm eval --model out/ --ppl eval.txt --tasks arc_easy,piqa --limit 200
+      sparsellm compare out-wanda/ out-sparsegpt/ out-slicegpt/ --output compare.html
+      sparsellm push out/ --repo-id me/model-2of4 --dry-run
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "lm_eval"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = {"debug": debug}
 
@@ -68,6 +71,14 @@ def cli(ctx, verbose, debug):
 MODEL_HELP = "Hub id, local folder, .gguf file, or smollm2-135m (the embedded demo model; the default)."
 ALLOW_PICKLE_HELP = "Also load pickle weights (pytorch_model.bin), which can run code: only for checkpoints you trust."
 DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line) / .jsonl / .json / .parquet (text field)."
+TASKS_HELP = ("lm-eval tasks for accuracy (repeatable or comma-separated): names such as boolq, arc_easy; 'suite' = "
+              "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa; or a task YAML file.")
+TASK_PATH_HELP = "Folder of lm-eval task YAML files (e.g. local tasks with data_files), repeatable."
+LIMIT_HELP = "Evaluate at most this many perplexity chunks and this many examples per lm-eval task."
+
+
+def _task_list(tasks) -> list[str]:
+    return [t.strip() for item in tasks for t in item.split(",") if t.strip()]
 
 
 @cli.command()
@@ -86,6 +97,11 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--seqlen", type=int, help="Tokens per calibration window (default min(2048, context)).")
 @click.option("--seed", type=int, help="Seed for window sampling (default 0).")
 @click.option("--ppl", multiple=True, help="Report perplexity before/after on this data (repeatable): " + DATA_HELP)
+@click.option("--tasks", multiple=True, help=TASKS_HELP)
+@click.option("--task-path", multiple=True, help=TASK_PATH_HELP)
+@click.option("--num-fewshot", type=int, help="Few-shot examples for the lm-eval tasks (default 0).")
+@click.option("--limit", type=int, help=LIMIT_HELP)
+@click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s, dense vs compressed, interleaved.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
@@ -96,7 +112,8 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, calib, nsamples, seqlen,
-          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
+          seed, ppl, tasks, task_path, num_fewshot, limit, speed, output, overwrite, device, dtype, trust_remote_code,
+          allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -108,15 +125,18 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --slicing 0.25 --calib docs.txt -o out/          # SliceGPT: a smaller dense model
       sparsellm prune --slicing 0.2 --rotation uniform --method wanda --pattern 2:4 -o out/
 
+      sparsellm prune --method wanda --pattern 2:4 --ppl wikitext2 --ppl c4 --tasks suite --limit 500 --speed -o out/
+
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
-    report.json and report.md. With --checkpoint-dir a killed run continues with --resume:
+    report.json, report.md, report.html and a model card README.md. With --checkpoint-dir a
+    killed run continues with --resume:
       sparsellm prune --recipe r.yaml -o out/ --checkpoint-dir ckpt/ [--resume]"""
     from .pipeline import RunOptions, compress
     from .recipe import load_recipe, recipe_from_dict
 
     def run():
-        _positive(("--nsamples", nsamples), ("--seqlen", seqlen))
+        _positive(("--nsamples", nsamples), ("--seqlen", seqlen), ("--limit", limit))
         inline = (method, sparsity, pattern, slicing, rotation, allocate, refine)
         if recipe_path and any(v is not None for v in inline):
             raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--slicing/--rotation/--allocate/"
@@ -146,8 +166,15 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
                 cal[key] = val
         if seed is not None:
             data["seed"] = seed
-        if ppl:
-            data.setdefault("evaluation", {})["ppl"] = list(ppl)
+        ev = data.setdefault("evaluation", {})
+        for key, val in (("ppl", list(ppl)), ("tasks", _task_list(tasks)), ("task_paths", list(task_path))):
+            if val:
+                ev[key] = val
+        for key, val in (("num_fewshot", num_fewshot), ("limit", limit), ("task_limit", limit)):
+            if val is not None:
+                ev[key] = val
+        if speed:
+            ev.setdefault("speed", {})
         recipe = recipe_from_dict(data, recipe_path or "command line")
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume)
         report = compress(recipe, output, options, model_spec)
@@ -155,6 +182,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())
         m = report["model"]
         size = f", parameters {m['parameters_before']:,} -> {m['parameters']:,}" if m["parameters"] != m["parameters_before"] else ""
+        acc = (report.get("zeroshot") or {}).get("mean_acc_after")
+        summary += f", mean acc {acc:.4f}" if acc is not None else ""
         click.echo(f"{output}: sparsity {report['sparsity']['overall']:.4f}{size}" + (f", {summary}" if summary else ""))
 
     resume_hint = f"; run the same command with --resume to continue from {checkpoint_dir}" if checkpoint_dir else ""
@@ -163,25 +192,41 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 
 @cli.command("eval")
 @click.option("--model", "model_spec", help=MODEL_HELP)
-@click.option("--ppl", multiple=True, required=True, help="Data to measure perplexity on (repeatable): " + DATA_HELP)
+@click.option("--ppl", multiple=True, help="Data to measure perplexity on (repeatable): " + DATA_HELP)
+@click.option("--tasks", multiple=True, help=TASKS_HELP)
+@click.option("--task-path", multiple=True, help=TASK_PATH_HELP)
+@click.option("--num-fewshot", type=int, default=0, show_default=True, help="Few-shot examples for the lm-eval tasks.")
 @click.option("--seqlen", type=int, default=None, help="Tokens per chunk (default min(2048, context)).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
-@click.option("--limit", type=int, default=None, help="Evaluate at most this many chunks.")
+@click.option("--limit", type=int, default=None, help=LIMIT_HELP)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, allow_pickle, as_json):
-    """Perplexity of a model (exp of the mean next-token NLL over non-overlapping chunks)."""
+def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_size, limit, device, dtype,
+             trust_remote_code, allow_pickle, as_json):
+    """Perplexity (exp of the mean next-token NLL over non-overlapping chunks) and lm-eval accuracy of a model.
+
+    \b
+    Examples:
+      sparsellm eval --model out/ --ppl wikitext2 --ppl c4
+      sparsellm eval --model out/ --tasks suite --limit 500
+      sparsellm eval --model out/ --tasks my_task --task-path tasks/   # local task YAML (dataset_path: json)"""
     from .data import evaluation_chunks
     from .evaluate import perplexity
+    from .evaluate.zeroshot import evaluate_tasks, task_manager
     from .loading import load_model
     from .pipeline import default_seqlen, resolve_device
 
     def run():
         _positive(("--seqlen", seqlen), ("--batch-size", batch_size), ("--limit", limit))
+        task_names = _task_list(tasks)
+        if not ppl and not task_names:
+            raise RecipeError("nothing to evaluate: give --ppl DATA and/or --tasks NAMES (see sparsellm eval --help)")
+        if task_names:  # unknown task names fail before the model is loaded
+            task_manager(task_names, task_path)
         dev = resolve_device(device)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
         model = loaded.model.to(dev)
@@ -190,11 +235,84 @@ def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, tru
         for source in ppl:
             chunks = evaluation_chunks(loaded.tokenizer, source, n, limit)
             results[source] = perplexity(model, chunks, batch_size, dev)
+        accs = evaluate_tasks(model, loaded.tokenizer, task_names, task_path, limit, num_fewshot, batch_size) if task_names else {}
         if as_json:
-            click.echo(json.dumps({"model": loaded.source.spec, "seqlen": n, "perplexity": results}))
+            click.echo(json.dumps({"model": loaded.source.spec, "seqlen": n, "perplexity": results, "tasks": accs}))
         else:
             for source, value in results.items():
                 click.echo(f"{source}: perplexity {value:.3f} (seqlen {n})")
+            for task, r in accs.items():
+                click.echo(f"{task}: acc {r.get('acc', float('nan')):.4f} (n={r['samples']})")
+
+    _guarded(ctx, run)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", default="compare.html", show_default=True, type=click.Path(),
+              help="The HTML page; the .md and .json of the same name are written beside it.")
+@click.pass_context
+def compare(ctx, runs, output):
+    """Compare runs: a table and perplexity / accuracy against sparsity curves (one per method).
+
+    \b
+    Example:
+      sparsellm compare runs/wanda-50 runs/wanda-2of4 runs/sparsegpt-50 runs/slicegpt-20 -o runs/compare.html
+
+    x is the achieved sparsity of pruned runs, or the fraction of parameters removed for sliced runs."""
+    from .evaluate.compare import write_compare
+
+    def run():
+        summary = write_compare(list(runs), output)
+        click.echo(f"{output}: {len(summary['runs'])} runs")
+
+    _guarded(ctx, run)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@click.option("--repo-id", help="Write this hub repo id into the model card's loading example.")
+@click.pass_context
+def report(ctx, folder, repo_id):
+    """Rewrite report.md, report.html and the model card README.md of an output folder from its report.json."""
+    from pathlib import Path
+
+    from .evaluate.compare import load_run
+    from .evaluate.report import write_derived
+
+    def run():
+        write_derived(Path(folder), load_run(folder), Path(folder).resolve().name, repo_id)
+        click.echo(f"{folder}: report.md, report.html, README.md written")
+
+    _guarded(ctx, run)
+
+
+@cli.command()
+@click.argument("folder", type=click.Path())
+@click.option("--repo-id", required=True, help="Hub repository, NAME or OWNER/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", help="Branch to upload to (created if missing; default main).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@click.pass_context
+def push(ctx, folder, repo_id, private, revision, dry_run):
+    """Upload an output folder (model, tokenizer, reports, model card) to the Hugging Face hub.
+
+    \b
+    The token is taken from HF_TOKEN or `hf auth login`, never printed or written. Example:
+      sparsellm push out/ --repo-id me/smollm2-135m-wanda-2of4 --private --dry-run"""
+    from .publish import push as do_push
+
+    def run():
+        plan = do_push(folder, repo_id, private, revision, dry_run)
+        total = sum(f["bytes"] for f in plan["files"])
+        if dry_run:
+            click.echo(f"dry run: would upload {len(plan['files'])} files ({total:,} bytes) from {folder} to "
+                       f"{repo_id} (revision {plan['revision']}, {'private' if private else 'public'}; "
+                       f"token {'found' if plan['token_found'] else 'NOT found'})")
+            for f in plan["files"]:
+                click.echo(f"  {f['path']}  {f['bytes']:,}")
+        else:
+            click.echo(f"uploaded {len(plan['files'])} files to {repo_id}: {plan['url']}")
 
     _guarded(ctx, run)
 

@@ -52,4 +52,10 @@ class CheckpointError(SparseLLMError):
     exit_code = 9
 
 
+class PublishError(SparseLLMError):
+    """`sparsellm push` cannot upload: no token, not an output folder, invalid repo id, hub refused."""
+
+    exit_code = 10
+
+
 EXIT_INTERRUPTED = 130

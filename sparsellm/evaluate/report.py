@@ -47,15 +47,18 @@ def _ratio(before, after) -> str:
     return f"{after / before:.2f}×" if before and after is not None else ""
 
 
-def describe(r: dict) -> str:
-    """One line naming the compression, e.g. 'wanda 2:4' or 'slicegpt 0.2 (uniform) + wanda 2:4'."""
+def describe(r: dict, amounts: bool = True) -> str:
+    """One line naming the compression, e.g. 'wanda 2:4' or 'slicegpt 0.2 (uniform) + wanda 2:4'; without
+    amounts ('wanda', 'slicegpt (uniform)') it names the family of runs that share a curve in compare."""
     parts = []
     for s in r["stages"]:
         st = s["settings"]
         if s["kind"] == "slice":
-            parts.append(f"{s['method']} {st['slicing']} ({st['rotation']})")
+            parts.append(f"{s['method']}{' ' + str(st['slicing']) if amounts else ''} ({st['rotation']})")
         elif s["kind"] == "prune":
-            parts.append(f"{s['method']} {st['pattern'] if st['pattern'] != 'unstructured' else st['sparsity']}")
+            nm = st["pattern"] != "unstructured"
+            amount = st["pattern"] if nm else str(st["sparsity"]) if amounts else ""
+            parts.append(f"{s['method']} {amount}".rstrip())
         else:
             parts.append(s["method"])
     return " + ".join(parts)
@@ -166,6 +169,8 @@ def layer_chart(report: dict) -> bytes:
     """Bars: fraction of each decoder layer's Linear weights removed (= sparsity when pruned; what
     slicing deleted counts too), with an allocation's per-layer targets when there was one."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     per_layer = report["sparsity"]["per_layer"]
     alloc = report.get("allocation")
     x = [p["layer"] for p in per_layer]
@@ -179,6 +184,7 @@ def layer_chart(report: dict) -> bytes:
         ax.axhline(alloc["target"], color="k", linestyle="--", linewidth=1, label=f"target {alloc['target']:.2f}")
         lo = min(lo, min(alloc["sparsity"]))
     ax.set_xlabel("decoder layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("fraction of Linear weights removed" if sliced else "sparsity")
     ax.set_ylim(max(0.0, lo - 0.1) if alloc else 0.0, 1.0)
     ax.legend(loc="upper right", fontsize=8)
@@ -215,7 +221,8 @@ def metrics_chart(report: dict) -> bytes | None:
                 ax.annotate(f"{a:.3g}", (i + w / 2, a), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(list(xs), names, rotation=20 if len(names) > 3 else 0, fontsize=8)
         ax.set_title(title, fontsize=10)
-        if log:
+        vals = [v for v in before + after if v]
+        if log and vals and max(vals) / min(vals) > 20:  # e.g. 30 -> 2000 after 2:4 magnitude pruning
             ax.set_yscale("log")
         else:
             ax.set_ylim(0, 1)
