@@ -471,6 +471,32 @@ def checkpoint_of_another_run(w):
                 "and data, or another --checkpoint-dir")
 
 
+# -- evaluation and publishing --------------------------------------------------------------------------
+TASK_FIX = ("use a task name lm-eval knows (lm-eval ls tasks), 'suite' for boolq, rte, hellaswag, winogrande, "
+            "arc_easy, arc_challenge, openbookqa, piqa, or a task YAML file / --task-path folder")
+
+
+@case
+def unknown_lm_eval_task(w):
+    # refused before the model is loaded: the model path does not even exist
+    return Case(["prune", "--model", w.tmp / "nothing", *MAGNITUDE, "--tasks", "zzzz_unknown", "-o", w.out], 2,
+                "unknown lm-eval task 'zzzz_unknown'; " + TASK_FIX)
+
+
+@case
+def push_without_token(w):
+    from huggingface_hub import constants
+
+    out = w.tmp / "pruned"
+    assert CliRunner().invoke(cli, [str(a) for a in w.prune(*MAGNITUDE)[:-1] + [out]]).exit_code == 0
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        w.monkeypatch.delenv(var, raising=False)
+    w.monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(w.tmp / "no-hf-home" / "token"))
+    return Case(["push", out, "--repo-id", "me/tiny"], 10,
+                "no Hugging Face token found; log in with `hf auth login` or set HF_TOKEN, or use --dry-run to see "
+                "what would be uploaded")
+
+
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 

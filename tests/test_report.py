@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import TEXT
+from conftest import TEXT, cli_process
 from sparsellm.cli import cli
 from sparsellm.evaluate.schema import json_schema, validate
 from sparsellm.evaluate.zeroshot import continuation_task
@@ -164,11 +164,13 @@ def test_suite_task_code_path_with_mocked_dataset(monkeypatch):
     assert res["samples"] == 4 and 0 <= res["acc"] <= 1
 
 
-def test_eval_command_with_tasks_and_limit(model_dirs, task_dir):
-    r = run("eval", "--model", model_dirs["qwen2"], "--tasks", "tiny_continuation", "--task-path", task_dir,
-            "--limit", 5, "--ppl", TEXT, "--seqlen", 32, "--json")
-    assert r.exit_code == 0, r.output
-    res = json.loads(r.output[r.output.rindex('{"model"'):].splitlines()[0])  # after lm-eval's progress bars
+def test_eval_command_with_tasks_and_limit_offline(model_dirs, task_dir):
+    """A real process with the hub switched off: local tasks need no network."""
+    r = cli_process("eval", "--model", model_dirs["qwen2"], "--tasks", "tiny_continuation", "--task-path", task_dir,
+                    "--limit", 5, "--ppl", TEXT, "--seqlen", 32, "--json",
+                    env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["tasks"]["tiny_continuation"]["samples"] == 5 and 1 < res["perplexity"][str(TEXT)]
 
 
