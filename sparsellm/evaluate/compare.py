@@ -84,15 +84,23 @@ def curves(summary: dict, metric: str) -> bytes | None:
     families = list(dict.fromkeys(x["family"] for x in runs))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, get, dense) in zip(axes[0], panels):
+        values = [v for v in [dense] + [get(x) for x in runs] if v is not None]
         for k, fam in enumerate(families):
-            pts = sorted((x["x"], get(x), x["structured"]) for x in runs if x["family"] == fam and get(x) is not None)
+            pts = sorted((x["x"], get(x), x["structured"], x["run"]) for x in runs if x["family"] == fam and get(x) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if pts[0][2] else "o",
                         color=colors[k % len(colors)], label=fam)
+                for px, py, _, name in pts:
+                    ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if dense is not None:
             ax.axhline(dense, color="k", linestyle="--", linewidth=1, label=f"dense {dense:.3g}")
-        if metric == "perplexity":
+            ax.plot([0], [dense], "k*", markersize=9)
+        if metric == "perplexity" and max(values) / min(values) > 20:
             ax.set_yscale("log")
+        elif metric == "accuracy":
+            ax.set_ylim(0, 1)
+        xs = [x["x"] for x in runs]
+        ax.set_xlim(min(0.0, *xs) - 0.05, max(xs) + 0.1)
         ax.set_xlabel("sparsity (pruned, ●) / parameters removed (sliced, ■)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
