@@ -222,10 +222,10 @@ def metrics_chart(report: dict) -> bytes | None:
         ax.set_xticks(list(xs), names, rotation=20 if len(names) > 3 else 0, fontsize=8)
         ax.set_title(title, fontsize=10)
         vals = [v for v in before + after if v]
-        if log and vals and max(vals) / min(vals) > 20:  # e.g. 30 -> 2000 after 2:4 magnitude pruning
-            ax.set_yscale("log")
-        else:
+        if not log:  # accuracy
             ax.set_ylim(0, 1)
+        elif vals and max(vals) / min(vals) > 20:  # e.g. 30 -> 2000 after 2:4 magnitude pruning
+            ax.set_yscale("log")
         ax.legend(fontsize=8)
     return _png(fig)
 
