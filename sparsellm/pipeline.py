@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -198,6 +199,10 @@ def _stage_report(stage, seconds: float, compute_seconds: float | None = None, d
             "peak_cuda_bytes": memory.peak_cuda_bytes(), "details": details}
 
 
+def _main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
     """Run a recipe end to end; returns the report written to the output folder."""
     torch.manual_seed(recipe.seed)
@@ -205,6 +210,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     check_output(out, options.overwrite)
     if options.resume and not options.checkpoint_dir:
         raise RecipeError("--resume needs --checkpoint-dir DIR, the folder the interrupted run saved its progress to")
+    if options.checkpoint_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("--checkpoint-dir works with one process; run without it under accelerate launch")
     if options.checkpoint_dir:
         check_folder(Path(options.checkpoint_dir), options.resume)
     device = resolve_device(options.device)
@@ -290,6 +297,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
         "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
     }
+    if not _main_process():  # under `accelerate launch` (a learn stage) one process writes the output
+        return report
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp)

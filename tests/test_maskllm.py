@@ -201,3 +201,24 @@ def test_learn_after_prune_and_bad_mask_files(tmp_path, llama_dir):
     assert r.exit_code == 2 and "does not divide" in r.output, r.output
     r = CliRunner().invoke(cli, ["apply-masks", str(llama_dir / "model.safetensors"), "--model", str(llama_dir), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "not a sparsellm mask file" in r.output and not (tmp_path / "o").exists()
+
+
+def test_two_processes_under_torchrun(tmp_path, llama_dir):
+    """The launcher accelerate uses on several GPUs (torch.distributed.run), here with two CPU processes:
+    gradients are averaged (DDP), each process reads its own windows, one writes the output."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import HERE
+
+    recipe = _recipe(tmp_path / "r.yaml", {"prior": "wanda", "steps": 3, "lr": 0.02})
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                           "-m", "sparsellm", "prune", "--model", str(llama_dir), "--recipe", str(recipe), "-o", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    details = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][0]["details"]
+    assert details["processes"] == 2 and details["tokens"] == 3 * 2 * 2 * 32
+    w = load_file(tmp_path / "out" / "model.safetensors")
+    assert ((w["model.layers.0.mlp.up_proj.weight"].reshape(-1, 4) == 0).sum(1) == 2).all()

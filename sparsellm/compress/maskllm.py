@@ -308,7 +308,8 @@ def learn_masks(model, adapter, windows: torch.Tensor, train: torch.Tensor, spec
 
     per_step = spec.batch_size * spec.accumulate * acc.num_processes
     t0 = time.perf_counter()
-    bar = tqdm(range(start, spec.steps), desc=f"maskllm {spec.pattern}", unit="step", initial=start, total=spec.steps)
+    bar = tqdm(range(start, spec.steps), desc=f"maskllm {spec.pattern}", unit="step", initial=start, total=spec.steps,
+               disable=not acc.is_local_main_process)
     for step in bar:
         state.tau = linear_schedule(step, spec.steps, *spec.tau)
         state.kappa = linear_schedule(step, spec.steps, *spec.kappa)
@@ -331,7 +332,7 @@ def learn_masks(model, adapter, windows: torch.Tensor, train: torch.Tensor, spec
                     acc.clip_grad_norm_(params, spec.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            lm_loss += float(out.loss.detach()) / spec.accumulate
+            lm_loss += float(acc.reduce(out.loss.detach(), "mean")) / spec.accumulate
             state.norms.clear()
         if not math.isfinite(lm_loss):
             from ..errors import NumericalError
