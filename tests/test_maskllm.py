@@ -222,3 +222,12 @@ def test_two_processes_under_torchrun(tmp_path, llama_dir):
     assert details["processes"] == 2 and details["tokens"] == 3 * 2 * 2 * 32
     w = load_file(tmp_path / "out" / "model.safetensors")
     assert ((w["model.layers.0.mlp.up_proj.weight"].reshape(-1, 4) == 0).sum(1) == 2).all()
+
+
+def test_bf16_weights_stay_bf16_with_fp32_logits(tmp_path, llama_dir):
+    _prune("--model", llama_dir, "--dtype", "bfloat16", "--recipe", _recipe(tmp_path / "r.yaml", {"prior": "wanda", "steps": 2}),
+           "-o", tmp_path / "out")
+    w = load_file(tmp_path / "out" / "model.safetensors")
+    lin = w["model.layers.1.self_attn.o_proj.weight"]
+    assert lin.dtype == torch.bfloat16 and ((lin.reshape(-1, 4) == 0).sum(1) == 2).all()
+    assert "mask_logits" not in " ".join(w)
