@@ -62,6 +62,13 @@ SETTINGS["slicegpt-uniform-tied-0"] = [{"slice": {"method": "slicegpt", "slicing
 SETTINGS["slicegpt-uniform-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform"}}]
 SETTINGS["slicegpt-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0}}]
 SETTINGS["slicegpt-20+wanda-2:4"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform"}}, {"prune": _p("wanda", "2:4")}]
+# MaskLLM (issue 6): the priors alone (zero steps, a prior so strong that the argmax is the prior: the
+# prior's mask on the dense weights, no SparseGPT update), and learned from each prior; the training
+# settings are those of recipes/maskllm-sparsegpt-2of4.yaml (about half an hour of 2 idle cores)
+MASKLLM = {"method": "maskllm", "steps": 50, "batch_size": 2, "lr": 1e-3, "min_lr": 1e-4, "log_every": 1}
+for _p0 in ("sparsegpt", "wanda"):
+    SETTINGS[f"maskllm-prior-{_p0}-2:4"] = [{"learn": {"method": "maskllm", "prior": _p0, "steps": 0, "prior_strength": 1e4}}]
+    SETTINGS[f"maskllm-{_p0}-2:4"] = [{"learn": {**MASKLLM, "prior": _p0}}]
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
@@ -69,6 +76,8 @@ GROUPS = {
                ("wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "owl+wanda", "owl+wanda+dsnot", "ecoflap+wanda")],
     "issue4": ["slicegpt-0", "slicegpt-uniform-0"] + [f"slicegpt{m}-{t}" for t in ("10", "20", "30") for m in ("", "-uniform")]
               + ["slicegpt-headsliced-20", "slicegpt-uniform-tied-0", "slicegpt-uniform-tied-20"],
+    "issue6": ["sparsegpt-2:4", "wanda-2:4", "maskllm-prior-sparsegpt-2:4", "maskllm-prior-wanda-2:4",
+               "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
 }
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
 
@@ -112,8 +121,10 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
                 row["importance_reused"] = True
         recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": stages})
         methods = [build_method(st.spec) if st.kind in ("prune", "refine") else None for st in recipe.stages]
+        train = {i: calibration_windows(tok, str(data / "lee_calib.txt"), max(st.spec.steps * st.spec.batch_size, 1), SEQLEN, seed=0)
+                 for i, st in enumerate(recipe.stages) if st.kind == "learn"}
         t = time.perf_counter()
-        stages, allocation = run_stages(model, adapter, recipe, methods, windows, "cpu")
+        stages, allocation = run_stages(model, adapter, recipe, methods, windows, "cpu", train=train)
         row["seconds"] = time.perf_counter() - t
         row["stage_seconds"] = {f"{st['kind']} {st['method']}": st["seconds"] for st in stages}
         row["allocation"] = allocation

@@ -105,6 +105,14 @@ class Checkpoint:
         self.state["results"][key] = value
         self._commit()
 
+    # -- state of a training stage (tensors + JSON), the newest only ---------------------------------------
+    def save_tensors(self, key: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self._write(self.folder / f"{key}.safetensors", lambda p: save_file(tensors, p))
+        self.put_result(key, meta)
+
+    def load_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        return self._load(self.folder / f"{key}.safetensors")
+
     # -- layer-by-layer passes ---------------------------------------------------------------------------
     def layers_done(self, pass_key: str) -> int:
         return self.state["passes"].get(pass_key, {}).get("layers_done", 0)

@@ -84,7 +84,8 @@ def _task_list(tasks) -> list[str]:
 @cli.command()
 @click.option("--model", "model_spec", help=MODEL_HELP)
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
-@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), help="One-stage recipe without YAML.")
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt", "maskllm"]), help="One-stage recipe without YAML "
+              "(maskllm: learned N:M masks, --pattern 2:4 by default, see --steps/--prior).")
 @click.option("--sparsity", type=float, help="Fraction of weights to zero, in [0, 1).")
 @click.option("--pattern", default=None, help='"unstructured" (default) or N:M, e.g. 2:4 = 2 zeros in every 4 weights.')
 @click.option("--slicing", type=float, help="SliceGPT first: remove this fraction of the hidden dimension (e.g. 0.25).")
@@ -92,6 +93,8 @@ def _task_list(tasks) -> list[str]:
               "uniform gives a stock architecture for Llama/Mistral/Qwen2).")
 @click.option("--allocate", type=click.Choice(["owl", "ecoflap"]), help="Vary sparsity per decoder layer (same overall target) before --method.")
 @click.option("--refine", type=click.Choice(["dsnot"]), help="Prune-and-grow the mask of --method without changing its sparsity.")
+@click.option("--steps", type=int, help="maskllm: training steps (default 100).")
+@click.option("--prior", type=click.Choice(["sparsegpt", "wanda", "magnitude", "none"]), help="maskllm: one-shot mask the logits start from (default sparsegpt).")
 @click.option("--calib", help="Calibration data: " + DATA_HELP)
 @click.option("--nsamples", type=int, help="Number of calibration windows (default 128).")
 @click.option("--seqlen", type=int, help="Tokens per calibration window (default min(2048, context)).")
@@ -111,9 +114,9 @@ def _task_list(tasks) -> list[str]:
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
 @click.pass_context
-def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, calib, nsamples, seqlen,
-          seed, ppl, tasks, task_path, num_fewshot, limit, speed, output, overwrite, device, dtype, trust_remote_code,
-          allow_pickle, checkpoint_dir, resume):
+def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, steps, prior, calib,
+          nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot, limit, speed, output, overwrite, device, dtype,
+          trust_remote_code, allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -124,6 +127,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --allocate owl --method wanda --sparsity 0.7 --refine dsnot -o out/
       sparsellm prune --slicing 0.25 --calib docs.txt -o out/          # SliceGPT: a smaller dense model
       sparsellm prune --slicing 0.2 --rotation uniform --method wanda --pattern 2:4 -o out/
+      sparsellm prune --method maskllm --prior wanda --steps 200 --calib docs.txt -o out/   # learned 2:4
 
       sparsellm prune --method wanda --pattern 2:4 --ppl wikitext2 --ppl c4 --tasks suite --limit 500 --speed -o out/
 
@@ -137,10 +141,14 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 
     def run():
         _positive(("--nsamples", nsamples), ("--seqlen", seqlen), ("--limit", limit))
-        inline = (method, sparsity, pattern, slicing, rotation, allocate, refine)
+        inline = (method, sparsity, pattern, slicing, rotation, allocate, refine, steps, prior)
         if recipe_path and any(v is not None for v in inline):
             raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--slicing/--rotation/--allocate/"
-                              "--refine, not both")
+                              "--refine/--steps/--prior, not both")
+        if (steps is not None or prior) and method != "maskllm":
+            raise RecipeError("--steps and --prior belong to --method maskllm")
+        if method == "maskllm" and (allocate or refine or sparsity is not None):
+            raise RecipeError("--method maskllm learns an N:M mask (--pattern); it takes no --sparsity, --allocate or --refine")
         if rotation and slicing is None:
             raise RecipeError("--rotation needs --slicing; add e.g. --slicing 0.25")
         if (allocate or refine) and not method:
@@ -151,7 +159,10 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
             stages = []
             if slicing is not None:
                 stages.append({"slice": {"method": "slicegpt", "slicing": slicing, **({"rotation": rotation} if rotation else {})}})
-            if method:
+            if method == "maskllm":
+                learn = {"method": "maskllm", "pattern": pattern or "2:4", "steps": steps, "prior": prior}
+                stages.append({"learn": {k: v for k, v in learn.items() if v is not None}})
+            elif method:
                 stage = {"method": method, "pattern": pattern or "unstructured"}
                 if sparsity is not None:
                     stage["sparsity"] = sparsity
@@ -313,6 +324,40 @@ def push(ctx, folder, repo_id, private, revision, dry_run):
                 click.echo(f"  {f['path']}  {f['bytes']:,}")
         else:
             click.echo(f"uploaded {len(plan['files'])} files to {repo_id}: {plan['url']}")
+
+    _guarded(ctx, run)
+
+
+@cli.command("apply-masks")
+@click.argument("masks", type=click.Path(dir_okay=False))
+@click.option("--model", "model_spec", help=MODEL_HELP)
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+@click.pass_context
+def apply_masks_cmd(ctx, masks, model_spec, output, overwrite, dtype, trust_remote_code, allow_pickle):
+    """Apply learned masks (the masks.safetensors of a maskllm run) to another checkpoint of the same
+    architecture, e.g. a fine-tune of the base the masks were learned on.
+
+    \b
+      sparsellm apply-masks out/masks.safetensors --model ./my-finetune -o finetune-2of4/"""
+    from pathlib import Path
+
+    from .compress.maskllm import apply_masks, load_masks
+    from .export import atomic_folder, check_output, save_model
+    from .loading import load_model
+
+    def run():
+        out = Path(output)
+        check_output(out, overwrite)
+        keep, meta = load_masks(Path(masks))
+        loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+        zeroed = apply_masks(loaded.model, keep)
+        with atomic_folder(out, overwrite) as tmp:
+            save_model(loaded.model, loaded.tokenizer, tmp)
+        click.echo(f"{output}: {meta.get('pattern')} masks on {len(keep)} Linear layers, {zeroed:,} weights zeroed")
 
     _guarded(ctx, run)
 

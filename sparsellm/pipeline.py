@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from .calibrate.engine import target_linears
 from .allocate import allocate
 from .checkpoint import Checkpoint, check_folder, fingerprint
 from .compress import build_method
+from .compress.maskllm import learn_masks, save_masks
 from .compress.slicegpt import slicegpt
 from .data import calibration_windows, evaluation_chunks
 from .errors import RecipeError
@@ -172,11 +174,14 @@ def _label(spec) -> str:
 
 
 def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
-               checkpoint: Checkpoint | None = None) -> tuple[list[dict], dict | None]:
+               checkpoint: Checkpoint | None = None, train: dict | None = None,
+               artifacts: dict | None = None) -> tuple[list[dict], dict | None]:
     """Run the recipe's stages. An allocate stage sets the per-layer sparsities of the prune stage after
     it; a prune stage and the refine stages right after it share one calibration pass (DSnoT needs the
-    statistics of the same inputs the mask was chosen on, and the dense weights). With a checkpoint,
-    finished allocations and layers are taken from it and new ones saved to it."""
+    statistics of the same inputs the mask was chosen on, and the dense weights). A learn stage trains
+    on `train[i]` (token windows) and leaves files to write into the output folder in `artifacts`
+    (name → writer(path)). With a checkpoint, finished allocations and layers are taken from it and
+    new ones saved to it."""
     reports, allocation = [], None
     stages, batch = recipe.stages, recipe.calibration.batch_size
     i = 0
@@ -186,6 +191,15 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
         t = time.perf_counter()
         if stage.kind == "slice":
             details = slicegpt(model, adapter, windows, stage.spec, device, batch)
+            reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
+            i += 1
+            continue
+        if stage.kind == "learn":
+            details, keep = learn_masks(model, adapter, windows, train[i], stage.spec, device, batch, recipe.seed,
+                                        checkpoint, key=f"learn{i}")
+            if artifacts is not None:
+                artifacts["masks.safetensors"] = lambda path, keep=keep, spec=stage.spec: save_masks(
+                    keep, path, spec.pattern, model.config.model_type)
             reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
             i += 1
             continue
@@ -241,6 +255,10 @@ def _stage_report(stage, seconds: float, compute_seconds: float | None = None, d
             "peak_cuda_bytes": memory.peak_cuda_bytes(), "details": details}
 
 
+def _main_process() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
     """Run a recipe end to end; returns the report written to the output folder."""
     torch.manual_seed(recipe.seed)
@@ -248,6 +266,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     check_output(out, options.overwrite)
     if options.resume and not options.checkpoint_dir:
         raise RecipeError("--resume needs --checkpoint-dir DIR, the folder the interrupted run saved its progress to")
+    if options.checkpoint_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("--checkpoint-dir works with one process; run without it under accelerate launch")
     if options.checkpoint_dir:
         check_folder(Path(options.checkpoint_dir), options.resume)
     device = resolve_device(options.device)
@@ -263,7 +283,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
     for stage in recipe.stages:
-        if stage.kind == "prune":
+        if stage.kind in ("prune", "learn"):
             check_stage_fits(model, adapter, stage.spec)
         if stage.kind == "slice":
             adapter.check_sliceable(model)
@@ -276,6 +296,15 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
         with timer("calibration data"):
             windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+
+    train = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "learn":
+            s = stage.spec
+            n = s.nsamples or s.steps * s.batch_size * s.accumulate or 1
+            with timer(f"training data {i}"):
+                train[i] = calibration_windows(tokenizer, s.dataset or recipe.calibration.dataset, n,
+                                               default_seqlen(model, s.seqlen or seqlen), recipe.seed)
 
     checkpoint = None
     if options.checkpoint_dir:  # after loading: the fingerprint needs the dense weights and the windows
@@ -304,7 +333,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             if checkpoint is not None:
                 checkpoint.put_result("ppl_before", ppl_before)
 
-    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint)
+    artifacts: dict = {}
+    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint, train, artifacts)
     for n, r in enumerate(stage_reports):
         timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
 
@@ -355,11 +385,15 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
         "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
     }
+    if not _main_process():  # under `accelerate launch` (a learn stage) one process writes the output
+        return report
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp)
         report["model"]["disk_bytes"] = disk_bytes(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        for name, write in artifacts.items():
+            write(tmp / name)
         write_report(tmp, report, name=out.name)
         fault_point("export")
     if checkpoint is not None:

@@ -4,6 +4,7 @@ A recipe is YAML validated by pydantic; any problem becomes one RecipeError nami
 """
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -209,8 +210,70 @@ class SliceGPTSlice(_Strict):
 SliceSpec = Annotated[Union[SliceGPTSlice], Field(discriminator="method")]
 
 
+class MaskLLMLearn(_Strict):
+    """Learn N:M masks end to end with the weights frozen (Fang et al., 2024)."""
+    method: Literal["maskllm"]
+    pattern: str = Field("2:4", description='"N:M" (N zeros in every M inputs); one logit per admissible pattern')
+    prior: Literal["sparsegpt", "wanda", "magnitude", "none"] = Field(
+        "sparsegpt", description="one-shot mask the logits start from (SparseGPT without its weight update)")
+    prior_strength: float = Field(3.0, ge=0.0, description="logit bonus of the prior's pattern, in units of init_std")
+    init_std: float = Field(0.01, gt=0.0, description="std of the random initial logits")
+    steps: int = Field(100, ge=0, description="optimizer steps")
+    batch_size: int = Field(1, gt=0, description="windows per micro-batch (per process)")
+    accumulate: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    dataset: str | None = Field(None, description="training text; default: the calibration dataset")
+    nsamples: int | None = Field(None, gt=0, description="training windows drawn (cycled); default: one per "
+                                 "micro-batch entry, steps × batch_size × accumulate")
+    seqlen: int | None = Field(None, gt=0, description="tokens per training window; default: the calibration seqlen")
+    lr: float = Field(5e-4, gt=0.0, description="peak learning rate of the logits (cosine decay to min_lr)")
+    min_lr: float = Field(5e-5, ge=0.0)
+    tau: tuple[float, float] = Field((4.0, 0.05), description="Gumbel-softmax temperature, first → last step")
+    kappa: tuple[float, float] = Field((100.0, 500.0), description="logit scale, first → last step")
+    weight_reg: float = Field(1e-5, ge=0.0, description="weight of −‖W ⊙ mask‖² (keeps kept weights large), "
+                              "fading linearly to 0")
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm of the logits (0: off)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, none on CPU")
+    checkpoint_every: int = Field(50, ge=0, description="save the logits every N steps with --checkpoint-dir (0: never)")
+    log_every: int = Field(10, gt=0, description="record loss, τ, κ and the share of changed patterns every N steps")
+    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear in the decoder layers")
+    ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave dense")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        m = _PATTERN.match(v)
+        if not m or not 0 < int(m[1]) < int(m[2]):
+            raise ValueError('must be "N:M" with 0 < N < M, like "2:4"')
+        if math.comb(int(m[2]), int(m[1])) > 256:
+            raise ValueError("too many patterns per group (C(M, N) > 256); use 2:4 or 4:8")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        return v if v is None else _check_data_source(v)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} exceeds lr {self.lr}")
+        if min(self.tau) <= 0 or min(self.kappa) <= 0:
+            raise ValueError("tau and kappa must be positive")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
+
+
+LearnSpec = Annotated[Union[MaskLLMLearn], Field(discriminator="method")]
+
+
 class Stage(_Strict):
     slice: SliceSpec | None = None
+    learn: LearnSpec | None = None
     allocate: AllocateSpec | None = None
     prune: PruneSpec | None = None
     refine: RefineSpec | None = None
@@ -251,12 +314,15 @@ class Recipe(_Strict):
                     raise ValueError(f"stages.{i}: allocate sparsity {a.sparsity} differs from the prune stage's {p.sparsity}")
                 if not a.min_sparsity <= p.sparsity <= (a.max_sparsity or 1.0):
                     raise ValueError(f"stages.{i}: target sparsity {p.sparsity} is outside [min_sparsity, max_sparsity]")
-            if st.kind == "prune" and st.spec.nm:
+            if st.kind in ("prune", "learn") and st.spec.nm:
                 m = st.spec.nm[1]
                 for j, prev in enumerate(self.stages[:i]):
                     if prev.kind == "slice" and prev.spec.round_to % m:
                         raise ValueError(f"stages.{j}: round_to {prev.spec.round_to} must be a multiple of M={m} "
                                          f"for the {st.spec.pattern} stage after it")
+            if st.kind == "learn" and any(prev.kind in ("prune", "refine", "learn") for prev in self.stages[:i]):
+                raise ValueError(f"stages.{i}: a learn stage needs the dense weights; put it before any prune stage "
+                                 "(it computes its prior mask itself: prior: sparsegpt)")
             if st.kind == "refine" and (i == 0 or kinds[i - 1] not in ("prune", "refine")):
                 raise ValueError(f"stages.{i}: a refine stage must come right after a prune (or refine) stage, "
                                  "whose dense weights it needs")
