@@ -22,6 +22,9 @@ def tags(report: dict) -> list[str]:
         st = s["settings"]
         if s["kind"] == "slice":
             out += ["sliced", s["method"], f"slicing-{round(st['slicing'] * 100)}"]
+        elif s["kind"] == "learn":
+            n, m = (int(v) for v in st["pattern"].split(":"))
+            out += ["pruned", "sparse", s["method"], st["pattern"], f"sparsity-{round(n / m * 100)}"]
         elif s["kind"] == "prune":
             out += ["pruned", "sparse", s["method"]]
             out.append(st["pattern"] if st["pattern"] != "unstructured" else "unstructured")

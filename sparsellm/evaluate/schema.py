@@ -53,14 +53,15 @@ class Calibration(_M):
 
 
 class StageReport(_M):
-    kind: Literal["slice", "allocate", "prune", "refine"]
+    kind: Literal["slice", "learn", "allocate", "prune", "refine"]
     method: str
     settings: dict[str, Any]
     seconds: float
     compute_seconds: float | None
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
-    details: dict[str, Any] | None = Field(description="method-specific (SliceGPT: hidden_size [before, after], parameters, ...)")
+    details: dict[str, Any] | None = Field(description="method-specific (SliceGPT: hidden_size [before, after], parameters, ...; "
+                                           "MaskLLM: steps, tokens, seconds_per_step, history of loss / tau / kappa / changed)")
 
 
 class LayerSparsity(_M):
