@@ -127,6 +127,11 @@ def test_loss_decreases_and_masks_change(tmp_path, llama_dir):
         if k.startswith("model.layers.") and v.dim() == 2:
             assert ((v.reshape(-1, 4) == 0).sum(1) >= 2).all()
     assert report["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    from sparsellm.evaluate.schema import validate
+
+    validate(report)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "maskllm" in card and "2:4" in card
 
 
 def test_gradient_checkpointing_same_result(tmp_path, llama_dir):
