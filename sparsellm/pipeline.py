@@ -15,8 +15,9 @@ from .calibrate import make_selector, run_layerwise
 from .calibrate.engine import target_linears
 from .allocate import allocate
 from .checkpoint import Checkpoint, check_folder, fingerprint
-from .compress import build_method
+from .compress import build_method, build_structured
 from .compress.slicegpt import slicegpt
+from .compress.structured import structure
 from .data import calibration_windows, evaluation_chunks
 from .errors import RecipeError
 from .evaluate import perplexity, sparsity_summary, write_report
@@ -24,6 +25,7 @@ from .export import atomic_folder, check_output, save_model
 from .faults import fault_point
 from .loading import get_adapter, load_model
 from .recipe import Recipe
+from .recover import lora_recover
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +123,21 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
     it; a prune stage and the refine stages right after it share one calibration pass (DSnoT needs the
     statistics of the same inputs the mask was chosen on, and the dense weights). With a checkpoint,
     finished allocations and layers are taken from it and new ones saved to it."""
-    reports, allocation = [], None
+    reports, allocation, block_weight = [], None, None
     stages, batch = recipe.stages, recipe.calibration.batch_size
     i = 0
     while i < len(stages):
         stage, method = stages[i], methods[i]
         memory.reset_peak()
         t = time.perf_counter()
-        if stage.kind == "slice":
-            details = slicegpt(model, adapter, windows, stage.spec, device, batch)
+        if stage.kind in ("slice", "structure", "recover"):
+            if stage.kind == "slice":
+                details = slicegpt(model, adapter, windows, stage.spec, device, batch)
+            elif stage.kind == "structure":
+                details = structure(model, adapter, windows, stage.spec, build_structured(stage.spec), device, batch)
+                block_weight = details.get("block_weight") or block_weight
+            else:  # the recovery budget follows the coarse importance of the structure stage before it
+                details = lora_recover(model, adapter, windows, stage.spec, recipe.seed, device, block_weight)
             reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
             i += 1
             continue
@@ -185,6 +193,12 @@ def _stage_report(stage, seconds: float, compute_seconds: float | None = None, d
             "peak_cuda_bytes": memory.peak_cuda_bytes(), "details": details}
 
 
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
     """Run a recipe end to end; returns the report written to the output folder."""
     torch.manual_seed(recipe.seed)
@@ -208,6 +222,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             check_stage_fits(model, adapter, stage.spec)
         if stage.kind == "slice":
             adapter.check_sliceable(model)
+        if stage.kind == "structure":
+            adapter.structure_names(model)  # unsupported architectures fail before calibration
     rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
 
     seqlen = default_seqlen(model, recipe.calibration.seqlen)
@@ -251,7 +267,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                   "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
-                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None},
+                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
+                  "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None},
         "recipe": recipe.model_dump(mode="json"),
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
@@ -267,6 +284,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
         "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
     }
+    if not _main_process():  # under `accelerate launch` every process ran the same stages; one writes
+        return report
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp)
