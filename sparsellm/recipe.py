@@ -211,6 +211,9 @@ class CFSPStructure(_StructureBase):
     b: float = Field(1.0, ge=0.0, description="exponent of the activation norm inside the down-projection term")
     c: float = Field(1.0, ge=0.0, description="exponent of the activation norm multiplying the summed weight terms")
     max_keep: float = Field(1.0, gt=0.0, le=1.0, description="no block keeps more than this fraction of its channels")
+    block_distance: list[float] | None = Field(None, description="per-block angular distances from an earlier run's "
+                                               "report.json (stages[].details.block_distance): skips the dense pass, "
+                                               "e.g. to try other targets")
 
 
 class WandaSPStructure(_StructureBase):

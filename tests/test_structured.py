@@ -290,3 +290,11 @@ def test_round_to_wider_than_the_ffn_exits_7(model_dirs, tmp_path):
     assert r.exit_code == 7 and "round_to 256 exceeds the width 128" in r.output
     r = CliRunner().invoke(cli, ["prune", "--model", str(model_dirs["llama"]), "--ffn", "0.2", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "need --structure" in r.output
+
+
+def test_baselines_keep_one_width_everywhere_and_export_stock(windows):
+    model = tiny_model("qwen2", num_hidden_layers=3)
+    spec = _spec(method="wanda-sp", ffn=0.2, round_to=8)  # 102.4 channels: 104 in every layer, not a 96/104 mix
+    d = structure(model, get_adapter(model), windows, spec, build_structured(spec), "cpu", 4)
+    assert d["intermediate_size"] == [104, 104, 104] and d["stock_architecture"]
+    assert model.config.intermediate_size == 104 and getattr(model.config, "sparsellm_structure", None) is None

@@ -81,12 +81,16 @@ def block_distances(model, adapter, windows, device, batch_size: int) -> list[fl
 class CFSP(StructuredMethod):
     def __init__(self, spec):
         super().__init__(spec)
-        self.distances: list[float] | None = None
+        self.distances: list[float] | None = spec.block_distance
 
     def column_scores(self, out_w, in_ws, sq_norm):
         return cfsp_scores(out_w, in_ws, sq_norm, self.spec.b, self.spec.c)
 
     def block_keep(self, model, adapter, windows, device, batch_size, target):
+        n_layers = len(adapter.layers(model))
+        if self.distances is not None and len(self.distances) != n_layers:
+            raise ValueError(f"block_distance has {len(self.distances)} values for {n_layers} decoder layers; "
+                             "take it from a run on the same model")
         if self.distances is None:  # one dense pass serves the FFN and the head budgets
             self.distances = block_distances(model, adapter, windows, device, batch_size)
         keep = coarse_keep(self.distances, target, self.spec.a, self.spec.max_keep)

@@ -184,9 +184,10 @@ def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, 
         ffn_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.ffn) if spec.ffn else None
         head_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.heads) if spec.heads else None
         details = (ffn_keep or head_keep or (None, {}))[1]
-        ffn = round_widths([r * inter for r in ffn_keep[0]] if ffn_keep else [(1 - spec.ffn) * inter] * n_layers,
-                           inter, spec.round_to)
-        groups = round_widths([r * kv for r in head_keep[0]] if head_keep else [(1 - spec.heads) * kv] * n_layers, kv)
+        # without per-block ratios every layer gets the same width (nearest multiple), not a rounding mix
+        ffn = (round_widths([r * inter for r in ffn_keep[0]], inter, spec.round_to) if ffn_keep
+               else [uniform_width(inter, spec.ffn, spec.round_to)] * n_layers)
+        groups = round_widths([r * kv for r in head_keep[0]], kv) if head_keep else [uniform_width(kv, spec.heads)] * n_layers
     except ValueError as e:
         raise CompressionError(f"structure {spec.method}: {e}") from None
     if ffn_keep:
