@@ -72,6 +72,7 @@ for _s in (0.2, 0.5):
     SETTINGS[f"cfsp-ffn{_t}+lora"] = [{"structure": {"method": "cfsp", "ffn": _s}}, {"recover": RECOVER}]
     SETTINGS[f"cfsp-uniform-ffn{_t}"] = [{"structure": {"method": "cfsp", "ffn": _s, "uniform": True}}]
 # speed depends on the shapes only: these settings have the shapes of another one, measured there
+EXPORTED = ("cfsp-ffn20", "cfsp-uniform-ffn20")  # saved and reloaded: stock transformers vs the runtime file
 SAME_SHAPES = {"magnitude-ffn20": "wanda-sp-ffn20", "magnitude-ffn50": "wanda-sp-ffn50", "cfsp-ffn20+lora": "cfsp-ffn20",
                "cfsp-ffn50+lora": "cfsp-ffn50"}
 GROUPS = {
@@ -150,9 +151,30 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
         speed = compare_speed({"dense": dense_copy, "compressed": model})
         row["speed_dense"], row["speed"] = speed["dense"], speed["compressed"]
         del dense_copy
+    if name in EXPORTED:
+        row["export"] = export_check(model, tok, chunks[:2])
     row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
     row["eval_tokens"] = int(chunks.numel())
     return row
+
+
+def export_check(model, tok, ids) -> dict:
+    """Save the model folder, reload it with plain transformers (trust_remote_code only when the folder
+    needs its modeling file) and compare logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsellm.export import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, tok, Path(d))
+        cfg = json.loads((Path(d) / "config.json").read_text())
+        remote = "auto_map" in cfg
+        loaded = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote).eval()
+        with torch.no_grad():
+            same = torch.equal(model(ids).logits, loaded(ids).logits)
+        return {"model_type": cfg["model_type"], "trust_remote_code": remote, "identical_logits": same,
+                "bytes": sum(f.stat().st_size for f in Path(d).iterdir())}
 
 
 def main() -> None:
@@ -235,7 +257,13 @@ def structured_table(rows: list[dict]) -> None:
           "| F = dense / pruned Linear FLOPs per token | prefill tok/s (dense) | decode tok/s (dense) | speedup prefill / decode "
           "| share of the ideal gain (S−1)/(F−1) prefill / decode |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    exports = []
     for r in rows:
+        if r.get("export"):
+            e = r["export"]
+            exports.append(f"- {r['setting']}: model_type `{e['model_type']}`, "
+                           f"{'needs trust_remote_code=True' if e['trust_remote_code'] else 'stock transformers, no custom code'}, "
+                           f"reloaded logits identical: {e['identical_logits']}, folder {e['bytes'] / 2**20:.0f} MiB")
         d = [x for x in r["details"] if x]
         widths = d[0]["intermediate_size"]
         rec = next((x for x in d if "steps" in x), None)
@@ -251,6 +279,8 @@ def structured_table(rows: list[dict]) -> None:
         secs = f"{r['seconds']:.1f}" + (" *" if r.get("importance_reused") else "")
         print(f"| {r['setting']} | {r['ppl']:.3f} | {min(widths)}–{max(widths)} | {r['params']:,} ({r['params_before']:,}) "
               f"| {secs} | {recovery} | {1 / flops:.3f} | {speed[0]} | {speed[1]} | {speed[2]} | {speed[3]} |")
+    if exports:
+        print("\nExport round trip (save, reload with AutoModelForCausalLM):\n" + "\n".join(exports))
 
 
 if __name__ == "__main__":

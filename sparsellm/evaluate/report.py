@@ -48,6 +48,18 @@ def render_markdown(r: dict) -> str:
                    "per-layer shapes: loads with trust_remote_code=True (modeling_sliced.py) or sparsellm")
             lines += [f"SliceGPT ({st['settings']['rotation']}): hidden size {h0} → {h1}, parameters {p0:,} → {p1:,} "
                       f"({p1 / p0:.1%}); {how}.", ""]
+        if "intermediate_size" in d:
+            (p0, p1), ffn, heads = d["parameters"], d["intermediate_size"], d["heads"]
+            how = ("one width in every layer, a stock architecture (loads without custom code)" if d["stock_architecture"]
+                   else "per-layer widths: loads with trust_remote_code=True (modeling_sliced.py) or sparsellm")
+            lines += [f"Structured {st['method']}: FFN channels per layer {min(ffn)}–{max(ffn)}, attention heads "
+                      f"{min(heads)}–{max(heads)}, parameters {p0:,} → {p1:,} ({p1 / p0:.1%}); {how}.", "",
+                      "| layer | FFN channels | heads |", "|---|---|---|"]
+            lines += [f"| {i} | {f} | {h} |" for i, (f, h) in enumerate(zip(ffn, heads))] + [""]
+        if "ranks" in d:
+            lines += [f"LoRA recovery: {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds']:.1f} s, loss "
+                      f"{d['loss_first']:.3f} → {d['loss_mean_last10']:.3f} (mean of the last 10 steps), ranks per block "
+                      f"{min(d['ranks'])}–{max(d['ranks'])}, merged into the weights.", ""]
     ppl = r.get("perplexity") or {}
     if ppl.get("after"):
         lines += [f"## Perplexity (seqlen {ppl['seqlen']})", "", "| dataset | before | after |", "|---|---|---|"]
