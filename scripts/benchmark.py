@@ -69,6 +69,20 @@ MASKLLM = {"method": "maskllm", "steps": 50, "batch_size": 2, "lr": 1e-3, "min_l
 for _p0 in ("sparsegpt", "wanda"):
     SETTINGS[f"maskllm-prior-{_p0}-2:4"] = [{"learn": {"method": "maskllm", "prior": _p0, "steps": 0, "prior_strength": 1e4}}]
     SETTINGS[f"maskllm-{_p0}-2:4"] = [{"learn": {**MASKLLM, "prior": _p0}}]
+# Structured pruning (issue 5): FFN channels removed; CFSP's block distances are computed once and reused
+# (they do not depend on the target); recovery = LoRA on the calibration windows, sized to take a few minutes
+# on this shared 2-core CPU (about a minute per 512-token step under load)
+RECOVER = {"method": "lora", "steps": 8, "batch_size": 1, "lr": 1e-3, "rank": 8, "alpha": 16}
+for _s in (0.2, 0.5):
+    _t = int(_s * 100)
+    for _m in ("cfsp", "wanda-sp", "magnitude"):
+        SETTINGS[f"{_m}-ffn{_t}"] = [{"structure": {"method": _m, "ffn": _s}}]
+    SETTINGS[f"cfsp-ffn{_t}+lora"] = [{"structure": {"method": "cfsp", "ffn": _s}}, {"recover": RECOVER}]
+    SETTINGS[f"cfsp-uniform-ffn{_t}"] = [{"structure": {"method": "cfsp", "ffn": _s, "uniform": True}}]
+# speed depends on the shapes only: these settings have the shapes of another one, measured there
+EXPORTED = ("cfsp-ffn20", "cfsp-uniform-ffn20")  # saved and reloaded: stock transformers vs the runtime file
+SAME_SHAPES = {"magnitude-ffn20": "wanda-sp-ffn20", "magnitude-ffn50": "wanda-sp-ffn50", "cfsp-ffn20+lora": "cfsp-ffn20",
+               "cfsp-ffn50+lora": "cfsp-ffn50"}
 GROUPS = {
     "issue2": ["dense", "magnitude-50", "magnitude-2:4", "magnitude-4:8", "wanda-50", "wanda-2:4", "wanda-4:8",
                "sparsegpt-50", "sparsegpt-2:4", "sparsegpt-4:8", "wanda-60", "wanda-70"],
@@ -78,15 +92,19 @@ GROUPS = {
               + ["slicegpt-headsliced-20", "slicegpt-uniform-tied-0", "slicegpt-uniform-tied-20"],
     "issue6": ["sparsegpt-2:4", "wanda-2:4", "maskllm-prior-sparsegpt-2:4", "maskllm-prior-wanda-2:4",
                "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
+    "issue5": [f"{m}-ffn{t}" for t in ("20", "50") for m in ("cfsp", "wanda-sp", "magnitude")]
+              + ["cfsp-ffn20+lora", "cfsp-ffn50+lora", "cfsp-uniform-ffn20"],
 }
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
 
 
-def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None) -> dict:
+def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None,
+           block_distance: list[float] | None = None) -> dict:
     import torch
 
     from sparsellm import memory
     from sparsellm.compress import build_method
+    from sparsellm.compress.structured import linear_flops
     from sparsellm.data import calibration_windows, evaluation_chunks
     from sparsellm.evaluate import perplexity, sparsity_summary
     from sparsellm.evaluate.speed import compare_speed
@@ -103,8 +121,10 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     chunks = evaluation_chunks(tok, str(data / "lee_eval.txt"), SEQLEN)
     row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
            "params_before": sum(p.numel() for p in model.parameters())}
-    structured = any("slice" in st for st in SETTINGS[name] or [])
-    dense_copy = copy.deepcopy(model) if structured else None  # timed against the compressed model, interleaved
+    structured = any("slice" in st or "structure" in st for st in SETTINGS[name] or [])
+    timed = structured and name not in SAME_SHAPES
+    dense_copy = copy.deepcopy(model) if timed else None  # timed against the compressed model, interleaved
+    row["flops_before"] = linear_flops(model)
     memory.reset_peak()
     rss0 = memory.current_rss_bytes()
     if SETTINGS[name] is None:
@@ -118,6 +138,10 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
         for st in stages:  # ECoFLaP's importance does not depend on the target: estimate it once per benchmark
             if importance and st.get("allocate", {}).get("method") == "ecoflap":
                 st["allocate"]["importance"] = importance
+                row["importance_reused"] = True
+            cfsp = st.get("structure", {})
+            if block_distance and cfsp.get("method") == "cfsp" and not cfsp.get("uniform"):
+                cfsp["block_distance"] = block_distance
                 row["importance_reused"] = True
         recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": stages})
         methods = [build_method(st.spec) if st.kind in ("prune", "refine") else None for st in recipe.stages]
@@ -133,14 +157,36 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     row["sparsity"] = sparsity_summary(model, adapter)["overall"]
     row["params"] = sum(p.numel() for p in model.parameters())
     row["hidden_size"] = model.config.hidden_size
+    row["flops"] = linear_flops(model)
     row["details"] = [st.get("details") for st in stages] if SETTINGS[name] else None
-    if structured:
+    if timed:
         speed = compare_speed({"dense": dense_copy, "compressed": model})
         row["speed_dense"], row["speed"] = speed["dense"], speed["compressed"]
         del dense_copy
+    if name in EXPORTED:
+        row["export"] = export_check(model, tok, chunks[:2])
     row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
     row["eval_tokens"] = int(chunks.numel())
     return row
+
+
+def export_check(model, tok, ids) -> dict:
+    """Save the model folder, reload it with plain transformers (trust_remote_code only when the folder
+    needs its modeling file) and compare logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sparsellm.export import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, tok, Path(d))
+        cfg = json.loads((Path(d) / "config.json").read_text())
+        remote = "auto_map" in cfg
+        loaded = AutoModelForCausalLM.from_pretrained(d, trust_remote_code=remote).eval()
+        with torch.no_grad():
+            same = torch.equal(model(ids).logits, loaded(ids).logits)
+        return {"model_type": cfg["model_type"], "trust_remote_code": remote, "identical_logits": same,
+                "bytes": sum(f.stat().st_size for f in Path(d).iterdir())}
 
 
 def main() -> None:
@@ -152,10 +198,12 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--importance", help=argparse.SUPPRESS)
+    ap.add_argument("--block-distance", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         imp = json.loads(args.importance) if args.importance else None
-        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp)), flush=True)
+        dist = json.loads(args.block_distance) if args.block_distance else None
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist)), flush=True)
         return
 
     names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
@@ -171,9 +219,10 @@ def main() -> None:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
         del loaded
-        rows, importance = [], None
+        rows, importance, distance = [], None, None
         for name in names:
             extra = ["--importance", json.dumps(importance)] if importance else []
+            extra += ["--block-distance", json.dumps(distance)] if distance else []
             proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp, "--data", str(args.data)] + extra,
                                   capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -181,6 +230,7 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(line[7:]))
             importance = importance or (rows[-1].get("allocation") or {}).get("importance")
+            distance = distance or next((d["block_distance"] for d in rows[-1].get("details") or [] if d and "block_distance" in d), None)
             print(f"done {name}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds'] or 0:.1f} s "
                   f"{rows[-1].get('stage_seconds') or ''}", file=sys.stderr, flush=True)
             if args.json:  # after every setting, so a long run can be inspected or resumed
@@ -206,6 +256,43 @@ def main() -> None:
               f"{' / '.join(parts) or '-'} | {r['peak_rss_bytes'] / 2**20:,.0f} | {speed[0]} | {speed[1]} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    structured_table(rows)
+
+
+def structured_table(rows: list[dict]) -> None:
+    """Issue 5: structured pruning against dense, with the speedup as a fraction of the FLOP reduction."""
+    rows = [r for r in rows if any("structure" in st for st in SETTINGS[r["setting"]] or [])]
+    if not rows:
+        return
+    timed = {r["setting"]: r for r in rows if r.get("speed")}
+    print("\n| setting | perplexity | FFN widths min–max | parameters (dense) | compression s | recovery steps / tokens / s "
+          "| F = dense / pruned Linear FLOPs per token | prefill tok/s (dense) | decode tok/s (dense) | speedup prefill / decode "
+          "| share of the ideal gain (S−1)/(F−1) prefill / decode |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    exports = []
+    for r in rows:
+        if r.get("export"):
+            e = r["export"]
+            exports.append(f"- {r['setting']}: model_type `{e['model_type']}`, "
+                           f"{'needs trust_remote_code=True' if e['trust_remote_code'] else 'stock transformers, no custom code'}, "
+                           f"reloaded logits identical: {e['identical_logits']}, folder {e['bytes'] / 2**20:.0f} MiB")
+        d = [x for x in r["details"] if x]
+        widths = d[0]["intermediate_size"]
+        rec = next((x for x in d if "steps" in x), None)
+        recovery = f"{rec['steps']} / {rec['tokens']:,} / {rec['seconds']:.0f}" if rec else "-"
+        flops = r["flops"] / r["flops_before"]
+        t = timed.get(SAME_SHAPES.get(r["setting"], r["setting"]))
+        speed = ["-"] * 4
+        if t:
+            ups = [t["speed"][k] / t["speed_dense"][k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")]
+            shared = "" if t is r else f" (= {t['setting']})"
+            speed = [f"{t['speed'][k]:.0f} ({t['speed_dense'][k]:.0f}){shared}" for k in ("prefill_tokens_per_s", "decode_tokens_per_s")]
+            speed += [f"{ups[0]:.2f}× / {ups[1]:.2f}×", f"{(ups[0] - 1) / (1 / flops - 1):.2f} / {(ups[1] - 1) / (1 / flops - 1):.2f}"]
+        secs = f"{r['seconds']:.1f}" + (" *" if r.get("importance_reused") else "")
+        print(f"| {r['setting']} | {r['ppl']:.3f} | {min(widths)}–{max(widths)} | {r['params']:,} ({r['params_before']:,}) "
+              f"| {secs} | {recovery} | {1 / flops:.3f} | {speed[0]} | {speed[1]} | {speed[2]} | {speed[3]} |")
+    if exports:
+        print("\nExport round trip (save, reload with AutoModelForCausalLM):\n" + "\n".join(exports))
 
 
 if __name__ == "__main__":

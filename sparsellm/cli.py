@@ -91,6 +91,15 @@ def _task_list(tasks) -> list[str]:
 @click.option("--slicing", type=float, help="SliceGPT first: remove this fraction of the hidden dimension (e.g. 0.25).")
 @click.option("--rotation", type=click.Choice(["per-layer", "uniform"]), help="SliceGPT rotation (default per-layer; "
               "uniform gives a stock architecture for Llama/Mistral/Qwen2).")
+@click.option("--structure", type=click.Choice(["cfsp", "wanda-sp", "magnitude"]), help="Structured pruning: remove whole "
+              "FFN channels (--ffn) and attention heads (--heads); the model gets smaller and faster.")
+@click.option("--ffn", type=float, help="With --structure: fraction of FFN channels to remove, in [0, 1).")
+@click.option("--heads", type=float, help="With --structure: fraction of attention heads to remove (whole KV groups).")
+@click.option("--round-to", type=int, help="With --structure: kept FFN widths are multiples of this (default 8).")
+@click.option("--uniform", is_flag=True, default=None, help="With --structure: one width for all layers (a stock "
+              "architecture, no custom code needed to load it).")
+@click.option("--recover-steps", type=int, help="After --structure: LoRA recovery fine-tuning for this many steps on the "
+              "calibration text, merged into the weights.")
 @click.option("--allocate", type=click.Choice(["owl", "ecoflap"]), help="Vary sparsity per decoder layer (same overall target) before --method.")
 @click.option("--refine", type=click.Choice(["dsnot"]), help="Prune-and-grow the mask of --method without changing its sparsity.")
 @click.option("--steps", type=int, help="maskllm: training steps (default 100).")
@@ -114,8 +123,9 @@ def _task_list(tasks) -> list[str]:
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
 @click.pass_context
-def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, steps, prior, calib,
-          nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot, limit, speed, output, overwrite, device, dtype,
+def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, structure, ffn, heads, round_to, uniform,
+          recover_steps, allocate, refine, steps, prior, calib, nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot,
+          limit, speed, output, overwrite, device, dtype,
           trust_remote_code, allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
@@ -130,6 +140,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --method maskllm --prior wanda --steps 200 --calib docs.txt -o out/   # learned 2:4
 
       sparsellm prune --method wanda --pattern 2:4 --ppl wikitext2 --ppl c4 --tasks suite --limit 500 --speed -o out/
+      sparsellm prune --structure cfsp --ffn 0.2 --recover-steps 100 -o out/   # CFSP + LoRA recovery
+      sparsellm prune --structure wanda-sp --ffn 0.3 --heads 0.25 --uniform -o out/
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
@@ -140,25 +152,36 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
     from .recipe import load_recipe, recipe_from_dict
 
     def run():
-        _positive(("--nsamples", nsamples), ("--seqlen", seqlen), ("--limit", limit))
-        inline = (method, sparsity, pattern, slicing, rotation, allocate, refine, steps, prior)
+        _positive(("--nsamples", nsamples), ("--seqlen", seqlen), ("--limit", limit), ("--round-to", round_to),
+                  ("--recover-steps", recover_steps))
+        shape = {"ffn": ffn, "heads": heads, "round_to": round_to, "uniform": uniform}
+        inline = (method, sparsity, pattern, slicing, rotation, structure, recover_steps, allocate, refine, steps, prior,
+                  *shape.values())
         if recipe_path and any(v is not None for v in inline):
-            raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--slicing/--rotation/--allocate/"
-                              "--refine/--steps/--prior, not both")
+            raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--slicing/--rotation/--structure/"
+                              "--ffn/--heads/--round-to/--uniform/--recover-steps/--allocate/--refine/--steps/--prior, not both")
         if (steps is not None or prior) and method != "maskllm":
             raise RecipeError("--steps and --prior belong to --method maskllm")
         if method == "maskllm" and (allocate or refine or sparsity is not None):
             raise RecipeError("--method maskllm learns an N:M mask (--pattern); it takes no --sparsity, --allocate or --refine")
         if rotation and slicing is None:
             raise RecipeError("--rotation needs --slicing; add e.g. --slicing 0.25")
+        if not structure and any(v is not None for v in shape.values()):
+            raise RecipeError("--ffn/--heads/--round-to/--uniform need --structure; add e.g. --structure cfsp")
+        if recover_steps and not (structure or slicing is not None):
+            raise RecipeError("--recover-steps needs --structure (or --slicing); add e.g. --structure cfsp --ffn 0.2")
         if (allocate or refine) and not method:
             raise RecipeError("--allocate and --refine need --method; add e.g. --method wanda")
         if recipe_path:
             data = load_recipe(recipe_path).model_dump(exclude_none=True, exclude_unset=True)
-        elif method or slicing is not None:
+        elif method or slicing is not None or structure:
             stages = []
             if slicing is not None:
                 stages.append({"slice": {"method": "slicegpt", "slicing": slicing, **({"rotation": rotation} if rotation else {})}})
+            if structure:
+                stages.append({"structure": {"method": structure, **{k: v for k, v in shape.items() if v is not None}}})
+            if recover_steps:
+                stages.append({"recover": {"method": "lora", "steps": recover_steps}})
             if method == "maskllm":
                 learn = {"method": "maskllm", "pattern": pattern or "2:4", "steps": steps, "prior": prior}
                 stages.append({"learn": {k: v for k, v in learn.items() if v is not None}})
@@ -170,7 +193,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
                 stages += [{"refine": {"method": refine}}] if refine else []
             data = {"stages": stages}
         else:
-            raise RecipeError("nothing to do: give --recipe FILE, --method NAME or --slicing FRACTION (see sparsellm prune --help)")
+            raise RecipeError("nothing to do: give --recipe FILE, --method NAME, --slicing FRACTION or --structure NAME "
+                              "(see sparsellm prune --help)")
         cal = data.setdefault("calibration", {})
         for key, val in (("dataset", calib), ("nsamples", nsamples), ("seqlen", seqlen)):
             if val is not None:

@@ -79,7 +79,7 @@ def atomic_folder(out: Path, overwrite: bool):
 
 def save_model(model, tokenizer, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
-    if getattr(model.config, "sparsellm_slicing", None) is not None:
+    if any(getattr(model.config, k, None) is not None for k in ("sparsellm_slicing", "sparsellm_structure")):
         _declare_sliced(Path(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -97,13 +97,13 @@ def disk_bytes(folder: Path) -> int:
 
 
 def _declare_sliced(folder: Path) -> None:
-    """A SliceGPT model with per-layer shapes: its own model_type, and the runtime file named in
-    auto_map so that transformers loads it with trust_remote_code=True (and refuses without)."""
+    """A SliceGPT or structurally pruned model with per-layer shapes: its own model_type, and the runtime
+    file named in auto_map so that transformers loads it with trust_remote_code=True (and refuses without)."""
     from .loading import modeling_sliced as runtime
 
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    base = cfg["sparsellm_slicing"]["base_model_type"]
+    base = runtime.base_model_type(cfg)
     config_name, model_name = runtime.class_names(base)
     module = Path(runtime.__file__).stem
     cfg.update(model_type=runtime.PREFIX + base, architectures=[model_name],

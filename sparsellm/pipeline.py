@@ -16,9 +16,10 @@ from .calibrate import make_selector, run_layerwise
 from .calibrate.engine import target_linears
 from .allocate import allocate
 from .checkpoint import Checkpoint, check_folder, fingerprint
-from .compress import build_method
+from .compress import build_method, build_structured
 from .compress.maskllm import learn_masks, save_masks
 from .compress.slicegpt import slicegpt
+from .compress.structured import structure
 from .data import calibration_windows, evaluation_chunks
 from .errors import RecipeError
 from .evaluate import perplexity, sparsity_summary, write_report
@@ -30,6 +31,7 @@ from .faults import fault_point
 from .loading import get_adapter, load_model
 from .loading.models import source_info
 from .recipe import Recipe
+from .recover import lora_recover
 
 log = logging.getLogger(__name__)
 
@@ -182,15 +184,21 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
     on `train[i]` (token windows) and leaves files to write into the output folder in `artifacts`
     (name → writer(path)). With a checkpoint, finished allocations and layers are taken from it and
     new ones saved to it."""
-    reports, allocation = [], None
+    reports, allocation, block_weight = [], None, None
     stages, batch = recipe.stages, recipe.calibration.batch_size
     i = 0
     while i < len(stages):
         stage, method = stages[i], methods[i]
         memory.reset_peak()
         t = time.perf_counter()
-        if stage.kind == "slice":
-            details = slicegpt(model, adapter, windows, stage.spec, device, batch)
+        if stage.kind in ("slice", "structure", "recover"):
+            if stage.kind == "slice":
+                details = slicegpt(model, adapter, windows, stage.spec, device, batch)
+            elif stage.kind == "structure":
+                details = structure(model, adapter, windows, stage.spec, build_structured(stage.spec), device, batch)
+                block_weight = details.get("block_weight") or block_weight
+            else:  # the recovery budget follows the coarse importance of the structure stage before it
+                details = lora_recover(model, adapter, windows, stage.spec, recipe.seed, device, block_weight)
             reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
             i += 1
             continue
@@ -287,6 +295,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             check_stage_fits(model, adapter, stage.spec)
         if stage.kind == "slice":
             adapter.check_sliceable(model)
+        if stage.kind == "structure":
+            adapter.structure_names(model)  # unsupported architectures fail before calibration
     rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
 
     seqlen = default_seqlen(model, recipe.calibration.seqlen)
@@ -363,6 +373,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
                   "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
                   "nonzero_parameters_before": nonzero_before, "nonzero_parameters": _nonzero(model),
                   "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
+                  "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None,
                   "disk_bytes": None, **source_info(loaded.source)},
         "recipe": recipe.model_dump(mode="json"),
         "calibration": None if windows is None else {
@@ -385,7 +396,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
         "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
     }
-    if not _main_process():  # under `accelerate launch` (a learn stage) one process writes the output
+    if not _main_process():  # under `accelerate launch` every process ran the same stages; one writes
         return report
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):

@@ -269,11 +269,69 @@ class MaskLLMLearn(_Strict):
 
 
 LearnSpec = Annotated[Union[MaskLLMLearn], Field(discriminator="method")]
+class _StructureBase(_Strict):
+    ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of FFN intermediate channels (= FFN parameters) to remove")
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads to remove, in whole KV groups "
+                         "(GQA: a key/value head with all the query heads that share it)")
+    round_to: int = Field(8, gt=0, description="kept FFN widths are multiples of this (e.g. 8, 64, 128 for fast kernels)")
+    uniform: bool = Field(False, description="one width for every layer: a stock architecture that transformers loads "
+                          "without custom code (otherwise per-layer widths need the modeling file in the output folder)")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.ffn == 0 and self.heads == 0:
+            raise ValueError("nothing to remove: set ffn and/or heads to a fraction in (0, 1)")
+        return self
+
+
+class CFSPStructure(_StructureBase):
+    """Coarse-to-fine structured pruning (Wang et al., COLING 2025): per-block budgets from how much each block
+    changes its input, then channels by a score from the FFN weights and activations."""
+    method: Literal["cfsp"]
+    a: float = Field(25.0, ge=0.0, description="slope of the sigmoid over the blocks' mean angular distance "
+                     "(0: same budget for every block)")
+    b: float = Field(1.0, ge=0.0, description="exponent of the activation norm inside the down-projection term")
+    c: float = Field(1.0, ge=0.0, description="exponent of the activation norm multiplying the summed weight terms")
+    max_keep: float = Field(1.0, gt=0.0, le=1.0, description="no block keeps more than this fraction of its channels")
+    block_distance: list[float] | None = Field(None, description="per-block angular distances from an earlier run's "
+                                               "report.json (stages[].details.block_distance): skips the dense pass, "
+                                               "e.g. to try other targets")
+
+
+class WandaSPStructure(_StructureBase):
+    """Structured Wanda (as in the FLAP paper): channel score Σ_k |W_kj|·‖x_j‖ over the channel's output weights."""
+    method: Literal["wanda-sp"]
+
+
+class MagnitudeStructure(_StructureBase):
+    """Channel score from weight norms only (no calibration data)."""
+    method: Literal["magnitude"]
+
+
+StructureSpec = Annotated[Union[CFSPStructure, WandaSPStructure, MagnitudeStructure], Field(discriminator="method")]
+
+
+class LoRARecover(_Strict):
+    """Recovery fine-tuning with LoRA on the calibration text, merged into the weights at the end."""
+    method: Literal["lora"]
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(2, gt=0, description="calibration windows per step (per process)")
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate (linear warm-up over 10 % of the steps, cosine decay)")
+    rank: int = Field(8, gt=0, description="LoRA rank (the mean over blocks when importance_guided)")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator: the update is (alpha / rank)·B·A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    importance_guided: bool = Field(True, description="after CFSP: each block's rank in proportion to its coarse "
+                                    "importance (the paper's IG-LoRA); otherwise the same rank everywhere")
+
+
+RecoverSpec = Annotated[Union[LoRARecover], Field(discriminator="method")]
 
 
 class Stage(_Strict):
     slice: SliceSpec | None = None
     learn: LearnSpec | None = None
+    structure: StructureSpec | None = None
+    recover: RecoverSpec | None = None
     allocate: AllocateSpec | None = None
     prune: PruneSpec | None = None
     refine: RefineSpec | None = None
@@ -323,6 +381,13 @@ class Recipe(_Strict):
             if st.kind == "learn" and any(prev.kind in ("prune", "refine", "learn") for prev in self.stages[:i]):
                 raise ValueError(f"stages.{i}: a learn stage needs the dense weights; put it before any prune stage "
                                  "(it computes its prior mask itself: prior: sparsegpt)")
+            if st.kind == "recover":
+                if not any(k in ("structure", "slice") for k in kinds[:i]):
+                    raise ValueError(f"stages.{i}: a recover stage fine-tunes a structurally pruned model: put a "
+                                     "structure (or slice) stage before it")
+                if "prune" in kinds[:i] or "learn" in kinds[:i]:
+                    raise ValueError(f"stages.{i}: a recover stage cannot follow a prune stage (merging LoRA would "
+                                     "fill in the pruned zeros); prune after recovering")
             if st.kind == "refine" and (i == 0 or kinds[i - 1] not in ("prune", "refine")):
                 raise ValueError(f"stages.{i}: a refine stage must come right after a prune (or refine) stage, "
                                  "whose dense weights it needs")

@@ -116,3 +116,21 @@ def test_slicegpt_on_smollm2(smollm_dir, tmp_path):
     key = str(EVAL)
     before, after = report["perplexity"]["before"][key], report["perplexity"]["after"][key]
     assert before < after < 4 * before
+
+
+def test_cfsp_structured_pruning_on_smollm2(smollm_dir, tmp_path):
+    """CFSP 20 % of the FFN: per-block widths (multiples of 8, summing to the target) from the real
+    model's block distances; the folder reloads through sparsellm's runtime with the same perplexity
+    scale, and has 20 % fewer FFN parameters."""
+    import sparsellm
+
+    report = prune(smollm_dir, tmp_path / "cfsp", [{"structure": {"method": "cfsp", "ffn": 0.2}}], tmp_path)
+    d = report["stages"][0]["details"]
+    assert len(set(d["intermediate_size"])) > 1 and all(w % 8 == 0 for w in d["intermediate_size"])
+    assert abs(sum(d["intermediate_size"]) - 0.8 * 30 * 1536) <= 8
+    assert d["parameters"][0] - d["parameters"][1] == (30 * 1536 - sum(d["intermediate_size"])) * 3 * 576
+    key = str(EVAL)
+    before, after = report["perplexity"]["before"][key], report["perplexity"]["after"][key]
+    assert before < after < 3 * before
+    model, _ = sparsellm.load(str(tmp_path / "cfsp"))
+    assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == d["intermediate_size"]

@@ -22,6 +22,10 @@ def tags(report: dict) -> list[str]:
         st = s["settings"]
         if s["kind"] == "slice":
             out += ["sliced", s["method"], f"slicing-{round(st['slicing'] * 100)}"]
+        elif s["kind"] == "structure":
+            out += ["pruned", "structured", s["method"], f"ffn-{round(st['ffn'] * 100)}"]
+            if st.get("heads"):
+                out.append(f"heads-{round(st['heads'] * 100)}")
         elif s["kind"] == "learn":
             n, m = (int(v) for v in st["pattern"].split(":"))
             out += ["pruned", "sparse", s["method"], st["pattern"], f"sparsity-{round(n / m * 100)}"]
@@ -77,15 +81,17 @@ def render_card(report: dict, name: str, repo_id: str | None = None) -> str:
 
     m = report["model"]
     target = repo_id or name
-    remote = m["sliced"] and not any((s.get("details") or {}).get("stock_architecture") for s in report["stages"])
+    shaped = m["sliced"] or m.get("per_layer_widths") or any(s["kind"] == "structure" for s in report["stages"])
+    remote = (m["sliced"] or m.get("per_layer_widths")) and not any(
+        (s.get("details") or {}).get("stock_architecture") for s in report["stages"] if s["kind"] in ("slice", "structure"))
     base = m.get("base_model") or m["spec"]
     load = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f"model = AutoModelForCausalLM.from_pretrained({target!r}" + (", trust_remote_code=True)" if remote else ")"),
             f"tokenizer = AutoTokenizer.from_pretrained({target!r})", "```"]
     if remote:
-        load += ["", "Per-layer SliceGPT shapes are not a stock architecture: the runtime `modeling_sliced.py` ships in "
+        load += ["", "Per-layer shapes are not a stock architecture: the runtime `modeling_sliced.py` ships in "
                  "this repository (hence `trust_remote_code=True`); `sparsellm.load(...)` loads it without remote code."]
-    if not m["sliced"]:
+    if not shaped:
         load += ["", "Pruned weights are zeros stored in dense tensors: the files are as large as the dense model's, "
                  "and the speed is the dense model's unless a sparse kernel or runtime is used."]
     body = [MARKER, "", f"# {name}", "", f"`{base}` compressed with [sparsellm](https://pypi.org/project/sparsellm/) "

@@ -110,6 +110,23 @@ def render_markdown(r: dict) -> str:
                    "per-layer shapes: loads with trust_remote_code=True (modeling_sliced.py) or sparsellm")
             lines += [f"SliceGPT ({st['settings']['rotation']}): hidden size {h0} → {h1}, parameters {p0:,} → {p1:,} "
                       f"({p1 / p0:.1%}); {how}.", ""]
+        if "intermediate_size" in d:
+            (p0, p1), ffn, heads = d["parameters"], d["intermediate_size"], d["heads"]
+            how = ("one width in every layer, a stock architecture (loads without custom code)" if d["stock_architecture"]
+                   else "per-layer widths: loads with trust_remote_code=True (modeling_sliced.py) or sparsellm")
+            lines += [f"Structured {st['method']}: FFN channels per layer {min(ffn)}–{max(ffn)}, attention heads "
+                      f"{min(heads)}–{max(heads)}, parameters {p0:,} → {p1:,} ({p1 / p0:.1%}); {how}.", "",
+                      "| layer | FFN channels | heads |", "|---|---|---|"]
+            lines += [f"| {i} | {f} | {h} |" for i, (f, h) in enumerate(zip(ffn, heads))] + [""]
+        if "ranks" in d:
+            lines += [f"LoRA recovery: {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds']:.1f} s, loss "
+                      f"{d['loss_first']:.3f} → {d['loss_mean_last10']:.3f} (mean of the last 10 steps), ranks per block "
+                      f"{min(d['ranks'])}–{max(d['ranks'])}, merged into the weights.", ""]
+        if "changed_from_prior" in d:
+            per = f", {d['seconds_per_step']:.1f} s a step" if d.get("seconds_per_step") else ""
+            lines += [f"MaskLLM: {d['steps']} steps, {d['tokens']:,} training tokens{per}, prior {d['prior']}; "
+                      f"{d['changed_from_prior']:.2%} of the groups ended on another pattern than they started on; "
+                      "the learned masks alone are in masks.safetensors (sparsellm apply-masks).", ""]
     zs = r.get("zeroshot")
     if zs:
         lines += [f"lm-eval: {zs['num_fewshot'] if zs['num_fewshot'] is not None else 'default'}-shot, "

@@ -37,6 +37,7 @@ class ModelInfo(_M):
     nonzero_parameters: int
     hidden_size: int
     sliced: bool
+    per_layer_widths: bool = Field(description="structured pruning left different widths per layer (needs the runtime file)")
     disk_bytes: int | None = Field(None, description="safetensors written to the output folder (zeros are stored: "
                                    "pruning alone does not shrink it)")
     source_disk_bytes: int | None = Field(None, description="the files loaded (GGUF or safetensors); null for hub models")
@@ -53,7 +54,7 @@ class Calibration(_M):
 
 
 class StageReport(_M):
-    kind: Literal["slice", "learn", "allocate", "prune", "refine"]
+    kind: Literal["slice", "structure", "recover", "learn", "allocate", "prune", "refine"]
     method: str
     settings: dict[str, Any]
     seconds: float

@@ -37,6 +37,9 @@ class Adapter:
     embedding_paths: tuple[str, ...] = ()  # whose outputs add up to the residual stream
     final_norm: str = ""
     lm_head: str = "lm_head"
+    # structured pruning (FFN channels, attention heads): gated FFN names, or empty when unsupported
+    ffn_gate: str = ""
+    ffn_up: str = ""
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
@@ -73,6 +76,21 @@ class Adapter:
             raise UnsupportedArchitectureError("SliceGPT: models with project_in/project_out (word_embed_proj_dim != "
                                                "hidden_size) are not supported")
 
+    def structure_names(self, model: nn.Module) -> dict:
+        """Module names and head geometry for structured pruning (FFN channels, whole KV groups)."""
+        cfg = model.config
+        if not self.ffn_gate:
+            raise UnsupportedArchitectureError(
+                f"structured pruning supports gated-FFN models ({', '.join(LLAMA.model_types)}); this "
+                f"{cfg.model_type} model has no gate/up/down projections")
+        (q, k, v), (o,), _, (down,) = self.sequential_groups
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return {"q": q, "k": k, "v": v, "o": o, "gate": self.ffn_gate, "up": self.ffn_up, "down": down,
+                "attn": self.attention, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
+                "intermediate": cfg.intermediate_size}
+
     def groups_for(self, names: list[str]) -> list[list[str]]:
         """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
         groups, seen = [], set()
@@ -99,6 +117,8 @@ LLAMA = Adapter(
     head_paths=("model.norm", "lm_head"),
     embedding_paths=("model.embed_tokens",),
     final_norm="model.norm",
+    ffn_gate="mlp.gate_proj",
+    ffn_up="mlp.up_proj",
 )
 
 OPT = Adapter(

@@ -1,4 +1,5 @@
-"""Runtime of SliceGPT-sliced models whose shapes a stock architecture cannot express.
+"""Runtime of SliceGPT-sliced and structurally pruned models whose shapes a stock architecture
+cannot express (per-layer hidden, FFN or head widths).
 
 A sliced decoder layer keeps its architecture's modules, with smaller weights, plus two shortcut
 matrices on the residual path (per-layer rotations: the residual entering a block lives in the
@@ -113,6 +114,25 @@ def apply_structure(model: nn.Module, s: dict) -> None:
     _resize_linear(head, in_features=s["head_dim"], bias=s.get("head_bias", False))
 
 
+def apply_widths(model: nn.Module, s: dict) -> None:
+    """Per-layer widths of structured pruning (config.sparsellm_structure): FFN channels, and KV groups
+    (a key/value head with the kv_group_size query heads that share it; head_dim is unchanged)."""
+    names, hd, rep = s["names"], s["head_dim"], s["kv_group_size"]
+    for layer, d in zip(_get(model, s["layers_path"]), s["layers"]):
+        for n in (names["gate"], names["up"]):
+            _resize_linear(_get(layer, n), out_features=d["intermediate_size"])
+        _resize_linear(_get(layer, names["down"]), in_features=d["intermediate_size"])
+        for n in (names["k"], names["v"]):
+            _resize_linear(_get(layer, n), out_features=d["kv_groups"] * hd)
+        _resize_linear(_get(layer, names["q"]), out_features=d["kv_groups"] * rep * hd)
+        _resize_linear(_get(layer, names["o"]), in_features=d["kv_groups"] * rep * hd)
+
+
+def base_model_type(config_dict: dict) -> str:
+    """The architecture a sliced and/or structurally pruned config.json builds on."""
+    return (config_dict.get("sparsellm_slicing") or config_dict.get("sparsellm_structure"))["base_model_type"]
+
+
 def _define(base: str) -> None:
     """SlicedXConfig / SlicedXForCausalLM for a base architecture, as module globals (auto_map names)."""
     config_cls = transformers.CONFIG_MAPPING[base]
@@ -122,7 +142,10 @@ def _define(base: str) -> None:
 
     def __init__(self, config):
         model_cls.__init__(self, config)
-        apply_structure(self, config.sparsellm_slicing)
+        if getattr(config, "sparsellm_slicing", None):
+            apply_structure(self, config.sparsellm_slicing)
+        if getattr(config, "sparsellm_structure", None):
+            apply_widths(self, config.sparsellm_structure)
 
     mdl = type(f"Sliced{stem}ForCausalLM", (model_cls,), {"config_class": cfg, "__init__": __init__, "__module__": __name__})
     globals()[cfg.__name__], globals()[mdl.__name__] = cfg, mdl

@@ -1,0 +1,266 @@
+"""Structured pruning: remove whole FFN intermediate channels and whole attention KV groups, so that
+the weight matrices get smaller and the model faster on any hardware.
+
+A channel j of a gated FFN is row j of gate_proj and up_proj plus column j of down_proj; a KV group
+g is key/value head g, the query heads that share it (rows of q_proj, columns of o_proj) and its rows
+of k_proj/v_proj. Removing a group keeps num_key_value_groups (query heads per KV head) unchanged,
+which transformers' attention reads from the module, not from the weights. Every method scores the
+columns of the "out" matrix (down_proj, o_proj) together with the matching rows of the "in" matrices
+(gate/up, q) and the activation norm entering the out matrix; a group's score sums its columns.
+
+The stage runs layer by layer on calibration activations propagated through the already-pruned
+layers (calibrate.engine). CFSP first allocates per-block budgets from a dense pass (cfsp.py)."""
+from __future__ import annotations
+
+import copy
+import logging
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibrate.engine import _module_device, capture_layer_inputs, check_finite, collect_stats, propagate
+from ..errors import CompressionError
+from ..loading.adapters import Adapter, _get
+
+log = logging.getLogger(__name__)
+
+
+# ---- the interface -----------------------------------------------------------------------------
+
+class StructuredMethod(ABC):
+    """Scores the prunable units of a layer; optionally sets per-block keep ratios first."""
+
+    needs_activations: bool = True
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    @abstractmethod
+    def column_scores(self, out_w: torch.Tensor, in_ws: list[torch.Tensor], sq_norm: torch.Tensor | None) -> torch.Tensor:
+        """One score per input column j of out_w (= output row j of every in_w); higher = keep.
+        Must be additive over the columns of a unit (a group's score is the sum)."""
+
+    def block_keep(self, model, adapter, windows, device, batch_size, target: float) -> tuple[list[float], dict] | None:
+        """Per-block keep ratios for `target` (mean 1 - target), with details for the report; None: uniform."""
+        return None
+
+
+class MagnitudeSP(StructuredMethod):
+    needs_activations = False
+
+    def column_scores(self, out_w, in_ws, sq_norm):
+        """Squared L2 norm of everything the column carries: out_w[:, j] and each in_w[j, :]."""
+        score = out_w.float().pow(2).sum(0)
+        for w in in_ws:
+            score = score + w.float().pow(2).sum(1)
+        return score
+
+
+class WandaSP(StructuredMethod):
+    def column_scores(self, out_w, in_ws, sq_norm):
+        """Σ_k |W_kj|·‖x_j‖: Wanda's score summed over the column (FLAP's Wanda-sp)."""
+        return (out_w.abs().float() * sq_norm.float().sqrt().to(out_w.device)[None, :]).sum(0)
+
+
+# ---- widths ------------------------------------------------------------------------------------
+
+def uniform_width(full: int, remove: float, multiple: int = 1) -> int:
+    """Nearest multiple of `multiple` to (1 - remove)·full, at least `multiple`, at most full."""
+    if multiple > full:
+        raise ValueError(f"round_to {multiple} exceeds the width {full}")
+    n = round(round((1.0 - remove) * full, 9) / multiple) * multiple
+    return min(max(n, multiple), full)
+
+
+def round_widths(ideal: list[float], full: int, multiple: int = 1) -> list[int]:
+    """Integer widths near `ideal`, each a multiple of `multiple` (or full) in [multiple, full], whose
+    sum is as close as possible to sum(ideal): floor each, then hand out the remaining units to the
+    largest remainders (ties: earlier blocks first)."""
+    if multiple > full:
+        raise ValueError(f"round_to {multiple} exceeds the width {full}")
+    widths = [min(max(int(x // multiple) * multiple, multiple), full) for x in ideal]
+    left = round((sum(ideal) - sum(widths)) / multiple)
+    step = 1 if left > 0 else -1
+    order = sorted(range(len(ideal)), key=lambda i: (-(ideal[i] - widths[i]) * step, i))
+    while left:
+        moved = False
+        for i in order:
+            if left == 0:
+                break
+            new = min(widths[i] + step * multiple, full)
+            if new != widths[i] and new >= multiple:
+                widths[i], left, moved = new, left - step, True
+        if not moved:
+            break
+    return widths
+
+
+def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` best units, in their original order (stable on ties)."""
+    best = torch.argsort(scores.double().cpu(), descending=True, stable=True)[:keep]
+    return torch.sort(best).values
+
+
+def unit_scores(columns: torch.Tensor, unit: int) -> torch.Tensor:
+    return columns.reshape(-1, unit).sum(1)
+
+
+# ---- surgery -----------------------------------------------------------------------------------
+
+def _keep(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
+    idx = idx.to(lin.weight.device)
+    lin.weight = nn.Parameter(lin.weight.detach().index_select(dim, idx).contiguous(), requires_grad=False)
+    if dim == 0 and lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias.detach()[idx].contiguous(), requires_grad=False)
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+def keep_channels(layer: nn.Module, names: dict, idx: torch.Tensor) -> None:
+    """Keep FFN channels `idx`: rows of gate/up, columns of down."""
+    for n in (names["gate"], names["up"]):
+        _keep(_get(layer, n), idx, 0)
+    _keep(_get(layer, names["down"]), idx, 1)
+    mlp = _get(layer, names["down"].rpartition(".")[0])
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(idx)
+
+
+def group_rows(groups: torch.Tensor, width: int) -> torch.Tensor:
+    """Row (or column) indices of units `groups`, each `width` consecutive rows."""
+    return (groups[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+
+
+def keep_groups(layer: nn.Module, names: dict, groups: torch.Tensor) -> None:
+    """Keep KV groups `groups`: their k/v heads, the query heads that share them (q rows, o columns)."""
+    hd, rep = names["head_dim"], names["heads"] // names["kv_heads"]
+    q_idx, kv_idx = group_rows(groups, rep * hd), group_rows(groups, hd)
+    _keep(_get(layer, names["q"]), q_idx, 0)
+    _keep(_get(layer, names["k"]), kv_idx, 0)
+    _keep(_get(layer, names["v"]), kv_idx, 0)
+    _keep(_get(layer, names["o"]), q_idx, 1)
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+def _stock_config(config, inter: int, kv: int, names: dict):
+    """The config of the same architecture with these widths, or None when the stock class refuses it
+    (e.g. LlamaConfig wants hidden_size % num_attention_heads == 0)."""
+    probe = copy.deepcopy(config)
+    probe.head_dim = names["head_dim"]
+    probe.intermediate_size = inter
+    probe.num_attention_heads = kv * (names["heads"] // names["kv_heads"])
+    probe.num_key_value_heads = kv
+    try:
+        if hasattr(probe, "validate_architecture"):
+            probe.validate_architecture()
+    except Exception:  # transformers' strict-dataclass errors have no common base
+        return None
+    return probe
+
+
+def _uniform_groups(config, names: dict, remove: float) -> int:
+    """Kept KV groups for every layer: the nearest count, lowered until a stock config accepts it."""
+    kv = uniform_width(names["kv_heads"], remove)
+    for g in range(kv, 0, -1):
+        if _stock_config(config, names["intermediate"], g, names) is not None:
+            if g != kv:
+                log.warning("structure uniform: %d KV groups instead of %d so that the stock %s config accepts the "
+                            "head count", g, kv, config.model_type)
+            return g
+    raise CompressionError(f"structure uniform: no head count a stock {config.model_type} config accepts; use "
+                           "uniform: false")
+
+
+def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, device, batch_size) -> tuple[list[int], list[int], dict]:
+    """Kept FFN channels and KV groups per layer, and what the report shows of the allocation."""
+    n_layers = len(adapter.layers(model))
+    inter, kv = names["intermediate"], names["kv_heads"]
+    try:
+        if spec.uniform:
+            return ([uniform_width(inter, spec.ffn, spec.round_to)] * n_layers,
+                    [_uniform_groups(model.config, names, spec.heads) if spec.heads else kv] * n_layers, {})
+        ffn_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.ffn) if spec.ffn else None
+        head_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.heads) if spec.heads else None
+        details = (ffn_keep or head_keep or (None, {}))[1]
+        # without per-block ratios every layer gets the same width (nearest multiple), not a rounding mix
+        ffn = (round_widths([r * inter for r in ffn_keep[0]], inter, spec.round_to) if ffn_keep
+               else [uniform_width(inter, spec.ffn, spec.round_to)] * n_layers)
+        groups = round_widths([r * kv for r in head_keep[0]], kv) if head_keep else [uniform_width(kv, spec.heads)] * n_layers
+    except ValueError as e:
+        raise CompressionError(f"structure {spec.method}: {e}") from None
+    if ffn_keep:
+        details["ffn_keep_ratio"] = ffn_keep[0]
+    if head_keep:
+        details["heads_keep_ratio"] = head_keep[0]
+    return ffn, groups, details
+
+
+def structure(model: nn.Module, adapter: Adapter, windows, spec, method: StructuredMethod, device, batch_size: int) -> dict:
+    """Remove FFN channels and KV groups of `model` in place per `spec`; returns the report details."""
+    names = adapter.structure_names(model)
+    device = torch.device(device)
+    layers = adapter.layers(model)
+    params_before = sum(p.numel() for p in model.parameters())
+    ffn, groups, details = plan_widths(method, spec, model, adapter, names, windows, device, batch_size)
+    rep, hd = names["heads"] // names["kv_heads"], names["head_dim"]
+
+    acts = capture_layer_inputs(model, adapter, windows, device, batch_size) if method.needs_activations else None
+    if acts is not None:
+        check_finite(acts.hidden, "entering decoder layer 0", layers[0])
+    for i in tqdm(range(len(layers)), desc=f"structure {spec.method}", unit="layer"):
+        layer = layers[i]
+        home = _module_device(layer)
+        layer.to(device)
+        want = {}
+        if ffn[i] < names["intermediate"]:
+            want[names["down"]] = _get(layer, names["down"])
+        if groups[i] < names["kv_heads"]:
+            want[names["o"]] = _get(layer, names["o"])
+        needs = {n: frozenset({"sq_norm"}) if acts is not None else frozenset() for n in want}
+        stats = collect_stats(layer, want, needs, acts) if acts is not None else {}
+        sq = {n: s.sq_norm for n, s in stats.items()}
+        if names["down"] in want:
+            cols = method.column_scores(_get(layer, names["down"]).weight,
+                                        [_get(layer, names["gate"]).weight, _get(layer, names["up"]).weight],
+                                        sq.get(names["down"]))
+            keep_channels(layer, names, top_units(cols, ffn[i]))
+        if names["o"] in want:
+            cols = method.column_scores(_get(layer, names["o"]).weight, [_get(layer, names["q"]).weight], sq.get(names["o"]))
+            keep_groups(layer, names, top_units(unit_scores(cols, rep * hd), groups[i]))
+        if acts is not None and i + 1 < len(layers):
+            propagate(layer, acts, i)
+        layer.to(home)
+    del acts
+    stock = _finish_config(model, adapter, names, ffn, groups)
+    params_after = sum(p.numel() for p in model.parameters())
+    log.info("structure %s: FFN %d -> %d..%d channels, KV groups %d -> %d..%d, parameters %d -> %d%s", spec.method,
+             names["intermediate"], min(ffn), max(ffn), names["kv_heads"], min(groups), max(groups), params_before,
+             params_after, " (stock architecture)" if stock else " (per-layer widths: needs the modeling file)")
+    return {"intermediate_size": ffn, "kv_groups": groups, "heads": [g * rep for g in groups],
+            "parameters": [params_before, params_after], "stock_architecture": stock, **details}
+
+
+def _finish_config(model, adapter: Adapter, names: dict, ffn: list[int], groups: list[int]) -> bool:
+    """Equal widths that the stock config accepts become the config itself (a plain architecture);
+    otherwise config.sparsellm_structure describes each layer for the runtime (modeling_sliced.py)."""
+    if len(set(ffn)) == 1 and len(set(groups)) == 1 and getattr(model.config, "sparsellm_slicing", None) is None:
+        stock = _stock_config(model.config, ffn[0], groups[0], names)
+        if stock is not None:
+            for key in ("head_dim", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+                setattr(model.config, key, getattr(stock, key))
+            return True
+    model.config.sparsellm_structure = {
+        "base_model_type": model.config.model_type,
+        "names": {k: names[k] for k in ("q", "k", "v", "o", "gate", "up", "down")},
+        "layers_path": adapter.layers_path, "head_dim": names["head_dim"], "kv_group_size": names["heads"] // names["kv_heads"],
+        "layers": [{"intermediate_size": f, "kv_groups": g} for f, g in zip(ffn, groups)]}
+    return False
+
+
+def linear_flops(model: nn.Module) -> int:
+    """Multiply-accumulate FLOPs per token of every Linear (2 per weight): what structured pruning cuts."""
+    return sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
