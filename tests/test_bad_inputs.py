@@ -300,7 +300,7 @@ def nm_m_not_dividing_width(w):
 @case
 def unknown_option(w):
     return Case(w.prune(*MAGNITUDE, "--sparsty", "0.5"), 2,
-                "No such option '--sparsty'. Did you mean '--sparsity'?; see sparsellm prune --help")
+                "No such option '--sparsty'. (Did you mean one of: '--sparsity', '--task-path'?); see sparsellm prune --help")
 
 
 @case
