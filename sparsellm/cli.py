@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
+from .recipe import EXPORT_FORMATS as FORMATS
 
 log = logging.getLogger("sparsellm")
 
@@ -68,6 +70,8 @@ def cli(ctx, verbose, debug):
 MODEL_HELP = "Hub id, local folder, .gguf file, or smollm2-135m (the embedded demo model; the default)."
 ALLOW_PICKLE_HELP = "Also load pickle weights (pytorch_model.bin), which can run code: only for checkpoints you trust."
 DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line) / .jsonl / .json / .parquet (text field)."
+FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serves it), sparse-bitmask or sparse-24-bitmask "
+               "(compressed-tensors bitmask formats, smaller, for storage and transfer; 2:4 weights only for the latter).")
 
 
 @cli.command()
@@ -88,6 +92,7 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--ppl", multiple=True, help="Report perplexity before/after on this data (repeatable): " + DATA_HELP)
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help=FORMAT_HELP + " Default: the recipe's export.format, dense.")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
@@ -96,7 +101,7 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, calib, nsamples, seqlen,
-          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
+          seed, ppl, output, overwrite, fmt, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -107,6 +112,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --allocate owl --method wanda --sparsity 0.7 --refine dsnot -o out/
       sparsellm prune --slicing 0.25 --calib docs.txt -o out/          # SliceGPT: a smaller dense model
       sparsellm prune --slicing 0.2 --rotation uniform --method wanda --pattern 2:4 -o out/
+      sparsellm prune --method wanda --pattern 2:4 --format sparse-24-bitmask -o out/   # smaller files
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
@@ -148,6 +154,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
             data["seed"] = seed
         if ppl:
             data.setdefault("evaluation", {})["ppl"] = list(ppl)
+        if fmt:
+            data["export"] = {"format": fmt}
         recipe = recipe_from_dict(data, recipe_path or "command line")
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume)
         report = compress(recipe, output, options, model_spec)
@@ -171,20 +179,29 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+@click.option("--semi-structured", is_flag=True, help="Run 2:4-sparse Linear weights as PyTorch semi-structured sparse "
+              "tensors (CUDA, compute capability 8.0+, with --dtype float16 or bfloat16); other layers stay dense.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, allow_pickle, as_json):
-    """Perplexity of a model (exp of the mean next-token NLL over non-overlapping chunks)."""
+def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, allow_pickle,
+             semi_structured, as_json):
+    """Perplexity of a model (exp of the mean next-token NLL over non-overlapping chunks). The model may be
+    a folder in any export format (its config.json says which)."""
     from .data import evaluation_chunks
     from .evaluate import perplexity
     from .loading import load_model
+    from .loading.semi_structured import accelerate_24, check_cuda
     from .pipeline import default_seqlen, resolve_device
 
     def run():
         _positive(("--seqlen", seqlen), ("--batch-size", batch_size), ("--limit", limit))
         dev = resolve_device(device)
+        if semi_structured:
+            check_cuda(dev)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
         model = loaded.model.to(dev)
+        if semi_structured:
+            accelerate_24(model)
         n = default_seqlen(model, seqlen)
         results = {}
         for source in ppl:
@@ -195,6 +212,44 @@ def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, tru
         else:
             for source, value in results.items():
                 click.echo(f"{source}: perplexity {value:.3f} (seqlen {n})")
+
+    _guarded(ctx, run)
+
+
+@cli.command("export")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help=FORMAT_HELP)
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Convert the weights to this dtype (auto: keep them).")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+@click.pass_context
+def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, allow_pickle):
+    """Rewrite a model folder (any export format) or GGUF in another format, e.g. a sparse-bitmask
+    folder back to a plain dense one that any reader (vLLM included) loads.
+
+    \b
+    Examples:
+      sparsellm export out/ --format sparse-bitmask -o out-small/
+      sparsellm export out-small/ --format dense -o out-dense/
+      sparsellm export out/ --format sparse-24-bitmask --dtype bfloat16 -o out-24/
+
+    recipe.yaml and the report files of a sparsellm output folder are copied along."""
+    from .export import atomic_folder, check_output, copy_side_files, save_model
+    from .loading import load_model
+
+    def run():
+        out = Path(output)
+        check_output(out, overwrite)
+        loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+        with atomic_folder(out, overwrite) as tmp:
+            save_model(loaded.model, loaded.tokenizer, tmp, fmt)
+            if loaded.source.kind == "local":
+                copy_side_files(Path(loaded.source.path), tmp)
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 
     _guarded(ctx, run)
 

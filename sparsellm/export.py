@@ -77,10 +77,14 @@ def atomic_folder(out: Path, overwrite: bool):
         raise
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
+def save_model(model, tokenizer, folder: Path, fmt: str = "dense") -> None:
+    """save_pretrained, then the weights rewritten in `fmt` (see formats.py; dense: left as they are)."""
+    from .formats import compress_folder
+
     model.save_pretrained(folder, safe_serialization=True)
     if getattr(model.config, "sparsellm_slicing", None) is not None:
         _declare_sliced(Path(folder))
+    compress_folder(Path(folder), model, fmt)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     # safetensors writes through a private temp file (mode 0600); published files should be readable
@@ -89,6 +93,16 @@ def save_model(model, tokenizer, folder: Path) -> None:
     for f in Path(folder).iterdir():
         if f.is_file():
             f.chmod(0o666 & ~umask)
+
+
+SIDE_FILES = ("recipe.yaml", "report.json", "report.md", "sparsity_per_layer.png")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """What a sparsellm output folder holds beside the model: it still describes the re-exported weights."""
+    for name in SIDE_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
 
 
 def _declare_sliced(folder: Path) -> None:

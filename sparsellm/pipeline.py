@@ -269,7 +269,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     }
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
-            save_model(model, tokenizer, tmp)
+            save_model(model, tokenizer, tmp, recipe.export.format)
+        report["export"] = {"format": recipe.export.format,
+                            "weights_bytes": sum(f.stat().st_size for f in tmp.glob("*.safetensors"))}
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         write_report(tmp, report)
         fault_point("export")
