@@ -135,7 +135,7 @@ def compress_folder(folder: Path, model, fmt: str) -> None:
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else None
     shards = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
-    compress, zeros, total, weight_map = COMPRESS[fmt], 0, 0, {}
+    compress, zeros, total, weight_map, nbytes = COMPRESS[fmt], 0, 0, {}, 0
     for shard in shards:
         with safe_open(folder / shard, framework="pt") as f:
             metadata = f.metadata()
@@ -151,8 +151,10 @@ def compress_folder(folder: Path, model, fmt: str) -> None:
                 out[key] = t
         save_file(out, folder / shard, metadata=metadata)
         weight_map.update({k: shard for k in out})
+        nbytes += sum(v.nbytes for v in out.values())
     if index:
         index["weight_map"] = dict(sorted(weight_map.items()))
+        index.setdefault("metadata", {})["total_size"] = nbytes
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in sparse)
     cfg_path = folder / "config.json"

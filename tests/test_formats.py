@@ -17,8 +17,8 @@ from sparsellm.cli import cli
 from sparsellm.compress.masks import nm_mask, row_mask
 from sparsellm.errors import CompressionError
 from sparsellm.export import save_model
-from sparsellm.formats import (bitmask_compress, bitmask_decompress, is_24, mask_24, pack_bitmask, sparse24_compress,
-                               sparse24_decompress, unpack_bitmask)
+from sparsellm.formats import (bitmask_compress, bitmask_decompress, compress_folder, is_24, mask_24, pack_bitmask,
+                               read_state_dict, sparse24_compress, sparse24_decompress, unpack_bitmask)
 
 SPARSE = ("sparse-bitmask", "sparse-24-bitmask")
 
@@ -145,6 +145,21 @@ def test_bitmask_formats_are_smaller_and_deterministic(tokenizer, tmp_path):
         sizes[fmt] = a.stat().st_size
     # 2:4 in 16 bits: half the values plus 1 bit per weight (1/16 of the dense bytes) for the Linears
     assert sizes["sparse-24-bitmask"] < sizes["sparse-bitmask"] < sizes["dense"]
+
+
+@pytest.mark.parametrize("fmt", SPARSE)
+def test_sharded_folder(fmt, tmp_path):
+    model = pruned("2:4")
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1
+    compress_folder(tmp_path, model, fmt)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    stored = {k: shard for shard in shards for k in tensors(tmp_path / shard)}
+    assert index["weight_map"] == stored and "model.layers.1.mlp.down_proj.bitmask" in stored
+    assert index["metadata"]["total_size"] == sum(t.nbytes for s in shards for t in tensors(tmp_path / s).values())
+    dense, state = read_state_dict(tmp_path, fmt), model.state_dict()
+    assert dense.keys() == state.keys() and all(torch.equal(dense[k], v) for k, v in state.items())
 
 
 def test_sparse24_export_of_unstructured_weights_is_refused(tokenizer, tmp_path):

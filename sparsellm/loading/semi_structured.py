@@ -63,5 +63,6 @@ def accelerate_24(model: nn.Module) -> dict:
         else:
             skipped[name] = reason
             log.info("semi-structured: %s stays dense: %s", name, reason)
-    log.info("semi-structured: %d Linear weights converted, %d stay dense", len(converted), len(skipped))
+    log.log(logging.INFO if converted else logging.WARNING, "semi-structured: %d Linear weights converted, %d stay dense",
+            len(converted), len(skipped))
     return {"converted": converted, "skipped": skipped}
