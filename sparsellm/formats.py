@@ -175,7 +175,7 @@ def folder_format(config: dict) -> str:
     if fmt not in FORMATS:
         raise ModelLoadError(f"sparsity format {fmt!r} in config.json is not supported; sparsellm reads "
                              f"{', '.join(FORMATS)}")
-    if qc.get("config_groups") or qc.get("transform_config"):
+    if fmt != "dense" and (qc.get("config_groups") or qc.get("transform_config")):
         raise ModelLoadError("this folder's compressed-tensors config also quantizes or transforms weights; "
                              "sparsellm reads only the dense and sparse (bitmask) formats")
     return fmt

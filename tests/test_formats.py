@@ -105,6 +105,25 @@ def test_corrupt_bitmask_is_a_clear_error():
         bitmask_decompress(parts)
 
 
+def test_folder_format_from_config():
+    from sparsellm.errors import ModelLoadError
+    from sparsellm.formats import folder_format
+
+    def block(**sc):
+        return {"quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": sc}}
+
+    assert folder_format({"model_type": "llama"}) == "dense"
+    assert folder_format({"quantization_config": {"quant_method": "gptq"}}) == "dense"
+    assert folder_format(block(format="sparse-24-bitmask")) == "sparse-24-bitmask"
+    assert folder_format({"compression_config": block(format="sparse-bitmask")["quantization_config"]}) == "sparse-bitmask"
+    with pytest.raises(ModelLoadError, match="sparsity format 'marlin-24' in config.json is not supported"):
+        folder_format(block(format="marlin-24"))
+    quantized = block(format="sparse-bitmask")
+    quantized["quantization_config"]["config_groups"] = {"group_0": {}}
+    with pytest.raises(ModelLoadError, match="also quantizes or transforms"):
+        folder_format(quantized)
+
+
 # ---- model folders -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", SPARSE)
