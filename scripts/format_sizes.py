@@ -46,16 +46,18 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="keep the pruned fp32 folders here, and reuse them on the next run")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for label, stage in PRUNES.items():
-            pruned = tmp / label.replace(" ", "").replace("%", "").replace(":", "of")
+            pruned = (args.keep or tmp) / label.replace(" ", "").replace("%", "").replace(":", "of")
             recipe = recipe_from_dict({"seed": 0, "stages": [{"prune": stage}], "calibration": {
                 "dataset": str(args.data / "lee_calib.txt"), "nsamples": 32, "seqlen": 512, "batch_size": 8}})
-            compress(recipe, pruned, RunOptions(), args.model)
+            if not (pruned / "model.safetensors").exists():
+                compress(recipe, pruned, RunOptions(), args.model)
             for dtype in ("bfloat16", "float16"):
                 loaded = load_model(str(pruned), dtype)
                 model, modules = loaded.model, set(sparse_linears(loaded.model))
@@ -70,7 +72,9 @@ def main() -> None:
                     assert all(torch.equal(v, back[k]) for k, v in model.state_dict().items()), (label, dtype, fmt)
                     if fmt != "dense":
                         (whole, lin), (dwhole, dlin) = sizes[fmt], sizes["dense"]
+                        sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
                         rows.append({"pruning": label, "dtype": dtype, "format": fmt, "bytes": whole,
+                                     "global_sparsity": sc["global_sparsity"], "ignore": sc["ignore"],
                                      "dense_bytes": dwhole, "ratio": whole / dwhole, "linear_bytes": lin,
                                      "dense_linear_bytes": dlin, "linear_ratio": lin / dlin,
                                      "linear_modules": len(modules)})

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "0.13.0"  # the compressed-tensors release whose layout and config block this writes
 QUANT_METHOD = "compressed-tensors"
-# a float weight that was never pruned has practically no exact zeros; a pruned one has its target fraction
-MIN_SPARSITY = 0.01
+# A weight that was never pruned has few exact zeros (a dequantized GGUF: about 1 %), a pruned one its
+# target fraction; and below about 1/16 zeros a bitmask costs more than it saves in 16-bit dtypes.
+MIN_SPARSITY = 0.1
 _PARTS = {"sparse-bitmask": ("shape", "compressed", "bitmask", "row_offsets"),
           "sparse-24-bitmask": ("shape", "compressed", "bitmask")}
 
@@ -101,9 +102,12 @@ DECOMPRESS = {"sparse-bitmask": bitmask_decompress, "sparse-24-bitmask": sparse2
 # ---- one model folder ----------------------------------------------------------------------------
 
 def sparse_linears(model) -> dict[str, torch.Tensor]:
-    """Module name -> weight of the pruned Linear layers: those with at least MIN_SPARSITY exact zeros."""
+    """Module name -> weight of the pruned Linear layers: those with at least MIN_SPARSITY exact zeros.
+    The head is never pruned (it is often the embedding matrix itself)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: mod.weight for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and (mod.weight == 0).float().mean().item() >= MIN_SPARSITY}
+            if isinstance(mod, torch.nn.Linear) and mod is not head
+            and (mod.weight == 0).float().mean().item() >= MIN_SPARSITY}
 
 
 def check_format(fmt: str, sparse: dict[str, torch.Tensor]) -> None:

@@ -146,6 +146,19 @@ def test_folder_round_trip_and_layout(fmt, tokenizer, tmp_path):
     assert not hasattr(loaded.config, "quantization_config")
 
 
+def test_head_and_barely_sparse_layers_stay_dense(tokenizer, tmp_path):
+    model = pruned("2:4")
+    model.lm_head.weight[:, ::3] = 0  # a head with many zeros (e.g. dequantized) is still not a pruned layer
+    model.model.layers[1].mlp.up_proj.weight.normal_()  # left dense (no zeros): not compressed, listed in ignore
+    model.model.layers[1].mlp.up_proj.weight[:, :4] = 0  # 3 % zeros: below the 10 % threshold
+    save_model(model, tokenizer, tmp_path / "m", "sparse-24-bitmask")
+    sc = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["ignore"] == ["lm_head", "model.layers.1.mlp.up_proj"]
+    names = set(tensors(tmp_path / "m" / "model.safetensors"))
+    assert {"lm_head.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.bitmask"} <= names
+    assert same_weights(load(str(tmp_path / "m"))[0], model)
+
+
 def test_default_dense_export_writes_no_sparsity_config(tokenizer, tmp_path):
     model = pruned("2:4")
     save_model(model, tokenizer, tmp_path / "m")
