@@ -27,7 +27,6 @@ from sparsellm.loading import load_model  # noqa: E402
 from sparsellm.pipeline import RunOptions, compress  # noqa: E402
 from sparsellm.recipe import recipe_from_dict  # noqa: E402
 
-PRUNES = {"wanda 50 %": {"method": "wanda", "sparsity": 0.5}, "wanda 2:4": {"method": "wanda", "pattern": "2:4"}}
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:
@@ -47,12 +46,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="keep the pruned fp32 folders here, and reuse them on the next run")
+    ap.add_argument("--method-24", default="wanda", choices=["wanda", "magnitude"],
+                    help="method of the 2:4 model (the sizes depend only on the shapes and the count of nonzeros)")
     args = ap.parse_args()
+    prunes = {"wanda 50 %": {"method": "wanda", "sparsity": 0.5},
+              f"{args.method_24} 2:4": {"method": args.method_24, "pattern": "2:4"}}
     torch.set_num_threads(2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for label, stage in PRUNES.items():
+        for label, stage in prunes.items():
             pruned = (args.keep or tmp) / label.replace(" ", "").replace("%", "").replace(":", "of")
             recipe = recipe_from_dict({"seed": 0, "stages": [{"prune": stage}], "calibration": {
                 "dataset": str(args.data / "lee_calib.txt"), "nsamples": 32, "seqlen": 512, "batch_size": 8}})
