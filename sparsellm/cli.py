@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
+from .recipe import EXPORT_FORMATS as FORMATS
 
 log = logging.getLogger("sparsellm")
 
@@ -79,6 +81,8 @@ LIMIT_HELP = "Evaluate at most this many perplexity chunks and this many example
 
 def _task_list(tasks) -> list[str]:
     return [t.strip() for item in tasks for t in item.split(",") if t.strip()]
+FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serves it), sparse-bitmask or sparse-24-bitmask "
+               "(compressed-tensors bitmask formats, smaller, for storage and transfer; 2:4 weights only for the latter).")
 
 
 @cli.command()
@@ -116,6 +120,7 @@ def _task_list(tasks) -> list[str]:
 @click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s, dense vs compressed, interleaved.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help=FORMAT_HELP + " Default: the recipe's export.format, dense.")
 @click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
@@ -125,7 +130,7 @@ def _task_list(tasks) -> list[str]:
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, structure, ffn, heads, round_to, uniform,
           recover_steps, allocate, refine, steps, prior, calib, nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot,
-          limit, speed, output, overwrite, device, dtype,
+          limit, speed, output, overwrite, fmt, device, dtype,
           trust_remote_code, allow_pickle, checkpoint_dir, resume):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
@@ -142,6 +147,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --method wanda --pattern 2:4 --ppl wikitext2 --ppl c4 --tasks suite --limit 500 --speed -o out/
       sparsellm prune --structure cfsp --ffn 0.2 --recover-steps 100 -o out/   # CFSP + LoRA recovery
       sparsellm prune --structure wanda-sp --ffn 0.3 --heads 0.25 --uniform -o out/
+      sparsellm prune --method wanda --pattern 2:4 --format sparse-24-bitmask -o out/   # smaller files
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
@@ -210,6 +216,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
                 ev[key] = val
         if speed:
             ev.setdefault("speed", {})
+        if fmt:
+            data["export"] = {"format": fmt}
         recipe = recipe_from_dict(data, recipe_path or "command line")
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume)
         report = compress(recipe, output, options, model_spec)
@@ -238,11 +246,14 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+@click.option("--semi-structured", is_flag=True, help="Run 2:4-sparse Linear weights as PyTorch semi-structured sparse "
+              "tensors (CUDA, compute capability 8.0+, with --dtype float16 or bfloat16); other layers stay dense.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_size, limit, device, dtype,
-             trust_remote_code, allow_pickle, as_json):
-    """Perplexity (exp of the mean next-token NLL over non-overlapping chunks) and lm-eval accuracy of a model.
+             trust_remote_code, allow_pickle, semi_structured, as_json):
+    """Perplexity (exp of the mean next-token NLL over non-overlapping chunks) and lm-eval accuracy of a model,
+    in any export format (its config.json says which).
 
     \b
     Examples:
@@ -253,6 +264,7 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
     from .evaluate import perplexity
     from .evaluate.zeroshot import evaluate_tasks, task_manager
     from .loading import load_model
+    from .loading.semi_structured import accelerate_24, check_cuda
     from .pipeline import default_seqlen, resolve_device
 
     def run():
@@ -263,8 +275,12 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
         if task_names:  # unknown task names fail before the model is loaded
             task_manager(task_names, task_path)
         dev = resolve_device(device)
+        if semi_structured:
+            check_cuda(dev)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
         model = loaded.model.to(dev)
+        if semi_structured:
+            accelerate_24(model)
         n = default_seqlen(model, seqlen)
         results = {}
         for source in ppl:
@@ -382,6 +398,44 @@ def apply_masks_cmd(ctx, masks, model_spec, output, overwrite, dtype, trust_remo
         with atomic_folder(out, overwrite) as tmp:
             save_model(loaded.model, loaded.tokenizer, tmp)
         click.echo(f"{output}: {meta.get('pattern')} masks on {len(keep)} Linear layers, {zeroed:,} weights zeroed")
+
+    _guarded(ctx, run)
+
+
+@cli.command("export")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True, help=FORMAT_HELP)
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Convert the weights to this dtype (auto: keep them).")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+@click.pass_context
+def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, allow_pickle):
+    """Rewrite a model folder (any export format) or GGUF in another format, e.g. a sparse-bitmask
+    folder back to a plain dense one that any reader (vLLM included) loads.
+
+    \b
+    Examples:
+      sparsellm export out/ --format sparse-bitmask -o out-small/
+      sparsellm export out-small/ --format dense -o out-dense/
+      sparsellm export out/ --format sparse-24-bitmask --dtype bfloat16 -o out-24/
+
+    recipe.yaml and the report files of a sparsellm output folder are copied along."""
+    from .export import atomic_folder, check_output, copy_side_files, save_model
+    from .loading import load_model
+
+    def run():
+        out = Path(output)
+        check_output(out, overwrite)
+        loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+        with atomic_folder(out, overwrite) as tmp:
+            save_model(loaded.model, loaded.tokenizer, tmp, fmt)
+            if loaded.source.kind == "local":
+                copy_side_files(Path(loaded.source.path), tmp)
+        size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+        click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 
     _guarded(ctx, run)
 

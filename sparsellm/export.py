@@ -77,10 +77,14 @@ def atomic_folder(out: Path, overwrite: bool):
         raise
 
 
-def save_model(model, tokenizer, folder: Path) -> None:
+def save_model(model, tokenizer, folder: Path, fmt: str = "dense") -> None:
+    """save_pretrained, then the weights rewritten in `fmt` (see formats.py; dense: left as they are)."""
+    from .formats import compress_folder
+
     model.save_pretrained(folder, safe_serialization=True)
     if any(getattr(model.config, k, None) is not None for k in ("sparsellm_slicing", "sparsellm_structure")):
         _declare_sliced(Path(folder))
+    compress_folder(Path(folder), model, fmt)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     # safetensors writes through a private temp file (mode 0600); published files should be readable
@@ -94,6 +98,14 @@ def save_model(model, tokenizer, folder: Path) -> None:
 def disk_bytes(folder: Path) -> int:
     """Bytes of the model weights in a folder (safetensors shards)."""
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+SIDE_FILES = ("recipe.yaml", "report.json", "report.md", "sparsity_per_layer.png")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """What a sparsellm output folder holds beside the model: it still describes the re-exported weights."""
+    for name in SIDE_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
 
 
 def _declare_sliced(folder: Path) -> None:

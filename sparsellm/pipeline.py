@@ -400,8 +400,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         return report
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
-            save_model(model, tokenizer, tmp)
+            save_model(model, tokenizer, tmp, recipe.export.format)
         report["model"]["disk_bytes"] = disk_bytes(tmp)
+        report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"]}
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         for name, write in artifacts.items():
             write(tmp / name)

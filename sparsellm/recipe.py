@@ -352,12 +352,22 @@ class Stage(_Strict):
         return getattr(self, self.kind)
 
 
+EXPORT_FORMATS = ("dense", "sparse-bitmask", "sparse-24-bitmask")
+
+
+class Export(_Strict):
+    format: Literal[EXPORT_FORMATS] = Field(
+        "dense", description="on-disk weights: dense (zeros stored; loads anywhere, servable by vLLM), or the "
+        "compressed-tensors bitmask formats for storage and transfer (sparse-24-bitmask: 2:4 weights only)")
+
+
 class Recipe(_Strict):
     model: str | None = Field(None, description="hub id, local folder, .gguf file or smollm2-135m")
     seed: int = 0
     calibration: Calibration = Field(default_factory=Calibration)
     evaluation: Evaluation = Field(default_factory=Evaluation)
     stages: list[Stage] = Field(min_length=1)
+    export: Export = Field(default_factory=Export)
 
     @model_validator(mode="after")
     def _stage_order(self):
@@ -391,6 +401,14 @@ class Recipe(_Strict):
             if st.kind == "refine" and (i == 0 or kinds[i - 1] not in ("prune", "refine")):
                 raise ValueError(f"stages.{i}: a refine stage must come right after a prune (or refine) stage, "
                                  "whose dense weights it needs")
+        fmt, prunes = self.export.format, [(i, st.spec) for i, st in enumerate(self.stages) if st.kind == "prune"]
+        if fmt != "dense" and not prunes:
+            raise ValueError(f"export format {fmt} stores pruned weights, but no stage prunes; add a prune stage "
+                             "or export as dense")
+        for i, spec in prunes:
+            if fmt == "sparse-24-bitmask" and spec.pattern != "2:4":
+                raise ValueError(f"export format sparse-24-bitmask needs 2:4 weights, but stages.{i} prunes with "
+                                 f"pattern {spec.pattern}; use pattern 2:4 or export as sparse-bitmask")
         return self
 
     def to_yaml(self) -> str:

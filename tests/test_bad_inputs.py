@@ -402,7 +402,7 @@ def output_not_writable(w):
 def disk_full_while_writing_output(w):
     import sparsellm.pipeline as pipeline
 
-    def full_disk(model, tokenizer, folder):
+    def full_disk(model, tokenizer, folder, fmt="dense"):
         (folder / "model.safetensors").write_bytes(b"the first half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -495,6 +495,54 @@ def push_without_token(w):
     return Case(["push", out, "--repo-id", "me/tiny"], 10,
                 "no Hugging Face token found; log in with `hf auth login` or set HF_TOKEN, or use --dry-run to see "
                 "what would be uploaded")
+# -- export formats and 2:4 acceleration -------------------------------------------------------------
+def _saved(w, fmt: str = "dense", pattern: str = "unstructured") -> Path:
+    """A tiny Llama folder pruned by magnitude (per row or 2:4), written in `fmt`."""
+    from sparsellm.compress.masks import nm_mask, row_mask
+    from sparsellm.export import save_model
+
+    model = tiny_model("llama")
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            scores = mod.weight.abs()
+            mod.weight[nm_mask(scores, 2, 4) if pattern == "2:4" else row_mask(scores, 0.5)] = 0
+    save_model(model, w.tokenizer, w.tmp / "pruned", fmt)
+    return w.tmp / "pruned"
+
+
+@case
+def format_24_with_unstructured_stage(w):
+    return Case(w.prune(*MAGNITUDE, "--format", "sparse-24-bitmask"), 2,
+                "invalid recipe (command line): export format sparse-24-bitmask needs 2:4 weights, but stages.0 prunes "
+                "with pattern unstructured; use pattern 2:4 or export as sparse-bitmask; fix that option (see sparsellm "
+                "prune --help)")
+
+
+@case
+def export_24_of_unstructured_weights(w):
+    return Case(["export", _saved(w), "--format", "sparse-24-bitmask", "-o", w.out], 7,
+                "format sparse-24-bitmask needs 2:4-sparse weights, but model.layers.0.self_attn.q_proj is not 2:4 "
+                "along its inputs; prune with pattern 2:4, or export as sparse-bitmask or dense")
+
+
+@case
+def compressed_weight_missing_a_part(w):
+    from safetensors.torch import load_file, save_file
+
+    folder = _saved(w, "sparse-bitmask")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.row_offsets"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return Case(["eval", "--model", folder, "--ppl", TEXT], 3,
+                "{tmp}/pruned: compressed weight model.layers.1.mlp.up_proj lacks row_offsets; the file is incomplete, "
+                "re-export the model")
+
+
+@case
+def semi_structured_without_cuda(w):
+    return Case(["eval", "--model", _saved(w, pattern="2:4"), "--ppl", TEXT, "--dtype", "float16", "--semi-structured"], 2,
+                "semi-structured 2:4 acceleration needs a CUDA GPU (compute capability 8.0+); run on a GPU with "
+                "--device cuda, or drop --semi-structured")
 
 
 def _tree(root: Path) -> set[str]:

@@ -137,6 +137,11 @@ class Memory(_M):
     peak_rss_bytes: int
 
 
+class Export(_M):
+    format: Literal["dense", "sparse-bitmask", "sparse-24-bitmask"] = Field(description="on-disk weight format")
+    weights_bytes: int = Field(description="bytes of the safetensors files written")
+
+
 class Report(_M):
     schema_version: Literal[3]
     versions: Versions
@@ -153,6 +158,7 @@ class Report(_M):
     timings: dict[str, float]
     memory: Memory
     resumed: dict[str, Any] | None
+    export: Export | None = None
 
 
 def validate(report: dict) -> Report:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..formats import folder_format, read_state_dict
 from .adapters import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
@@ -161,18 +162,33 @@ def resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
     return DTYPES[name]
 
 
-def _sliced_class(source: ModelSource):
+def _sliced_class(cfg: dict):
     """SliceGPT outputs carry their runtime in sparsellm itself: no remote code needed here."""
-    if source.gguf_file:
-        return None
-    from transformers import PretrainedConfig
-
-    cfg, _ = PretrainedConfig.get_config_dict(source.path)
     if not str(cfg.get("model_type", "")).startswith("sparsellm_sliced_"):
         return None
     from .modeling_sliced import model_class
 
     return model_class(cfg)
+
+
+def _decompressed(source: ModelSource, fmt: str, model_cls, trust_remote_code: bool) -> dict:
+    """from_pretrained arguments for a folder in a sparse format: its dense weights, and its config
+    without the compressed-tensors block (so transformers applies no quantizer, and a re-export is plain)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM
+
+    folder = source.path
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors"])
+    if model_cls is AutoModelForCausalLM:  # from_pretrained without a path needs the concrete class
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    else:
+        config = model_cls.config_class.from_pretrained(folder)
+    del config.quantization_config
+    log.info("decompressing %s weights", fmt)
+    return model_cls, {"config": config, "state_dict": read_state_dict(Path(folder), fmt)}
 
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -234,7 +250,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     """Load a model and its tokenizer. Weights come from safetensors (or GGUF) only, unless
     allow_pickle: a pickle checkpoint (pytorch_model.bin) can run arbitrary code when loaded."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     source = resolve_model(spec)
     kwargs = dict(trust_remote_code=trust_remote_code)
@@ -248,8 +264,14 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
             _refuse_pickle_only(Path(source.path), source.spec)
     log.info("loading %s (%s)", source.spec, source.kind)
     try:
-        model_cls = _sliced_class(source) or AutoModelForCausalLM
-        model = model_cls.from_pretrained(source.path, dtype=resolve_dtype(dtype, source), **kwargs, **model_kwargs)
+        cfg = {} if source.gguf_file else PretrainedConfig.get_config_dict(source.path)[0]
+        model_cls = _sliced_class(cfg) or AutoModelForCausalLM
+        fmt = folder_format(cfg)
+        if fmt != "dense":
+            model_cls, decompressed = _decompressed(source, fmt, model_cls, trust_remote_code)
+            model_kwargs.update(decompressed)
+        weights_from = None if "state_dict" in model_kwargs else source.path  # transformers takes one or the other
+        model = model_cls.from_pretrained(weights_from, dtype=resolve_dtype(dtype, source), **kwargs, **model_kwargs)
         # a sliced config names a model type AutoTokenizer does not know: hand it the loaded one
         tok_kwargs = {"config": model.config} if model_cls is not AutoModelForCausalLM else {}
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs, **tok_kwargs)

@@ -1,0 +1,209 @@
+"""On-disk formats of the exported weights: `dense` (zeros stored; loads anywhere) and the two sparse
+formats that compressed-tensors defined (`sparse-bitmask`, `sparse-24-bitmask`), written and read here
+because recent compressed-tensors releases dropped those compressors. The layout follows
+compressed-tensors 0.13.0 exactly, so that its readers load our files and ours load theirs.
+
+Per compressed Linear `P` (`P.weight` is replaced by):
+  sparse-bitmask:     P.shape int64 [2]; P.compressed: the nonzeros, row-major, 1-D, weight dtype;
+                      P.bitmask uint8 [rows, ceil(cols/8)] (numpy packbits, little bit order);
+                      P.row_offsets int64 [rows]: where each row starts in P.compressed
+  sparse-24-bitmask:  P.shape int64 [2, 1]; P.compressed [rows, cols/2]: the two kept values of every
+                      group of 4 inputs; P.bitmask as above, exactly 2 bits set per group of 4
+config.json gets `quantization_config: {quant_method: compressed-tensors, sparsity_config: {...}}`;
+the default `dense` export writes no such block (recent vLLM refuses a sparsity_config)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import CompressionError, ModelLoadError
+from .recipe import EXPORT_FORMATS as FORMATS
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "0.13.0"  # the compressed-tensors release whose layout and config block this writes
+QUANT_METHOD = "compressed-tensors"
+# A weight that was never pruned has few exact zeros (a dequantized GGUF: about 1 %), a pruned one its
+# target fraction; and below about 1/16 zeros a bitmask costs more than it saves in 16-bit dtypes.
+MIN_SPARSITY = 0.1
+_PARTS = {"sparse-bitmask": ("shape", "compressed", "bitmask", "row_offsets"),
+          "sparse-24-bitmask": ("shape", "compressed", "bitmask")}
+
+
+# ---- one tensor ----------------------------------------------------------------------------------
+
+def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [rows, cols] -> uint8 [rows, ceil(cols/8)]; bit j of byte b is column 8b + j."""
+    return torch.from_numpy(np.packbits(mask.cpu().numpy(), axis=-1, bitorder="little"))
+
+
+def unpack_bitmask(packed: torch.Tensor, shape) -> torch.Tensor:
+    rows, cols = (int(s) for s in shape)
+    bits = np.unpackbits(packed.cpu().numpy(), axis=-1, count=cols, bitorder="little")
+    return torch.from_numpy(bits.reshape(rows, cols).astype(bool))
+
+
+def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    keep = weight != 0
+    counts = keep.sum(-1)
+    return {"shape": torch.tensor(list(weight.shape)), "compressed": weight[keep], "bitmask": pack_bitmask(keep),
+            "row_offsets": torch.cumsum(counts, 0) - counts}
+
+
+def bitmask_decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    shape = parts["shape"].flatten().tolist()
+    mask = unpack_bitmask(parts["bitmask"], shape)
+    values = parts["compressed"].flatten()
+    if int(mask.sum()) != values.numel():
+        raise ValueError(f"bitmask marks {int(mask.sum())} values but {values.numel()} are stored")
+    out = torch.zeros(shape, dtype=values.dtype)
+    out[mask] = values
+    return out
+
+
+def is_24(weight: torch.Tensor) -> bool:
+    """At most 2 nonzeros in every group of 4 consecutive inputs of each row."""
+    cols = weight.shape[-1]
+    return weight.dim() == 2 and cols % 4 == 0 and bool(((weight != 0).view(-1, 4).sum(-1) <= 2).all())
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """Exactly 2 marked positions per group of 4: the nonzeros, topped up with the group's first zeros
+    where a group has fewer than 2 (the compressed tensor has a fixed [rows, cols/2] shape)."""
+    groups = (weight != 0).view(-1, 4)
+    missing = 2 - groups.sum(-1, keepdim=True)
+    zero_rank = torch.cumsum(~groups, -1)  # 1 for the group's first zero, 2 for its second, ...
+    return (groups | (~groups & (zero_rank <= missing))).view(weight.shape)
+
+
+def sparse24_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    if not is_24(weight):
+        raise ValueError("not 2:4 sparse along the input dimension")
+    keep = mask_24(weight)
+    rows, cols = weight.shape
+    return {"shape": torch.tensor([rows, cols]).reshape(-1, 1), "compressed": weight[keep].reshape(rows, cols // 2),
+            "bitmask": pack_bitmask(keep)}
+
+
+def sparse24_decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    return bitmask_decompress(parts)  # same scatter; compressed is [rows, cols/2] instead of 1-D
+
+
+COMPRESS = {"sparse-bitmask": bitmask_compress, "sparse-24-bitmask": sparse24_compress}
+DECOMPRESS = {"sparse-bitmask": bitmask_decompress, "sparse-24-bitmask": sparse24_decompress}
+
+
+# ---- one model folder ----------------------------------------------------------------------------
+
+def sparse_linears(model) -> dict[str, torch.Tensor]:
+    """Module name -> weight of the pruned Linear layers: those with at least MIN_SPARSITY exact zeros.
+    The head is never pruned (it is often the embedding matrix itself)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: mod.weight for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and mod is not head
+            and (mod.weight == 0).float().mean().item() >= MIN_SPARSITY}
+
+
+def check_format(fmt: str, sparse: dict[str, torch.Tensor]) -> None:
+    if fmt == "sparse-24-bitmask":
+        bad = next((n for n, w in sparse.items() if not is_24(w)), None)
+        if bad is not None:
+            raise CompressionError(f"format sparse-24-bitmask needs 2:4-sparse weights, but {bad} is not 2:4 along its "
+                                   "inputs; prune with pattern 2:4, or export as sparse-bitmask or dense")
+    if fmt != "dense" and not sparse:
+        raise CompressionError(f"format {fmt}: the model has no pruned Linear layer to compress; export it as dense")
+
+
+def sparsity_config(fmt: str, sparse: dict[str, torch.Tensor], ignore: list[str], global_sparsity: float) -> dict:
+    """The block compressed-tensors' ModelCompressor.update_config writes (its BitmaskConfig /
+    Sparse24BitMaskConfig dumped, registry field included): targets every Linear but those ignored."""
+    structure = "2:4" if all(is_24(w) for w in sparse.values()) else "unstructured"
+    return {"format": fmt, "global_sparsity": global_sparsity, "ignore": ignore, "registry_requires_subclass": False,
+            "sparsity_structure": structure, "targets": ["Linear"]}
+
+
+def compress_folder(folder: Path, model, fmt: str) -> None:
+    """Rewrite the dense safetensors that save_pretrained wrote in `folder` into `fmt`, and declare it
+    in config.json. Tensors are written in sorted order, so the same weights give the same bytes."""
+    if fmt == "dense":
+        return
+    sparse = sparse_linears(model)
+    check_format(fmt, sparse)
+    folder = Path(folder)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else None
+    shards = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    compress, zeros, total, weight_map, nbytes = COMPRESS[fmt], 0, 0, {}, 0
+    for shard in shards:
+        with safe_open(folder / shard, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        out = {}
+        for key, t in sorted(tensors.items()):
+            zeros += int((t == 0).sum()) if t.is_floating_point() else 0
+            total += t.numel()
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and module in sparse:
+                out.update({f"{module}.{part}": v.contiguous() for part, v in compress(t).items()})
+            else:
+                out[key] = t
+        save_file(out, folder / shard, metadata=metadata)
+        weight_map.update({k: shard for k in out})
+        nbytes += sum(v.nbytes for v in out.values())
+    if index:
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index.setdefault("metadata", {})["total_size"] = nbytes
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in sparse)
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "transform_config": {},
+                                  "sparsity_config": sparsity_config(fmt, sparse, ignore, round(zeros / total, 6))}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("wrote %d Linear weights as %s", len(sparse), fmt)
+
+
+def folder_format(config: dict) -> str:
+    """Which format a model folder's config.json declares ("dense" when none)."""
+    qc = config.get("quantization_config") or config.get("compression_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return "dense"
+    sc = qc.get("sparsity_config") or {}
+    fmt = sc.get("format", "dense")
+    if fmt not in FORMATS:
+        raise ModelLoadError(f"sparsity format {fmt!r} in config.json is not supported; sparsellm reads "
+                             f"{', '.join(FORMATS)}")
+    if fmt != "dense" and (qc.get("config_groups") or qc.get("transform_config")):
+        raise ModelLoadError("this folder's compressed-tensors config also quantizes or transforms weights; "
+                             "sparsellm reads only the dense and sparse (bitmask) formats")
+    return fmt
+
+
+def read_state_dict(folder: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """The dense state dict of a folder written in `fmt` (all its safetensors files)."""
+    parts_of = _PARTS[fmt]
+    dense, grouped = {}, {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                module, _, part = key.rpartition(".")
+                if part in parts_of:
+                    grouped.setdefault(module, {})[part] = f.get_tensor(key)
+                else:
+                    dense[key] = f.get_tensor(key)
+    for module, parts in grouped.items():
+        missing = [p for p in parts_of if p not in parts]
+        if missing:
+            raise ModelLoadError(f"{folder}: compressed weight {module} lacks {', '.join(missing)}; the file is "
+                                 "incomplete, re-export the model")
+        try:
+            dense[f"{module}.weight"] = DECOMPRESS[fmt](parts)
+        except (ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{folder}: compressed weight {module} is corrupt ({e}); re-export the model") from None
+    return dense
