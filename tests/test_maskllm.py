@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import TEXT, cli_process, tiny_model
 from sparsellm.cli import cli
 from sparsellm.compress.maskllm import (apply_masks, cosine_lr, gumbel_noise, hard_mask, hard_mask_index, linear_schedule,
-                                        load_masks, mask_patterns, pack_bits, prior_logits, soft_mask, unpack_bits)
+                                        load_masks, mask_patterns, prior_logits, soft_mask)
 
 P24 = mask_patterns(2, 4)
 
@@ -62,15 +62,6 @@ def test_schedules():
     assert linear_schedule(0, 11, 4.0, 0.05) == 4.0 and linear_schedule(10, 11, 4.0, 0.05) == pytest.approx(0.05)
     assert linear_schedule(5, 11, 100, 500) == pytest.approx(300)
     assert cosine_lr(0, 10, 1.0, 0.1) == pytest.approx(1.0) and cosine_lr(5, 10, 1.0, 0.1) == pytest.approx(0.55)
-
-
-def test_pack_bits_matches_numpy_little_endian():
-    mask = torch.rand(7, 13, generator=torch.Generator().manual_seed(1)) > 0.5
-    packed = pack_bits(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == (7 * 13 + 7) // 8
-    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy().reshape(-1), bitorder="little"))
-    assert torch.equal(unpack_bits(packed, (7, 13)), mask)
-    assert pack_bits(torch.tensor([True] + [False] * 7 + [True])).tolist() == [1, 1]
 
 
 # -- the training loop on a tiny Llama --------------------------------------------------------------------

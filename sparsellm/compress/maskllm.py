@@ -90,21 +90,6 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / max(total, 1)))
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor → uint8, 8 entries a byte, first entry in the lowest bit (numpy's bitorder="little"),
-    row-major over the flattened tensor, zero-padded at the end."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    flat = F.pad(flat, (0, (-flat.numel()) % 8))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
-    bits = (packed.reshape(-1, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    n = math.prod(shape)
-    return bits.reshape(-1)[:n].bool().reshape(shape)
-
-
 def noise_seed(seed: int, step: int, index: int) -> int:
     """A fixed seed per (run, micro-step, Linear): a recomputed forward (gradient checkpointing, a resumed
     run) draws the same noise."""
@@ -168,8 +153,11 @@ def detach(linears: dict[str, nn.Linear], patterns: torch.Tensor) -> dict[str, t
 # -- mask files (transfer to another checkpoint) -----------------------------------------------------------
 
 def save_masks(keep: dict[str, torch.Tensor], path: Path, pattern: str, model_type: str) -> None:
-    """The learned keep-masks alone, bit-packed (1 bit a weight), with their shapes in the metadata."""
-    tensors = {f"{name}.mask": pack_bits(m) for name, m in keep.items()}
+    """The learned keep-masks alone, bit-packed as compressed-tensors' bitmask (1 bit a weight, a row
+    per weight row, first column in the lowest bit), with their shapes in the metadata."""
+    from ..formats import pack_bitmask
+
+    tensors = {f"{name}.mask": pack_bitmask(m) for name, m in keep.items()}
     meta = {"format": MASK_FORMAT, "pattern": pattern, "model_type": model_type,
             "shapes": {name: list(m.shape) for name, m in keep.items()}}
     # one metadata key: safetensors writes several in a per-process random order (not bit-reproducible)
@@ -177,12 +165,14 @@ def save_masks(keep: dict[str, torch.Tensor], path: Path, pattern: str, model_ty
 
 
 def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from ..formats import unpack_bitmask
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("sparsellm", "{}"))
             if meta.get("format") != MASK_FORMAT:
                 raise RecipeError(f"{path} is not a sparsellm mask file; give the masks.safetensors a maskllm run wrote")
-            keep = {name: unpack_bits(f.get_tensor(f"{name}.mask"), shape) for name, shape in meta["shapes"].items()}
+            keep = {name: unpack_bitmask(f.get_tensor(f"{name}.mask"), shape) for name, shape in meta["shapes"].items()}
     except (OSError, ValueError, KeyError) as e:
         raise RecipeError(f"cannot read the mask file {path}: {e}; give the masks.safetensors a maskllm run wrote") from None
     return keep, meta
