@@ -83,6 +83,10 @@ def save_model(model, tokenizer, folder: Path) -> None:
         _declare_sliced(Path(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    make_readable(folder)
+
+
+def make_readable(folder: Path) -> None:
     # safetensors writes through a private temp file (mode 0600); published files should be readable
     umask = os.umask(0)
     os.umask(umask)

@@ -42,3 +42,15 @@ def current_rss_bytes() -> int:
 
 def peak_cuda_bytes() -> int | None:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def available_bytes() -> int | None:
+    """Memory the kernel can give this process without swapping (MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -23,6 +23,7 @@ from .evaluate import perplexity, sparsity_summary, write_report
 from .export import atomic_folder, check_output, save_model
 from .faults import fault_point
 from .loading import get_adapter, load_model
+from .lowmem import low_memory_reason
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RunOptions:
     allow_pickle: bool = False
     checkpoint_dir: str | None = None  # save progress per decoder layer here
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    low_memory: bool | None = None  # read/write the model layer by layer; None: when it exceeds the free memory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,14 +101,19 @@ def check_stage_fits(model, adapter, spec) -> None:
                           "against module names such as model.layers.0.mlp.down_proj")
 
 
-def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: str) -> dict[str, float]:
+def evaluate_all(tokenizer, recipe: Recipe, seqlen: int, label: str, measure) -> dict[str, float]:
+    """Perplexity on each evaluation source; `measure(chunks, desc)` computes one."""
     ev = recipe.evaluation
     out = {}
     for source in ev.ppl:
         chunks = evaluation_chunks(tokenizer, source, seqlen, ev.limit)
-        out[source] = perplexity(model, chunks, ev.batch_size, device, desc=f"ppl {label} {Path(source).name}")
+        out[source] = measure(chunks, f"ppl {label} {Path(source).name}")
         log.info("perplexity %s on %s: %.3f", label, source, out[source])
     return out
+
+
+def whole_model_perplexity(model, recipe: Recipe, device):
+    return lambda chunks, desc: perplexity(model, chunks, recipe.evaluation.batch_size, device, desc=desc)
 
 
 def _label(spec) -> str:
@@ -116,11 +123,13 @@ def _label(spec) -> str:
 
 
 def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
-               checkpoint: Checkpoint | None = None) -> tuple[list[dict], dict | None]:
+               checkpoint: Checkpoint | None = None, stream=None) -> tuple[list[dict], dict | None]:
     """Run the recipe's stages. An allocate stage sets the per-layer sparsities of the prune stage after
     it; a prune stage and the refine stages right after it share one calibration pass (DSnoT needs the
     statistics of the same inputs the mask was chosen on, and the dense weights). With a checkpoint,
-    finished allocations and layers are taken from it and new ones saved to it."""
+    finished allocations and layers are taken from it and new ones saved to it. With a `stream`
+    (lowmem.LayerStream) the model is an empty skeleton whose layers the stream reads (and the prune
+    passes write) one at a time."""
     reports, allocation = [], None
     stages, batch = recipe.stages, recipe.calibration.batch_size
     i = 0
@@ -139,7 +148,8 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
             key = f"allocation{i}"
             allocation = checkpoint.result(key) if checkpoint is not None else None
             if allocation is None:
-                allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed)
+                allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed,
+                                      io=stream.reading() if stream is not None else None)
                 if checkpoint is not None:
                     checkpoint.put_result(key, allocation)
             methods[i + 1].layer_sparsity = allocation["sparsity"]
@@ -157,7 +167,7 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
         selects = [prune_select] + [refine_selector(adapter, stages[k].spec, prune_select) for k in group[1:]]
         desc = " + ".join(_label(stages[k].spec) for k in group)
         own = run_layerwise(model, adapter, windows, [methods[k] for k in group], selects, device, batch, desc=desc,
-                            checkpoint=checkpoint, pass_key=f"stage{i}")
+                            checkpoint=checkpoint, pass_key=f"stage{i}", io=stream)
         total = time.perf_counter() - t
         for n, k in enumerate(group):
             # the shared calibration forwards are booked on the prune stage
@@ -185,6 +195,57 @@ def _stage_report(stage, seconds: float, compute_seconds: float | None = None, d
             "peak_cuda_bytes": memory.peak_cuda_bytes(), "details": details}
 
 
+def prepare_calibration(model, tokenizer, recipe: Recipe, timer: Timer):
+    """Calibration and evaluation lengths, the stages' methods, and the calibration windows (None for
+    data-free recipes)."""
+    seqlen = default_seqlen(model, recipe.calibration.seqlen)
+    eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
+    methods = [build_method(stage.spec) if stage.kind in ("prune", "refine") else None for stage in recipe.stages]
+    windows = None
+    if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
+        with timer("calibration data"):
+            windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+    return seqlen, eval_seqlen, methods, windows
+
+
+def build_report(*, source, model, recipe: Recipe, windows, seqlen: int, eval_seqlen: int, device, stage_reports,
+                 allocation, sparsity: dict, ppl_before: dict, ppl_after: dict, timer: Timer, load_memory: tuple[int, int],
+                 params_before: int, resumed=None, low_memory: dict | None = None) -> dict:
+    for n, r in enumerate(stage_reports):
+        timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
+    return {
+        "schema_version": 2,
+        "versions": versions(),
+        "model": {"spec": source.spec, "kind": source.kind, "model_type": model.config.model_type,
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
+                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None},
+        "recipe": recipe.model_dump(mode="json"),
+        "calibration": None if windows is None else {
+            "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
+            "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
+        "device": str(device),
+        "stages": stage_reports,
+        "allocation": allocation,
+        "sparsity": sparsity,
+        "perplexity": {"seqlen": eval_seqlen, "before": ppl_before, "after": ppl_after} if recipe.evaluation.ppl else None,
+        "timings": timer.timings,
+        "memory": {"rss_after_load_bytes": load_memory[0], "peak_rss_load_bytes": load_memory[1],
+                   "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
+        # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
+        "resumed": resumed,
+        # a run that read and wrote the model layer by layer (lowmem): why, and the checkpoint's size
+        "low_memory": low_memory,
+    }
+
+
+def write_extras(folder: Path, recipe: Recipe, report: dict) -> None:
+    """Everything in the output besides the model: the recipe and the report."""
+    (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    write_report(folder, report)
+    fault_point("export")
+
+
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
     """Run a recipe end to end; returns the report written to the output folder."""
     torch.manual_seed(recipe.seed)
@@ -192,11 +253,16 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     check_output(out, options.overwrite)
     if options.resume and not options.checkpoint_dir:
         raise RecipeError("--resume needs --checkpoint-dir DIR, the folder the interrupted run saved its progress to")
+    device = resolve_device(options.device)
+    spec = model_spec or recipe.model
+    reason = low_memory_reason(spec, recipe, options)
+    if reason:
+        from .lowmem.run import compress_low_memory  # builds on this module
+
+        return compress_low_memory(recipe, out, options, spec, device, reason)
     if options.checkpoint_dir:
         check_folder(Path(options.checkpoint_dir), options.resume)
-    device = resolve_device(options.device)
     timer = Timer()
-    spec = model_spec or recipe.model
     memory.reset_peak()
 
     with timer("load"):
@@ -208,71 +274,44 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             check_stage_fits(model, adapter, stage.spec)
         if stage.kind == "slice":
             adapter.check_sliceable(model)
-    rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
-
-    seqlen = default_seqlen(model, recipe.calibration.seqlen)
-    eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
-    methods = [build_method(stage.spec) if stage.kind in ("prune", "refine") else None for stage in recipe.stages]
-    windows = None
-    if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
-        with timer("calibration data"):
-            windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+    load_memory = memory.current_rss_bytes(), memory.peak_rss_bytes()
+    seqlen, eval_seqlen, methods, windows = prepare_calibration(model, tokenizer, recipe, timer)
 
     checkpoint = None
     if options.checkpoint_dir:  # after loading: the fingerprint needs the dense weights and the windows
         checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(model, recipe, windows), options.resume)
 
     params_before = sum(p.numel() for p in model.parameters())
+    measure = whole_model_perplexity(model, recipe, device)
     ppl_before = {}
     if recipe.evaluation.ppl and recipe.evaluation.before:
         ppl_before = checkpoint.result("ppl_before") if checkpoint is not None else None
         if ppl_before is None:
             with timer("perplexity before"):
                 model.to(device)
-                ppl_before = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "before")
+                ppl_before = evaluate_all(tokenizer, recipe, eval_seqlen, "before", measure)
                 model.to("cpu")
             if checkpoint is not None:
                 checkpoint.put_result("ppl_before", ppl_before)
 
     stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint)
-    for n, r in enumerate(stage_reports):
-        timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
 
     ppl_after = {}
     if recipe.evaluation.ppl:
         with timer("perplexity after"):
             model.to(device)
-            ppl_after = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "after")
+            ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure)
             model.to("cpu")
 
-    report = {
-        "schema_version": 2,
-        "versions": versions(),
-        "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
-                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
-                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None},
-        "recipe": recipe.model_dump(mode="json"),
-        "calibration": None if windows is None else {
-            "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
-            "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
-        "device": str(device),
-        "stages": stage_reports,
-        "allocation": allocation,
-        "sparsity": sparsity_summary(model, adapter),
-        "perplexity": {"seqlen": eval_seqlen, "before": ppl_before, "after": ppl_after} if recipe.evaluation.ppl else None,
-        "timings": timer.timings,
-        "memory": {"rss_after_load_bytes": rss_after_load, "peak_rss_load_bytes": peak_load,
-                   "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
-        # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
-        "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
-    }
+    report = build_report(
+        source=loaded.source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
+        device=device, stage_reports=stage_reports, allocation=allocation, sparsity=sparsity_summary(model, adapter),
+        ppl_before=ppl_before, ppl_after=ppl_after, timer=timer, load_memory=load_memory, params_before=params_before,
+        resumed=(checkpoint.resumed or None) if checkpoint is not None else None)
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        write_report(tmp, report)
-        fault_point("export")
+        write_extras(tmp, recipe, report)
     if checkpoint is not None:
         checkpoint.remove()  # the output is complete: nothing left to resume
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
