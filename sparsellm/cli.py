@@ -94,9 +94,13 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
+@click.option("--low-memory/--in-memory", "low_memory", default=None,
+              help="Read and write the model one decoder layer at a time from its safetensors (peak memory about one "
+                   "layer plus the activations), or load it whole. Default: low-memory when the checkpoint is larger "
+                   "than the available memory. Local safetensors folders; prune/refine stages and OWL.")
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, calib, nsamples, seqlen,
-          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume):
+          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume, low_memory):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -107,6 +111,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --allocate owl --method wanda --sparsity 0.7 --refine dsnot -o out/
       sparsellm prune --slicing 0.25 --calib docs.txt -o out/          # SliceGPT: a smaller dense model
       sparsellm prune --slicing 0.2 --rotation uniform --method wanda --pattern 2:4 -o out/
+      sparsellm prune --model ./big-llama --method sparsegpt --sparsity 0.5 --low-memory -o out/
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
     appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
@@ -149,7 +154,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         if ppl:
             data.setdefault("evaluation", {})["ppl"] = list(ppl)
         recipe = recipe_from_dict(data, recipe_path or "command line")
-        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume)
+        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory)
         report = compress(recipe, output, options, model_spec)
         ppl_after = (report.get("perplexity") or {}).get("after") or {}
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())
