@@ -471,6 +471,85 @@ def checkpoint_of_another_run(w):
                 "and data, or another --checkpoint-dir")
 
 
+# -- low-memory mode (sparsellm/lowmem) ----------------------------------------------------------------
+@case
+def low_memory_with_slicegpt(w):
+    return Case(w.prune("--slicing", "0.25", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16, "--low-memory"), 2,
+                "--low-memory: stages.0: SliceGPT changes the shapes of the embeddings, every decoder layer and the "
+                "head together, which needs the whole model; run it without --low-memory")
+
+
+@case
+def low_memory_with_ecoflap(w):
+    return Case(w.prune(*WANDA, "--allocate", "ecoflap", "--low-memory"), 2,
+                "--low-memory: stages.0: ECoFLaP's importance probes run every layer after the perturbed one, which "
+                "needs the whole model; allocate with owl instead, or run without --low-memory")
+
+
+@case
+def low_memory_with_checkpoint(w):
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt", "--low-memory"), 2,
+                "--low-memory: --checkpoint-dir/--resume restore layers into a model held in memory; drop them (an "
+                "interrupted low-memory run leaves no output), or run without --low-memory")
+
+
+@case
+def low_memory_gguf(w):
+    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    return Case(["prune", "--model", path, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "--low-memory: {tmp}/tiny.gguf is a GGUF file, which is dequantized whole; convert it to a "
+                "safetensors folder first, or run without --low-memory")
+
+
+@case
+def low_memory_hub_id(w):
+    return Case(["prune", "--model", "org/model", *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "--low-memory: low-memory mode reads a local folder: download org/model first (hf download org/model "
+                "--local-dir DIR) and give --model DIR")
+
+
+@case
+def low_memory_pickle_weights(w):
+    from safetensors.torch import load_file
+
+    d = w.model()
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "--allow-pickle", "-o", w.out], 3,
+                "--low-memory: model folder {tmp}/model has no safetensors weights (pickle files are loaded whole); "
+                "convert them to safetensors, or run without --low-memory")
+
+
+@case
+def low_memory_corrupt_safetensors(w):
+    d = w.model()
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "model weights of {tmp}/model are corrupt or truncated (Error while deserializing header: "
+                "incomplete metadata, file not fully covered); re-download or re-export the model")
+
+
+@case
+def low_memory_missing_tensor(w):
+    from safetensors.torch import load_file, save_file
+
+    d = w.model()
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "tensor model.layers.1.mlp.up_proj.weight is missing from the safetensors of {tmp}/model; the "
+                "checkpoint is incomplete: re-download or re-export it")
+
+
+@case
+def low_memory_interrupted(w):
+    # layer 0 is already written to the output's temp folder: it goes with the rest
+    return Case(w.prune(*WANDA, "--low-memory"), 130, "interrupted; no output was written",
+                process={"SPARSELLM_TEST_KILL_AT": "layer:0", "SPARSELLM_TEST_SIGNAL": "INT"})
+
+
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 

@@ -18,23 +18,25 @@ log = logging.getLogger(__name__)
 
 
 def recipe_problem(recipe, options) -> str | None:
-    """Why this recipe/option set cannot run layer by layer from disk, or None."""
+    """Why this recipe/option set cannot run layer by layer from disk, and what to do; or None."""
     for i, stage in enumerate(recipe.stages):
         if stage.kind == "slice":
-            return (f"stages.{i}: SliceGPT rotates the embeddings, every decoder layer and the head together and "
-                    "changes their shapes")
+            return (f"stages.{i}: SliceGPT changes the shapes of the embeddings, every decoder layer and the head "
+                    "together, which needs the whole model; run it without --low-memory")
         if stage.kind == "allocate" and stage.spec.method == "ecoflap":
-            return f"stages.{i}: ECoFLaP's importance probes run every layer after the perturbed one at once"
+            return (f"stages.{i}: ECoFLaP's importance probes run every layer after the perturbed one, which needs the "
+                    "whole model; allocate with owl instead, or run without --low-memory")
     if options.checkpoint_dir or options.resume:
-        return "--checkpoint-dir/--resume keep the whole model's state"
+        return ("--checkpoint-dir/--resume restore layers into a model held in memory; drop them (an interrupted "
+                "low-memory run leaves no output), or run without --low-memory")
     return None
 
 
 def source_problem(source) -> str | None:
     """Why this model cannot be read layer by layer, or None (a local folder of safetensors)."""
     if source.kind in ("gguf", "demo"):
-        return (f"{source.spec} is a GGUF file, which is dequantized whole; run without --low-memory, or convert it "
-                "to a safetensors folder first")
+        return (f"{source.spec} is a GGUF file, which is dequantized whole; convert it to a safetensors folder "
+                "first, or run without --low-memory")
     if source.kind == "hub":
         return (f"low-memory mode reads a local folder: download {source.spec} first (hf download {source.spec} "
                 "--local-dir DIR) and give --model DIR")
@@ -60,7 +62,7 @@ def low_memory_reason(spec: str | None, recipe, options) -> str | None:
     if options.low_memory:
         problem = recipe_problem(recipe, options)
         if problem:
-            raise RecipeError(f"--low-memory: {problem}; run without --low-memory on a machine that holds the model")
+            raise RecipeError(f"--low-memory: {problem}")
         problem = source_problem(source)
         if problem:
             raise ModelLoadError(f"--low-memory: {problem}")

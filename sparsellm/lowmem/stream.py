@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import memory
 from ..calibrate.engine import _layer_forward, capture_layer_inputs
 from ..evaluate.perplexity import nll_sum
 from ..evaluate.report import layer_zeros
@@ -111,6 +112,10 @@ class LayerStream:
             self.source.redirect(tensors, path)
             self.zeros[index] = layer_zeros(layer)
         self.release_module(prefix)
+        memory.release_freed()
+        log.debug("decoder layer %d released (%s); resident %.0f MiB, peak %.0f MiB", index,
+                  "written" if self.writer is not None else "read", memory.current_rss_bytes() / 2**20,
+                  memory.peak_rss_bytes() / 2**20)
 
     def copy_rest(self) -> None:
         """Shard 1: every saved tensor outside the decoder layers (embeddings, final norm, head), as read."""

@@ -33,7 +33,7 @@ class TensorSource:
                     with safe_open(f, "pt") as st:
                         self.files.update((name, f) for name in st.keys())
         except (OSError, ValueError, KeyError, SafetensorError) as e:
-            raise ModelLoadError(f"cannot read the safetensors of {spec} ({type(e).__name__}: {e}); "
+            raise ModelLoadError(f"model weights of {spec} are corrupt or truncated ({e}); "
                                  "re-download or re-export the model") from None
         if not self.files:
             raise ModelLoadError(f"model folder {spec} has no safetensors weights; low-memory mode reads only "
