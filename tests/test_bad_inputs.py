@@ -51,6 +51,15 @@ class Workspace:
         """A copy of a tiny model folder to damage."""
         return Path(shutil.copytree(self.models[arch], self.tmp / "model"))
 
+    def pickle_only_model(self) -> Path:
+        """A copy of the tiny Llama with its weights in pytorch_model.bin instead of safetensors."""
+        from safetensors.torch import load_file
+
+        d = self.model()
+        torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+        (d / "model.safetensors").unlink()
+        return d
+
     def recipe(self, stage: dict | None = None, **top) -> Path:
         data = {"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
                 "stages": [{"prune": stage or {"method": "wanda", "sparsity": 0.5}}], **top}
@@ -199,11 +208,7 @@ def gguf_truncated(w):
 
 @case
 def pickle_weights_refused(w):
-    from safetensors.torch import load_file
-
-    d = w.model()
-    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
-    (d / "model.safetensors").unlink()
+    d = w.pickle_only_model()
     return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
                 "model folder {tmp}/model has only pickle weights (pytorch_model.bin), which can run code when loaded; "
                 "pass --allow-pickle if you trust their source, or convert them to safetensors")
@@ -510,11 +515,7 @@ def low_memory_hub_id(w):
 
 @case
 def low_memory_pickle_weights(w):
-    from safetensors.torch import load_file
-
-    d = w.model()
-    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
-    (d / "model.safetensors").unlink()
+    d = w.pickle_only_model()
     return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "--allow-pickle", "-o", w.out], 3,
                 "--low-memory: model folder {tmp}/model has no safetensors weights (pickle files are loaded whole); "
                 "convert them to safetensors, or run without --low-memory")
