@@ -98,9 +98,13 @@ DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line
               help="Read and write the model one decoder layer at a time from its safetensors (peak memory about one "
                    "layer plus the activations), or load it whole. Default: low-memory when the checkpoint is larger "
                    "than the available memory. Local safetensors folders; prune/refine stages and OWL.")
+@click.option("--device-map", help='accelerate placement of the modules: auto, or JSON like \'{"model.layers.0": "cpu", '
+              '"model.layers.1": "disk", ...}\'; "disk" (and "cpu" next to a GPU) offloads a module, whose weights are '
+              "put in for its turn and written back compressed.")
+@click.option("--offload-folder", type=click.Path(file_okay=False), help="Where --device-map's disk offload keeps weights.")
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, allocate, refine, calib, nsamples, seqlen,
-          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume, low_memory):
+          seed, ppl, output, overwrite, device, dtype, trust_remote_code, allow_pickle, checkpoint_dir, resume, low_memory, device_map, offload_folder):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -154,7 +158,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         if ppl:
             data.setdefault("evaluation", {})["ppl"] = list(ppl)
         recipe = recipe_from_dict(data, recipe_path or "command line")
-        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory)
+        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
+                             device_map, offload_folder)
         report = compress(recipe, output, options, model_spec)
         ppl_after = (report.get("perplexity") or {}).get("after") or {}
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())

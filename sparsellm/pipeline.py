@@ -23,7 +23,8 @@ from .evaluate import perplexity, sparsity_summary, write_report
 from .export import atomic_folder, check_output, save_model
 from .faults import fault_point
 from .loading import get_adapter, load_model
-from .lowmem import low_memory_reason
+from .lowmem import low_memory_reason, recipe_problem
+from .lowmem.offload import OffloadedLayers, is_dispatched, parse_device_map
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ class RunOptions:
     checkpoint_dir: str | None = None  # save progress per decoder layer here
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
     low_memory: bool | None = None  # read/write the model layer by layer; None: when it exceeds the free memory
+    device_map: str | None = None  # accelerate dispatch: "auto" or JSON {module: device}, "disk" offloads
+    offload_folder: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -260,15 +263,22 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         from .lowmem.run import compress_low_memory  # builds on this module
 
         return compress_low_memory(recipe, out, options, spec, device, reason)
+    device_map = parse_device_map(options.device_map)
+    if device_map is not None and (problem := recipe_problem(recipe, options, "--device-map")):
+        raise RecipeError(f"--device-map: {problem}")
     if options.checkpoint_dir:
         check_folder(Path(options.checkpoint_dir), options.resume)
     timer = Timer()
     memory.reset_peak()
 
     with timer("load"):
-        loaded = load_model(spec, options.dtype, options.trust_remote_code, options.allow_pickle)
+        loaded = load_model(spec, options.dtype, options.trust_remote_code, options.allow_pickle, device_map,
+                            options.offload_folder)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
+    # offloaded layers (accelerate hooks): the engine puts their weights in and writes them back
+    offloaded = OffloadedLayers(adapter) if is_dispatched(model) else None
+    to_device = (lambda m, d: m) if offloaded is not None else (lambda m, d: m.to(d))  # accelerate places it
     for stage in recipe.stages:
         if stage.kind == "prune":
             check_stage_fits(model, adapter, stage.spec)
@@ -288,24 +298,25 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         ppl_before = checkpoint.result("ppl_before") if checkpoint is not None else None
         if ppl_before is None:
             with timer("perplexity before"):
-                model.to(device)
+                to_device(model, device)
                 ppl_before = evaluate_all(tokenizer, recipe, eval_seqlen, "before", measure)
-                model.to("cpu")
+                to_device(model, "cpu")
             if checkpoint is not None:
                 checkpoint.put_result("ppl_before", ppl_before)
 
-    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint)
+    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint, offloaded)
+    zeros = None if offloaded is None else [offloaded.zeros[i] for i in range(len(adapter.layers(model)))]
 
     ppl_after = {}
     if recipe.evaluation.ppl:
         with timer("perplexity after"):
-            model.to(device)
+            to_device(model, device)
             ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure)
-            model.to("cpu")
+            to_device(model, "cpu")
 
     report = build_report(
         source=loaded.source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
-        device=device, stage_reports=stage_reports, allocation=allocation, sparsity=sparsity_summary(model, adapter),
+        device=device, stage_reports=stage_reports, allocation=allocation, sparsity=sparsity_summary(model, adapter, zeros),
         ppl_before=ppl_before, ppl_after=ppl_after, timer=timer, load_memory=load_memory, params_before=params_before,
         resumed=(checkpoint.resumed or None) if checkpoint is not None else None)
     with atomic_folder(out, options.overwrite) as tmp:

@@ -122,3 +122,21 @@ def test_larger_than_memory_model_pruned_in_a_fraction_of_its_size(tmp_path):
     assert size > 1.9e9
     assert peak < 0.5 * size
     assert r["low_memory"]["sparsity"] == 0.5
+
+
+def test_offloaded_layers_are_compressed_where_accelerate_keeps_them(sharded, tmp_path):
+    """--device-map with layers offloaded to disk: the methods change the weights the hooks store, the
+    output and perplexity equal the in-memory path's bit for bit, and so does the report's sparsity."""
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    recipe = recipe_from_dict({"calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 32},
+                               "evaluation": {"ppl": [str(TEXT)], "limit": 4}, "stages": RECIPES["owl+wanda+dsnot"]})
+    whole = compress(recipe, tmp_path / "whole", RunOptions(), str(sharded["llama-tied"]))
+    options = RunOptions(device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"))
+    offloaded = compress(recipe, tmp_path / "offloaded", options, str(sharded["llama-tied"]))
+    assert_same_output(tmp_path / "whole", tmp_path / "offloaded")
+    assert offloaded["perplexity"] == whole["perplexity"] and offloaded["sparsity"] == whole["sparsity"]
+    # the compressed weights went to the offload folder; the input checkpoint is untouched
+    assert (tmp_path / "offload" / "model.layers.2.mlp.down_proj.weight.dat").is_file()
+    assert not any(torch.equal(t, tensors(tmp_path / "whole")[n]) for n, t in tensors(sharded["llama-tied"]).items()
+                   if n.endswith("layers.2.mlp.down_proj.weight"))

@@ -17,18 +17,19 @@ from ..loading.models import resolve_model
 log = logging.getLogger(__name__)
 
 
-def recipe_problem(recipe, options) -> str | None:
-    """Why this recipe/option set cannot run layer by layer from disk, and what to do; or None."""
+def recipe_problem(recipe, options, flag: str = "--low-memory") -> str | None:
+    """Why this recipe/option set cannot run layer by layer (from disk, or offloaded by `flag`), and what to
+    do; or None."""
     for i, stage in enumerate(recipe.stages):
         if stage.kind == "slice":
             return (f"stages.{i}: SliceGPT changes the shapes of the embeddings, every decoder layer and the head "
-                    "together, which needs the whole model; run it without --low-memory")
+                    "together, which needs the whole model; run it without {flag}")
         if stage.kind == "allocate" and stage.spec.method == "ecoflap":
             return (f"stages.{i}: ECoFLaP's importance probes run every layer after the perturbed one, which needs the "
-                    "whole model; allocate with owl instead, or run without --low-memory")
+                    f"whole model; allocate with owl instead, or run without {flag}")
     if options.checkpoint_dir or options.resume:
         return ("--checkpoint-dir/--resume restore layers into a model held in memory; drop them (an interrupted "
-                "low-memory run leaves no output), or run without --low-memory")
+                f"run leaves no output), or run without {flag}")
     return None
 
 
@@ -56,10 +57,12 @@ def _gib(b: int) -> str:
 def low_memory_reason(spec: str | None, recipe, options) -> str | None:
     """Why this run reads the model layer by layer (explicit --low-memory, or a checkpoint larger than the
     available memory), None to load it whole. An explicit request that cannot be met is an error."""
-    if options.low_memory is False:
+    if options.low_memory is False or (options.low_memory is None and options.device_map is not None):
         return None
     source = resolve_model(spec)
     if options.low_memory:
+        if options.device_map is not None:
+            raise RecipeError("--low-memory reads the layers from disk itself: give it or --device-map, not both")
         problem = recipe_problem(recipe, options)
         if problem:
             raise RecipeError(f"--low-memory: {problem}")
