@@ -182,8 +182,11 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--low-memory", is_flag=True, help="Read the model one decoder layer at a time from its safetensors "
+              "(a local folder) instead of loading it whole; the same numbers.")
 @click.pass_context
-def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, allow_pickle, as_json):
+def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, trust_remote_code, allow_pickle, as_json,
+             low_memory):
     """Perplexity of a model (exp of the mean next-token NLL over non-overlapping chunks)."""
     from .data import evaluation_chunks
     from .evaluate import perplexity
@@ -193,15 +196,22 @@ def evaluate(ctx, model_spec, ppl, seqlen, batch_size, limit, device, dtype, tru
     def run():
         _positive(("--seqlen", seqlen), ("--batch-size", batch_size), ("--limit", limit))
         dev = resolve_device(device)
-        loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
-        model = loaded.model.to(dev)
+        if low_memory:
+            from .lowmem.run import streamed_evaluator
+
+            spec, model, tokenizer, measure = streamed_evaluator(model_spec, dtype, trust_remote_code, dev, batch_size)
+        else:
+            loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+            spec, model, tokenizer = loaded.source.spec, loaded.model.to(dev), loaded.tokenizer
+
+            def measure(chunks, desc):
+                return perplexity(model, chunks, batch_size, dev, desc=desc)
         n = default_seqlen(model, seqlen)
         results = {}
         for source in ppl:
-            chunks = evaluation_chunks(loaded.tokenizer, source, n, limit)
-            results[source] = perplexity(model, chunks, batch_size, dev)
+            results[source] = measure(evaluation_chunks(tokenizer, source, n, limit), "perplexity")
         if as_json:
-            click.echo(json.dumps({"model": loaded.source.spec, "seqlen": n, "perplexity": results}))
+            click.echo(json.dumps({"model": spec, "seqlen": n, "perplexity": results}))
         else:
             for source, value in results.items():
                 click.echo(f"{source}: perplexity {value:.3f} (seqlen {n})")

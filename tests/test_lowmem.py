@@ -140,3 +140,16 @@ def test_offloaded_layers_are_compressed_where_accelerate_keeps_them(sharded, tm
     assert (tmp_path / "offload" / "model.layers.2.mlp.down_proj.weight.dat").is_file()
     assert not any(torch.equal(t, tensors(tmp_path / "whole")[n]) for n, t in tensors(sharded["llama-tied"]).items()
                    if n.endswith("layers.2.mlp.down_proj.weight"))
+
+
+def test_eval_low_memory_gives_the_same_perplexity(sharded):
+    from click.testing import CliRunner
+
+    from sparsellm.cli import cli
+
+    args = ["eval", "--model", str(sharded["llama-tied"]), "--ppl", str(TEXT), "--seqlen", "32", "--limit", "6", "--json"]
+    whole = CliRunner().invoke(cli, args)
+    low = CliRunner().invoke(cli, [*args, "--low-memory"])
+    assert whole.exit_code == low.exit_code == 0, whole.output + low.output
+    last = [json.loads(r.output.strip().splitlines()[-1]) for r in (whole, low)]
+    assert last[0] == last[1] and last[0]["perplexity"][str(TEXT)] > 1

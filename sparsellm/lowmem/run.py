@@ -15,17 +15,21 @@ from ..loading.adapters import _get
 from ..loading.models import _load_error, resolve_model
 from ..pipeline import (Timer, build_report, check_stage_fits, evaluate_all, prepare_calibration, run_stages,
                         write_extras)
+from . import source_problem
 from .stream import LayerStream, empty_model, streamed_perplexity
 from .tensors import ShardWriter, TensorSource
 
 log = logging.getLogger(__name__)
 
 
-def open_streamed(spec: str, dtype: str, trust_remote_code: bool):
-    """The empty skeleton, the tensors behind it and the tokenizer of a local safetensors folder."""
+def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
+    """A LayerStream over a local safetensors folder (the empty skeleton with the embeddings loaded: every
+    pass starts there), its source and its tokenizer."""
     from transformers import AutoTokenizer
 
     source = resolve_model(spec)
+    if problem := source_problem(source):
+        raise ModelLoadError(f"--low-memory: {problem}")
     tensors = TensorSource(source.path, source.spec)
     try:
         skeleton = empty_model(source.path, dtype, trust_remote_code, tensors)
@@ -34,25 +38,31 @@ def open_streamed(spec: str, dtype: str, trust_remote_code: bool):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _load_error(e, source) from e
-    return source, skeleton, tensors, tokenizer
+    stream = LayerStream(skeleton, get_adapter(skeleton.model), tensors)
+    for path in stream.adapter.pre_layer_paths:
+        if _get(skeleton.model, path) is not None:
+            stream.load_module(path)
+    return source, stream, tokenizer
+
+
+def streamed_evaluator(spec: str | None, dtype: str, trust_remote_code: bool, device, batch_size: int):
+    """`sparsellm eval --low-memory`: (spec, empty model, tokenizer, measure(chunks, desc) -> perplexity)."""
+    source, stream, tokenizer = open_stream(spec, dtype, trust_remote_code)
+    return source.spec, stream.model, tokenizer, lambda chunks, desc: streamed_perplexity(
+        stream.reading(), chunks, batch_size, device, desc)
 
 
 def compress_low_memory(recipe, out: Path, options, spec: str | None, device, reason: str) -> dict:
     timer = Timer()
     memory.reset_peak()
     with timer("load"):
-        source, skeleton, tensors, tokenizer = open_streamed(spec, options.dtype, options.trust_remote_code)
-    model = skeleton.model
-    adapter = get_adapter(model)
+        source, stream, tokenizer = open_stream(spec, options.dtype, options.trust_remote_code)
+    model, adapter, tensors = stream.model, stream.adapter, stream.source
     size = tensors.size_bytes()
     log.info("low-memory mode, %s: %.2f GiB of safetensors read one decoder layer at a time", reason, size / 2**30)
     for stage in recipe.stages:
         if stage.kind == "prune":
             check_stage_fits(model, adapter, stage.spec)  # shapes only: works on the empty skeleton
-    stream = LayerStream(skeleton, adapter, tensors)
-    for path in adapter.pre_layer_paths:  # every pass starts from the embeddings: they stay loaded
-        if _get(model, path) is not None:
-            stream.load_module(path)
     load_memory = memory.current_rss_bytes(), memory.peak_rss_bytes()
     seqlen, eval_seqlen, methods, windows = prepare_calibration(model, tokenizer, recipe, timer)
     params_before = sum(p.numel() for p in model.parameters())
