@@ -91,6 +91,7 @@ def prune_in_child(model: Path, out: Path, recipe: Path, mode: str) -> dict:
         raise SystemExit(f"{mode} run failed ({proc.returncode}):\n{output[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     return {"peak_rss_bytes": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - t,
+            "rss_after_load_bytes": report["memory"]["rss_after_load_bytes"],
             "sparsity": report["sparsity"]["overall"], "perplexity_after": report["perplexity"]["after"]}
 
 

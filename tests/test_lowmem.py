@@ -118,7 +118,8 @@ def test_larger_than_memory_model_pruned_in_a_fraction_of_its_size(tmp_path):
 
     r = lowmem_memory.main(["--size-gb", "2.0", "--workdir", str(tmp_path)])
     size, peak = r["model"]["bytes"], r["low_memory"]["peak_rss_bytes"]
-    print(f"model {size / 1e9:.2f} GB, peak RSS {peak / 1e9:.2f} GB")
+    print(f"model {size / 1e9:.2f} GB, peak RSS {peak / 1e9:.2f} GB, "
+          f"after loading {r['low_memory']['rss_after_load_bytes'] / 1e9:.2f} GB")
     assert size > 1.9e9
     assert peak < 0.5 * size
     assert r["low_memory"]["sparsity"] == 0.5
