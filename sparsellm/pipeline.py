@@ -263,7 +263,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         from .lowmem.run import compress_low_memory  # builds on this module
 
         return compress_low_memory(recipe, out, options, spec, device, reason)
-    device_map = parse_device_map(options.device_map)
+    device_map = parse_device_map(options.device_map, options.offload_folder)
     if device_map is not None and (problem := recipe_problem(recipe, options, "--device-map")):
         raise RecipeError(f"--device-map: {problem}")
     if options.checkpoint_dir:

@@ -495,7 +495,7 @@ def low_memory_with_ecoflap(w):
 def low_memory_with_checkpoint(w):
     return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt", "--low-memory"), 2,
                 "--low-memory: --checkpoint-dir/--resume restore layers into a model held in memory; drop them (an "
-                "interrupted low-memory run leaves no output), or run without --low-memory")
+                "interrupted run leaves no output), or run without --low-memory")
 
 
 @case
@@ -549,6 +549,19 @@ def low_memory_interrupted(w):
     # layer 0 is already written to the output's temp folder: it goes with the rest
     return Case(w.prune(*WANDA, "--low-memory"), 130, "interrupted; no output was written",
                 process={"SPARSELLM_TEST_KILL_AT": "layer:0", "SPARSELLM_TEST_SIGNAL": "INT"})
+
+
+@case
+def device_map_not_json(w):
+    return Case(w.prune(*MAGNITUDE, "--device-map", "layers-on-disk"), 2,
+                "--device-map 'layers-on-disk' is neither auto nor a JSON object of module name -> device; give e.g. "
+                '\'{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", ...}\'')
+
+
+@case
+def device_map_disk_without_offload_folder(w):
+    return Case(w.prune(*MAGNITUDE, "--device-map", '{"model": "cpu", "model.layers.1": "disk", "lm_head": "cpu"}'), 2,
+                "--device-map puts modules on disk: give --offload-folder DIR for their weights")
 
 
 def _tree(root: Path) -> set[str]:

@@ -165,7 +165,8 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     layers, layer by layer. `select`: one module-name predicate for all methods, or one per method.
     With a `checkpoint` (sparsellm.checkpoint.Checkpoint), the layers it holds for `pass_key` are
     restored instead of recomputed and every finished layer is saved to it.
-    With an `io` (sparsellm.lowmem.LayerStream), the model's decoder layers are empty (meta device):
+    With an `io` (lowmem.stream.LayerStream, lowmem.offload.OffloadedLayers), the decoder layers' weights
+    are elsewhere (on disk, or offloaded by accelerate):
     `io.load(index, layer)` gives a layer its weights before it is used and `io.release(index, layer)`
     writes out and frees it afterwards, so only one layer is ever in memory.
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""

@@ -23,7 +23,7 @@ def recipe_problem(recipe, options, flag: str = "--low-memory") -> str | None:
     for i, stage in enumerate(recipe.stages):
         if stage.kind == "slice":
             return (f"stages.{i}: SliceGPT changes the shapes of the embeddings, every decoder layer and the head "
-                    "together, which needs the whole model; run it without {flag}")
+                    f"together, which needs the whole model; run it without {flag}")
         if stage.kind == "allocate" and stage.spec.method == "ecoflap":
             return (f"stages.{i}: ECoFLaP's importance probes run every layer after the perturbed one, which needs the "
                     f"whole model; allocate with owl instead, or run without {flag}")

@@ -17,7 +17,7 @@ from ..errors import RecipeError
 from ..evaluate.report import layer_zeros
 
 
-def parse_device_map(text: str | None):
+def parse_device_map(text: str | None, offload_folder: str | None = None):
     """--device-map: "auto" (or another accelerate strategy name) or a JSON object of module -> device."""
     if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
         return text
@@ -28,6 +28,8 @@ def parse_device_map(text: str | None):
     if not isinstance(value, dict) or not all(isinstance(v, (str, int)) for v in value.values()):
         raise RecipeError(f"--device-map {text!r} is neither auto nor a JSON object of module name -> device; give e.g. "
                           '\'{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", ...}\'')
+    if "disk" in value.values() and not offload_folder:
+        raise RecipeError("--device-map puts modules on disk: give --offload-folder DIR for their weights")
     return value
 
 

@@ -3,6 +3,7 @@ modules get their tensors from the safetensors shards only while they are used."
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,7 @@ def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors
     model.eval().requires_grad_(False)
     first: dict[int, str] = {}
     aliases = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
-    persistent = set(model.state_dict())
-    saved = [n for n in model.state_dict() if aliases.get(n, n) == n and n in persistent]
+    saved = [n for n in model.state_dict() if aliases.get(n, n) == n]
     return Skeleton(model, aliases, saved)
 
 
@@ -129,8 +129,6 @@ class LayerStream:
 def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: int, device, desc: str) -> float:
     """exp(mean next-token NLL), as evaluate.perplexity computes it on the whole model, with the decoder
     layers read one at a time: the chunks' hidden states go through each layer in turn, then the head."""
-    import math
-
     model, adapter = stream.model, stream.adapter
     acts = capture_layer_inputs(model, adapter, chunks, device, batch_size)
     for index, layer in enumerate(tqdm(adapter.layers(model), desc=desc, unit="layer", leave=False)):
