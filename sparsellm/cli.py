@@ -118,8 +118,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --model ./big-llama --method sparsegpt --sparsity 0.5 --low-memory -o out/
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
-    appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
-    report.json and report.md. With --checkpoint-dir a killed run continues with --resume:
+    appears only when complete; it holds model.safetensors (with --low-memory: one shard per
+    decoder layer and an index), config, tokenizer, recipe.yaml, report.json and report.md. With --checkpoint-dir a killed run continues with --resume:
       sparsellm prune --recipe r.yaml -o out/ --checkpoint-dir ckpt/ [--resume]"""
     from .pipeline import RunOptions, compress
     from .recipe import load_recipe, recipe_from_dict
