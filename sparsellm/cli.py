@@ -127,11 +127,19 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue the run saved in --checkpoint-dir (same model, recipe and data); starts afresh if it holds none.")
+@click.option("--low-memory/--in-memory", "low_memory", default=None,
+              help="Read and write the model one decoder layer at a time from its safetensors (peak memory about one "
+                   "layer plus the activations), or load it whole. Default: low-memory when the checkpoint is larger "
+                   "than the available memory. Local safetensors folders; prune/refine stages and OWL.")
+@click.option("--device-map", help='accelerate placement of the modules: auto, or JSON like \'{"model.layers.0": "cpu", '
+              '"model.layers.1": "disk", ...}\'; "disk" (and "cpu" next to a GPU) offloads a module, whose weights are '
+              "put in for its turn and written back compressed.")
+@click.option("--offload-folder", type=click.Path(file_okay=False), help="Where --device-map's disk offload keeps weights.")
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, structure, ffn, heads, round_to, uniform,
           recover_steps, allocate, refine, steps, prior, calib, nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot,
           limit, speed, output, overwrite, fmt, device, dtype,
-          trust_remote_code, allow_pickle, checkpoint_dir, resume):
+          trust_remote_code, allow_pickle, checkpoint_dir, resume, low_memory, device_map, offload_folder):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
     \b
@@ -148,9 +156,11 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --structure cfsp --ffn 0.2 --recover-steps 100 -o out/   # CFSP + LoRA recovery
       sparsellm prune --structure wanda-sp --ffn 0.3 --heads 0.25 --uniform -o out/
       sparsellm prune --method wanda --pattern 2:4 --format sparse-24-bitmask -o out/   # smaller files
+      sparsellm prune --model ./big-llama --method sparsegpt --sparsity 0.5 --low-memory -o out/
 
     Options given here override the recipe's calibration/evaluation settings. The output folder
-    appears only when complete; it holds model.safetensors, config, tokenizer, recipe.yaml,
+    appears only when complete; it holds model.safetensors (with --low-memory: one shard per
+    decoder layer and an index), config, tokenizer, recipe.yaml,
     report.json, report.md, report.html and a model card README.md. With --checkpoint-dir a
     killed run continues with --resume:
       sparsellm prune --recipe r.yaml -o out/ --checkpoint-dir ckpt/ [--resume]"""
@@ -219,7 +229,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         if fmt:
             data["export"] = {"format": fmt}
         recipe = recipe_from_dict(data, recipe_path or "command line")
-        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume)
+        options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
+                             device_map, offload_folder)
         report = compress(recipe, output, options, model_spec)
         ppl_after = (report.get("perplexity") or {}).get("after") or {}
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())
@@ -249,9 +260,11 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--semi-structured", is_flag=True, help="Run 2:4-sparse Linear weights as PyTorch semi-structured sparse "
               "tensors (CUDA, compute capability 8.0+, with --dtype float16 or bfloat16); other layers stay dense.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--low-memory", is_flag=True, help="Read the model one decoder layer at a time from its safetensors "
+              "(a local folder) instead of loading it whole; the same numbers.")
 @click.pass_context
 def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_size, limit, device, dtype,
-             trust_remote_code, allow_pickle, semi_structured, as_json):
+             trust_remote_code, allow_pickle, semi_structured, as_json, low_memory):
     """Perplexity (exp of the mean next-token NLL over non-overlapping chunks) and lm-eval accuracy of a model,
     in any export format (its config.json says which).
 
@@ -275,20 +288,29 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
         if task_names:  # unknown task names fail before the model is loaded
             task_manager(task_names, task_path)
         dev = resolve_device(device)
+        if low_memory and (task_names or semi_structured):
+            raise RecipeError("--low-memory measures perplexity only (layer by layer); drop --tasks/--semi-structured")
         if semi_structured:
             check_cuda(dev)
-        loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
-        model = loaded.model.to(dev)
-        if semi_structured:
-            accelerate_24(model)
+        if low_memory:
+            from .lowmem.run import streamed_evaluator
+
+            spec, model, tokenizer, measure = streamed_evaluator(model_spec, dtype, trust_remote_code, dev, batch_size)
+        else:
+            loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+            spec, model, tokenizer = loaded.source.spec, loaded.model.to(dev), loaded.tokenizer
+            if semi_structured:
+                accelerate_24(model)
+
+            def measure(chunks, desc):
+                return perplexity(model, chunks, batch_size, dev, desc=desc)
         n = default_seqlen(model, seqlen)
         results = {}
         for source in ppl:
-            chunks = evaluation_chunks(loaded.tokenizer, source, n, limit)
-            results[source] = perplexity(model, chunks, batch_size, dev)
-        accs = evaluate_tasks(model, loaded.tokenizer, task_names, task_path, limit, num_fewshot, batch_size) if task_names else {}
+            results[source] = measure(evaluation_chunks(tokenizer, source, n, limit), "perplexity")
+        accs = evaluate_tasks(model, tokenizer, task_names, task_path, limit, num_fewshot, batch_size) if task_names else {}
         if as_json:
-            click.echo(json.dumps({"model": loaded.source.spec, "seqlen": n, "perplexity": results, "tasks": accs}))
+            click.echo(json.dumps({"model": spec, "seqlen": n, "perplexity": results, "tasks": accs}))
         else:
             for source, value in results.items():
                 click.echo(f"{source}: perplexity {value:.3f} (seqlen {n})")

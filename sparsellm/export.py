@@ -87,6 +87,10 @@ def save_model(model, tokenizer, folder: Path, fmt: str = "dense") -> None:
     compress_folder(Path(folder), model, fmt)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    make_readable(folder)
+
+
+def make_readable(folder: Path) -> None:
     # safetensors writes through a private temp file (mode 0600); published files should be readable
     umask = os.umask(0)
     os.umask(umask)

@@ -30,6 +30,8 @@ from .export import atomic_folder, check_output, disk_bytes, save_model
 from .faults import fault_point
 from .loading import get_adapter, load_model
 from .loading.models import source_info
+from .lowmem import low_memory_reason, recipe_problem
+from .lowmem.offload import OffloadedLayers, is_dispatched, parse_device_map
 from .recipe import Recipe
 from .recover import lora_recover
 
@@ -45,6 +47,9 @@ class RunOptions:
     allow_pickle: bool = False
     checkpoint_dir: str | None = None  # save progress per decoder layer here
     resume: bool = False  # continue from the checkpoint in checkpoint_dir
+    low_memory: bool | None = None  # read/write the model layer by layer; None: when it exceeds the free memory
+    device_map: str | None = None  # accelerate dispatch: "auto" or JSON {module: device}, "disk" offloads
+    offload_folder: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,18 +117,22 @@ def check_stage_fits(model, adapter, spec) -> None:
                           "against module names such as model.layers.0.mlp.down_proj")
 
 
-def evaluate_all(model, tokenizer, recipe: Recipe, seqlen: int, device, label: str,
-                 counts: dict | None = None) -> dict[str, float]:
-    """Perplexity on every evaluation dataset; `counts` receives the number of chunks of each."""
+def evaluate_all(tokenizer, recipe: Recipe, seqlen: int, label: str, measure, counts: dict | None = None) -> dict[str, float]:
+    """Perplexity on each evaluation source; `measure(chunks, desc)` computes one; `counts` receives the
+    number of chunks of each."""
     ev = recipe.evaluation
     out = {}
     for source in ev.ppl:
         chunks = evaluation_chunks(tokenizer, source, seqlen, ev.limit)
-        out[source] = perplexity(model, chunks, ev.batch_size, device, desc=f"ppl {label} {Path(source).name}")
+        out[source] = measure(chunks, f"ppl {label} {Path(source).name}")
         if counts is not None:
             counts[source] = int(chunks.shape[0])
         log.info("perplexity %s on %s: %.3f", label, source, out[source])
     return out
+
+
+def whole_model_perplexity(model, recipe: Recipe, device):
+    return lambda chunks, desc: perplexity(model, chunks, recipe.evaluation.batch_size, device, desc=desc)
 
 
 def evaluate_tasks_of(model, tokenizer, recipe: Recipe, label: str) -> dict:
@@ -177,13 +186,14 @@ def _label(spec) -> str:
 
 def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
                checkpoint: Checkpoint | None = None, train: dict | None = None,
-               artifacts: dict | None = None) -> tuple[list[dict], dict | None]:
+               artifacts: dict | None = None, stream=None) -> tuple[list[dict], dict | None]:
     """Run the recipe's stages. An allocate stage sets the per-layer sparsities of the prune stage after
     it; a prune stage and the refine stages right after it share one calibration pass (DSnoT needs the
     statistics of the same inputs the mask was chosen on, and the dense weights). A learn stage trains
     on `train[i]` (token windows) and leaves files to write into the output folder in `artifacts`
     (name → writer(path)). With a checkpoint, finished allocations and layers are taken from it and
-    new ones saved to it."""
+    new ones saved to it. With a `stream` (lowmem.LayerStream) the model is an empty skeleton whose
+    layers the stream reads (and the prune passes write) one at a time."""
     reports, allocation, block_weight = [], None, None
     stages, batch = recipe.stages, recipe.calibration.batch_size
     i = 0
@@ -217,7 +227,8 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
             key = f"allocation{i}"
             allocation = checkpoint.result(key) if checkpoint is not None else None
             if allocation is None:
-                allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed)
+                allocation = allocate(stage.spec, prune, model, adapter, windows, select, device, batch, recipe.seed,
+                                      io=stream.reading() if stream is not None else None)
                 if checkpoint is not None:
                     checkpoint.put_result(key, allocation)
             methods[i + 1].layer_sparsity = allocation["sparsity"]
@@ -235,7 +246,7 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
         selects = [prune_select] + [refine_selector(adapter, stages[k].spec, prune_select) for k in group[1:]]
         desc = " + ".join(_label(stages[k].spec) for k in group)
         own = run_layerwise(model, adapter, windows, [methods[k] for k in group], selects, device, batch, desc=desc,
-                            checkpoint=checkpoint, pass_key=f"stage{i}")
+                            checkpoint=checkpoint, pass_key=f"stage{i}", io=stream)
         total = time.perf_counter() - t
         for n, k in enumerate(group):
             # the shared calibration forwards are booked on the prune stage
@@ -267,6 +278,74 @@ def _main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def prepare_calibration(model, tokenizer, recipe: Recipe, timer: Timer):
+    """Calibration and evaluation lengths, the stages' methods, and the calibration windows (None for
+    data-free recipes)."""
+    seqlen = default_seqlen(model, recipe.calibration.seqlen)
+    eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
+    methods = [build_method(stage.spec) if stage.kind in ("prune", "refine") else None for stage in recipe.stages]
+    windows = None
+    if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
+        with timer("calibration data"):
+            windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+    return seqlen, eval_seqlen, methods, windows
+
+
+def build_report(*, source, model, recipe: Recipe, windows, seqlen: int, eval_seqlen: int, device, stage_reports,
+                 allocation, sparsity: dict, ppl_before: dict, ppl_after: dict, timer: Timer, load_memory: tuple[int, int],
+                 params_before: int, resumed=None, low_memory: dict | None = None, nonzero_before: int | None = None,
+                 nonzero_after: int | None = None, chunks: dict | None = None, tasks_before: dict | None = None,
+                 tasks_after: dict | None = None, speed: dict | None = None) -> dict:
+    """report.json (schema in evaluate/schema.py); nonzero counts are None where the weights were never
+    all in memory (low-memory and offloaded runs)."""
+    ev = recipe.evaluation
+    tasks_before, tasks_after = tasks_before or {}, tasks_after or {}
+    for n, r in enumerate(stage_reports):
+        timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "versions": versions(lm_eval=bool(ev.tasks)),
+        "model": {"spec": source.spec, "kind": source.kind, "model_type": model.config.model_type,
+                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                  "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
+                  "nonzero_parameters_before": nonzero_before, "nonzero_parameters": nonzero_after,
+                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
+                  "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None,
+                  "disk_bytes": None, **source_info(source)},
+        "recipe": recipe.model_dump(mode="json"),
+        "calibration": None if windows is None else {
+            "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
+            "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
+        "device": str(device),
+        "stages": stage_reports,
+        "allocation": allocation,
+        "sparsity": sparsity,
+        "perplexity": {"seqlen": eval_seqlen, "limit": ev.limit, "chunks": chunks or {}, "before": ppl_before,
+                       "after": ppl_after} if ev.ppl else None,
+        "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
+                     "batch_size": ev.task_batch_size, "before": tasks_before, "after": tasks_after,
+                     "mean_acc_before": mean_accuracy(tasks_before), "mean_acc_after": mean_accuracy(tasks_after)}
+                    if ev.tasks else None,
+        "speed": speed,
+        "timings": timer.timings,
+        "memory": {"rss_after_load_bytes": load_memory[0], "peak_rss_load_bytes": load_memory[1],
+                   "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
+        # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
+        "resumed": resumed,
+        # a run that read and wrote the model layer by layer (lowmem): why, and the checkpoint's size
+        "low_memory": low_memory,
+    }
+
+
+def write_extras(folder: Path, recipe: Recipe, report: dict, name: str, artifacts: dict | None = None) -> None:
+    """Everything in the output besides the model: the recipe, the stages' files, the report and card."""
+    (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    for file, write in (artifacts or {}).items():
+        write(folder / file)
+    write_report(folder, report, name=name)
+    fault_point("export")
+
+
 def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
     """Run a recipe end to end; returns the report written to the output folder."""
     torch.manual_seed(recipe.seed)
@@ -276,20 +355,32 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         raise RecipeError("--resume needs --checkpoint-dir DIR, the folder the interrupted run saved its progress to")
     if options.checkpoint_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RecipeError("--checkpoint-dir works with one process; run without it under accelerate launch")
-    if options.checkpoint_dir:
-        check_folder(Path(options.checkpoint_dir), options.resume)
     device = resolve_device(options.device)
     ev = recipe.evaluation
     if ev.tasks:  # an unknown task name fails here, before the model is loaded
         task_manager(ev.tasks, ev.task_paths)
-    timer = Timer()
     spec = model_spec or recipe.model
+    reason = low_memory_reason(spec, recipe, options)
+    if reason:
+        from .lowmem.run import compress_low_memory  # builds on this module
+
+        return compress_low_memory(recipe, out, options, spec, device, reason)
+    device_map = parse_device_map(options.device_map, options.offload_folder)
+    if device_map is not None and (problem := recipe_problem(recipe, options, "--device-map")):
+        raise RecipeError(f"--device-map: {problem}")
+    if options.checkpoint_dir:
+        check_folder(Path(options.checkpoint_dir), options.resume)
+    timer = Timer()
     memory.reset_peak()
 
     with timer("load"):
-        loaded = load_model(spec, options.dtype, options.trust_remote_code, options.allow_pickle)
+        loaded = load_model(spec, options.dtype, options.trust_remote_code, options.allow_pickle, device_map,
+                            options.offload_folder)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
+    # offloaded layers (accelerate hooks): the engine puts their weights in and writes them back
+    offloaded = OffloadedLayers(adapter) if is_dispatched(model) else None
+    to_device = (lambda m, d: m) if offloaded is not None else (lambda m, d: m.to(d))  # accelerate places it
     for stage in recipe.stages:
         if stage.kind in ("prune", "learn"):
             check_stage_fits(model, adapter, stage.spec)
@@ -297,15 +388,8 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             adapter.check_sliceable(model)
         if stage.kind == "structure":
             adapter.structure_names(model)  # unsupported architectures fail before calibration
-    rss_after_load, peak_load = memory.current_rss_bytes(), memory.peak_rss_bytes()
-
-    seqlen = default_seqlen(model, recipe.calibration.seqlen)
-    eval_seqlen = default_seqlen(model, recipe.evaluation.seqlen or seqlen)
-    methods = [build_method(stage.spec) if stage.kind in ("prune", "refine") else None for stage in recipe.stages]
-    windows = None
-    if any(m is None or m.needs for m in methods):  # data-free recipes skip calibration text
-        with timer("calibration data"):
-            windows = calibration_windows(tokenizer, recipe.calibration.dataset, recipe.calibration.nsamples, seqlen, recipe.seed)
+    load_memory = memory.current_rss_bytes(), memory.peak_rss_bytes()
+    seqlen, eval_seqlen, methods, windows = prepare_calibration(model, tokenizer, recipe, timer)
 
     train = {}
     for i, stage in enumerate(recipe.stages):
@@ -321,81 +405,60 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(model, recipe, windows), options.resume)
 
     params_before = sum(p.numel() for p in model.parameters())
-    nonzero_before = _nonzero(model)
-    dense_summary = sparsity_summary(model, adapter)
+    whole = offloaded is None  # every weight in memory: nonzero counts and the per-layer "removed" figures
+    nonzero_before = _nonzero(model) if whole else None
+    dense_summary = sparsity_summary(model, adapter) if whole else None
+    measure = whole_model_perplexity(model, recipe, device)
     ppl_before, tasks_before = {}, {}
     if ev.tasks and ev.before:
         tasks_before = checkpoint.result("zeroshot_before") if checkpoint is not None else None
         if tasks_before is None:
             with timer("lm-eval before"):
-                model.to(device)
+                to_device(model, device)
                 tasks_before = evaluate_tasks_of(model, tokenizer, recipe, "before")
-                model.to("cpu")
+                to_device(model, "cpu")
             if checkpoint is not None:
                 checkpoint.put_result("zeroshot_before", tasks_before)
-    if recipe.evaluation.ppl and recipe.evaluation.before:
+    if ev.ppl and ev.before:
         ppl_before = checkpoint.result("ppl_before") if checkpoint is not None else None
         if ppl_before is None:
             with timer("perplexity before"):
-                model.to(device)
-                ppl_before = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "before")
-                model.to("cpu")
+                to_device(model, device)
+                ppl_before = evaluate_all(tokenizer, recipe, eval_seqlen, "before", measure)
+                to_device(model, "cpu")
             if checkpoint is not None:
                 checkpoint.put_result("ppl_before", ppl_before)
 
     artifacts: dict = {}
-    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint, train, artifacts)
-    for n, r in enumerate(stage_reports):
-        timer.timings[f"stage {n} {r['kind']} {r['method']}"] = r["seconds"]
+    stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint, train, artifacts,
+                                           offloaded)
+    zeros = None if offloaded is None else [offloaded.zeros[i] for i in range(len(adapter.layers(model)))]
 
     ppl_after, chunks, tasks_after, speed = {}, {}, {}, None
-    if recipe.evaluation.ppl:
+    if ev.ppl:
         with timer("perplexity after"):
-            model.to(device)
-            ppl_after = evaluate_all(model, tokenizer, recipe, eval_seqlen, device, "after", chunks)
-            model.to("cpu")
+            to_device(model, device)
+            ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure, chunks)
+            to_device(model, "cpu")
     if ev.tasks:
         with timer("lm-eval after"):
-            model.to(device)
+            to_device(model, device)
             tasks_after = evaluate_tasks_of(model, tokenizer, recipe, "after")
-            model.to("cpu")
+            to_device(model, "cpu")
     if ev.speed is not None:
         with timer("speed"):
             speed = measure_speed_against_dense(model, loaded, options, device, ev.speed)
 
-    sparsity = sparsity_summary(model, adapter)
-    _removed(sparsity, dense_summary)
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "versions": versions(lm_eval=bool(ev.tasks)),
-        "model": {"spec": loaded.source.spec, "kind": loaded.source.kind, "model_type": model.config.model_type,
-                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
-                  "nonzero_parameters_before": nonzero_before, "nonzero_parameters": _nonzero(model),
-                  "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
-                  "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None,
-                  "disk_bytes": None, **source_info(loaded.source)},
-        "recipe": recipe.model_dump(mode="json"),
-        "calibration": None if windows is None else {
-            "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
-            "seqlen": seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
-        "device": str(device),
-        "stages": stage_reports,
-        "allocation": allocation,
-        "sparsity": sparsity,
-        "perplexity": {"seqlen": eval_seqlen, "limit": ev.limit, "chunks": chunks, "before": ppl_before,
-                       "after": ppl_after} if ev.ppl else None,
-        "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
-                     "batch_size": ev.task_batch_size, "before": tasks_before, "after": tasks_after,
-                     "mean_acc_before": mean_accuracy(tasks_before), "mean_acc_after": mean_accuracy(tasks_after)}
-                    if ev.tasks else None,
-        "speed": speed,
-        "timings": timer.timings,
-        "memory": {"rss_after_load_bytes": rss_after_load, "peak_rss_load_bytes": peak_load,
-                   "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
-        # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
-        "resumed": (checkpoint.resumed or None) if checkpoint is not None else None,
-    }
+    sparsity = sparsity_summary(model, adapter, zeros)
+    if dense_summary is not None:
+        _removed(sparsity, dense_summary)
+    report = build_report(
+        source=loaded.source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
+        device=device, stage_reports=stage_reports, allocation=allocation, sparsity=sparsity, ppl_before=ppl_before,
+        ppl_after=ppl_after, timer=timer, load_memory=load_memory, params_before=params_before,
+        resumed=(checkpoint.resumed or None) if checkpoint is not None else None, nonzero_before=nonzero_before,
+        nonzero_after=_nonzero(model) if whole else None, chunks=chunks, tasks_before=tasks_before,
+        tasks_after=tasks_after, speed=speed)
     if not _main_process():  # under `accelerate launch` every process ran the same stages; one writes
         return report
     with atomic_folder(out, options.overwrite) as tmp:
@@ -403,11 +466,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
             save_model(model, tokenizer, tmp, recipe.export.format)
         report["model"]["disk_bytes"] = disk_bytes(tmp)
         report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"]}
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        for name, write in artifacts.items():
-            write(tmp / name)
-        write_report(tmp, report, name=out.name)
-        fault_point("export")
+        write_extras(tmp, recipe, report, out.name, artifacts)
     if checkpoint is not None:
         checkpoint.remove()  # the output is complete: nothing left to resume
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])

@@ -51,6 +51,15 @@ class Workspace:
         """A copy of a tiny model folder to damage."""
         return Path(shutil.copytree(self.models[arch], self.tmp / "model"))
 
+    def pickle_only_model(self) -> Path:
+        """A copy of the tiny Llama with its weights in pytorch_model.bin instead of safetensors."""
+        from safetensors.torch import load_file
+
+        d = self.model()
+        torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+        (d / "model.safetensors").unlink()
+        return d
+
     def recipe(self, stage: dict | None = None, **top) -> Path:
         data = {"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
                 "stages": [{"prune": stage or {"method": "wanda", "sparsity": 0.5}}], **top}
@@ -199,11 +208,7 @@ def gguf_truncated(w):
 
 @case
 def pickle_weights_refused(w):
-    from safetensors.torch import load_file
-
-    d = w.model()
-    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
-    (d / "model.safetensors").unlink()
+    d = w.pickle_only_model()
     return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
                 "model folder {tmp}/model has only pickle weights (pytorch_model.bin), which can run code when loaded; "
                 "pass --allow-pickle if you trust their source, or convert them to safetensors")
@@ -543,6 +548,92 @@ def semi_structured_without_cuda(w):
     return Case(["eval", "--model", _saved(w, pattern="2:4"), "--ppl", TEXT, "--dtype", "float16", "--semi-structured"], 2,
                 "semi-structured 2:4 acceleration needs a CUDA GPU (compute capability 8.0+); run on a GPU with "
                 "--device cuda, or drop --semi-structured")
+# -- low-memory mode (sparsellm/lowmem) ----------------------------------------------------------------
+@case
+def low_memory_with_slicegpt(w):
+    return Case(w.prune("--slicing", "0.25", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16, "--low-memory"), 2,
+                "--low-memory: stages.0: SliceGPT changes the shapes of the embeddings, every decoder layer and the "
+                "head together, which needs the whole model; run it without --low-memory")
+
+
+@case
+def low_memory_with_ecoflap(w):
+    return Case(w.prune(*WANDA, "--allocate", "ecoflap", "--low-memory"), 2,
+                "--low-memory: stages.0: ECoFLaP's importance probes run every layer after the perturbed one, which "
+                "needs the whole model; allocate with owl instead, or run without --low-memory")
+
+
+@case
+def low_memory_with_checkpoint(w):
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt", "--low-memory"), 2,
+                "--low-memory: --checkpoint-dir/--resume restore layers into a model held in memory; drop them (an "
+                "interrupted run leaves no output), or run without --low-memory")
+
+
+@case
+def low_memory_gguf(w):
+    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    return Case(["prune", "--model", path, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "--low-memory: {tmp}/tiny.gguf is a GGUF file, which is dequantized whole; convert it to a "
+                "safetensors folder first, or run without --low-memory")
+
+
+@case
+def low_memory_hub_id(w):
+    return Case(["prune", "--model", "org/model", *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "--low-memory: low-memory mode reads a local folder: download org/model first (hf download org/model "
+                "--local-dir DIR) and give --model DIR")
+
+
+@case
+def low_memory_pickle_weights(w):
+    d = w.pickle_only_model()
+    return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "--allow-pickle", "-o", w.out], 3,
+                "--low-memory: model folder {tmp}/model has no safetensors weights (pickle files are loaded whole); "
+                "convert them to safetensors, or run without --low-memory")
+
+
+@case
+def low_memory_corrupt_safetensors(w):
+    d = w.model()
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "model weights of {tmp}/model are corrupt or truncated (Error while deserializing header: "
+                "incomplete metadata, file not fully covered); re-download or re-export the model")
+
+
+@case
+def low_memory_missing_tensor(w):
+    from safetensors.torch import load_file, save_file
+
+    d = w.model()
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return Case(["prune", "--model", d, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
+                "tensor model.layers.1.mlp.up_proj.weight is missing from the safetensors of {tmp}/model; the "
+                "checkpoint is incomplete: re-download or re-export it")
+
+
+@case
+def low_memory_interrupted(w):
+    # layer 0 is already written to the output's temp folder: it goes with the rest
+    return Case(w.prune(*WANDA, "--low-memory"), 130, "interrupted; no output was written",
+                process={"SPARSELLM_TEST_KILL_AT": "layer:0", "SPARSELLM_TEST_SIGNAL": "INT"})
+
+
+@case
+def device_map_not_json(w):
+    return Case(w.prune(*MAGNITUDE, "--device-map", "layers-on-disk"), 2,
+                "--device-map 'layers-on-disk' is neither auto nor a JSON object of module name -> device; give e.g. "
+                '\'{"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", ...}\'')
+
+
+@case
+def device_map_disk_without_offload_folder(w):
+    return Case(w.prune(*MAGNITUDE, "--device-map", '{"model": "cpu", "model.layers.1": "disk", "lm_head": "cpu"}'), 2,
+                "--device-map puts modules on disk: give --offload-folder DIR for their weights")
 
 
 def _tree(root: Path) -> set[str]:

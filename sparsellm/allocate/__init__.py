@@ -12,15 +12,16 @@ def layer_shapes(model, adapter, select) -> list[list[tuple[int, int]]]:
             for i, layer in enumerate(adapter.layers(model))]
 
 
-def allocate(spec, prune_spec, model, adapter, windows, select, device, batch_size: int, seed: int) -> dict:
+def allocate(spec, prune_spec, model, adapter, windows, select, device, batch_size: int, seed: int, io=None) -> dict:
     """Per-layer sparsities for `prune_spec` whose realized overall sparsity meets its target.
+    `io`: the read-only layer stream of a low-memory run (OWL only; ECoFLaP needs the whole model).
     Returns {"sparsity": [...], "target": t, "realized": r, plus the method's per-layer scores}."""
     target = prune_spec.sparsity
     sizes = layer_shapes(model, adapter, select)
     # defaults: OWL only needs room below 1; ECoFLaP's scripts cap layers at target + 0.1
     hi = spec.max_sparsity if spec.max_sparsity is not None else 0.99 if spec.method == "owl" else min(0.99, target + 0.1)
     if spec.method == "owl":
-        raw, scores = owl_allocate(model, adapter, windows, select, device, batch_size, target, spec.lam, spec.M)
+        raw, scores = owl_allocate(model, adapter, windows, select, device, batch_size, target, spec.lam, spec.M, io)
     else:
         raw, scores = ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes)
     sparsity = fit_mean(raw, sizes, target, spec.min_sparsity, hi)

@@ -34,9 +34,10 @@ class OutlierRatios(LayerwiseMethod):
         self._scores = []
 
 
-def owl_allocate(model, adapter, windows, select, device, batch_size, target: float, lam: float, M: float) -> tuple[list[float], dict]:
+def owl_allocate(model, adapter, windows, select, device, batch_size, target: float, lam: float, M: float,
+                 io=None) -> tuple[list[float], dict]:
     probe = OutlierRatios(M)
-    run_layerwise(model, adapter, windows, [probe], select, device, batch_size, desc="owl outliers")
+    run_layerwise(model, adapter, windows, [probe], select, device, batch_size, desc="owl outliers", io=io)
     n = len(adapter.layers(model))
     ratios = [probe.ratios.get(i, 0.0) for i in range(n)]
     return owl_sparsities(ratios, target, lam), {"outlier_ratio": ratios}

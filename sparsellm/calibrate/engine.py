@@ -160,11 +160,15 @@ def propagate(layer: nn.Module, acts: Activations, index: int = 0) -> None:
 
 def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, methods: list, select,
                   device="cpu", batch_size: int = 8, desc: str = "compress", checkpoint=None,
-                  pass_key: str = "compress") -> list[float]:
+                  pass_key: str = "compress", io=None) -> list[float]:
     """Apply `methods` (LayerwiseMethod, in order, sharing one calibration pass) to the selected Linear
     layers, layer by layer. `select`: one module-name predicate for all methods, or one per method.
     With a `checkpoint` (sparsellm.checkpoint.Checkpoint), the layers it holds for `pass_key` are
     restored instead of recomputed and every finished layer is saved to it.
+    With an `io` (lowmem.stream.LayerStream, lowmem.offload.OffloadedLayers), the decoder layers' weights
+    are elsewhere (on disk, or offloaded by accelerate):
+    `io.load(index, layer)` gives a layer its weights before it is used and `io.release(index, layer)`
+    writes out and frees it afterwards, so only one layer is ever in memory.
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
     from ..compress.base import Target  # compress depends on calibrate, not the other way round
 
@@ -186,6 +190,8 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     seconds = [0.0] * len(methods)
     for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", initial=start, total=len(layers)):
         layer = layers[index]
+        if io is not None:
+            io.load(index, layer)
         home = _module_device(layer)
         layer.to(device)
         prefix = adapter.layer_prefix(index)
@@ -225,6 +231,8 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
         layer.to(home)
         if checkpoint is not None:
             checkpoint.save_layer(pass_key, index, layer, None if acts is None or last else acts.hidden, methods)
+        if io is not None:
+            io.release(index, layer)
         fault_point(f"layer:{index}")
     del acts
     return seconds

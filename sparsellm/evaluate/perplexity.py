@@ -14,9 +14,13 @@ def perplexity(model: torch.nn.Module, chunks: torch.Tensor, batch_size: int = 4
     nll, count = 0.0, 0
     for batch in tqdm(chunks.split(batch_size), desc=desc, unit="batch", leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        labels = batch[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
-        nll += loss.item()
-        count += labels.numel()
+        n, c = nll_sum(model(input_ids=batch, use_cache=False).logits[:, :-1], batch)
+        nll, count = nll + n, count + c
     return math.exp(nll / count)
+
+
+def nll_sum(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of batch[:, 1:] under logits of the positions before them, and the token count."""
+    labels = batch[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="sum")
+    return loss.item(), labels.numel()

@@ -33,8 +33,8 @@ class ModelInfo(_M):
     dtype: str
     parameters_before: int = Field(description="all parameters of the dense model")
     parameters: int = Field(description="all parameters of the compressed model (SliceGPT changes it)")
-    nonzero_parameters_before: int
-    nonzero_parameters: int
+    nonzero_parameters_before: int | None = Field(description="null where the weights were never all in memory (low-memory, offload)")
+    nonzero_parameters: int | None
     hidden_size: int
     sliced: bool
     per_layer_widths: bool = Field(description="structured pruning left different widths per layer (needs the runtime file)")
@@ -159,6 +159,8 @@ class Report(_M):
     memory: Memory
     resumed: dict[str, Any] | None
     export: Export | None = None
+    low_memory: dict[str, Any] | None = Field(None, description="set when the model was read and written layer by layer: "
+                                              "reason, checkpoint_bytes, shards")
 
 
 def validate(report: dict) -> Report:

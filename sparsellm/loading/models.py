@@ -246,15 +246,16 @@ def _load_error(e: Exception, source: ModelSource) -> ModelLoadError:
 
 
 def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool = False, device_map=None, offload_folder: str | None = None) -> LoadedModel:
     """Load a model and its tokenizer. Weights come from safetensors (or GGUF) only, unless
-    allow_pickle: a pickle checkpoint (pytorch_model.bin) can run arbitrary code when loaded."""
+    allow_pickle: a pickle checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
+    `device_map` / `offload_folder`: accelerate's dispatch, as from_pretrained takes them."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     source = resolve_model(spec)
     kwargs = dict(trust_remote_code=trust_remote_code)
-    model_kwargs = {}
+    model_kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         check_gguf(Path(source.path) / source.gguf_file, source.spec)

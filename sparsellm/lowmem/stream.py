@@ -1,0 +1,153 @@
+"""A model whose weights stay on disk: an empty skeleton (meta device) built from config.json, whose
+modules get their tensors from the safetensors shards only while they are used."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import memory
+from ..calibrate.engine import _layer_forward, capture_layer_inputs
+from ..evaluate.perplexity import nll_sum
+from ..evaluate.report import layer_zeros
+from ..loading.adapters import Adapter, _get
+from ..loading.models import DTYPES
+from .tensors import ShardWriter, TensorSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Skeleton:
+    model: nn.Module  # every parameter on the meta device until a stream loads it
+    aliases: dict[str, str]  # parameter name -> the name it is stored under (tied weights share one)
+    saved: list[str]  # the tensor names save_pretrained writes, in state_dict order
+
+
+def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors: TensorSource) -> Skeleton:
+    """The model of config.json with no memory behind its parameters, in the dtype from_pretrained
+    would give it (`auto`: the config's dtype, else the checkpoint's)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if dtype == "auto":
+        found = getattr(cfg, "dtype", None)
+        torch_dtype = getattr(torch, str(found).removeprefix("torch.")) if found else tensors.first_dtype()
+    else:
+        torch_dtype = DTYPES[dtype]
+    with init_empty_weights():  # buffers (rotary tables) are real: they are computed, not loaded
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json: from_pretrained derives it from the config too
+        pass
+    model.tie_weights()  # init_empty_weights re-creates every parameter it registers, undoing the tying
+    model.eval().requires_grad_(False)
+    first: dict[int, str] = {}
+    aliases = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+    saved = [n for n in model.state_dict() if aliases.get(n, n) == n]
+    return Skeleton(model, aliases, saved)
+
+
+def _split(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return root.get_submodule(path) if path else root, leaf
+
+
+class LayerStream:
+    """Gives modules of a skeleton their weights from `source` on `load` and takes them back on
+    `release`; with a `writer`, a released decoder layer is first written to its own shard (shard
+    index + 2: shard 1 holds the tensors outside the decoder layers), and later reads of it come from
+    there. Tied parameters share one tensor while loaded."""
+
+    def __init__(self, skeleton: Skeleton, adapter: Adapter, source: TensorSource, writer: ShardWriter | None = None):
+        self.skeleton, self.adapter, self.source, self.writer = skeleton, adapter, source, writer
+        self.model = skeleton.model
+        self.live: dict[str, nn.Parameter] = {}  # stored name -> loaded parameter
+        self.zeros: dict[int, dict[str, tuple[int, int]]] = {}  # per written layer: Linear -> (zeros, total)
+
+    def reading(self) -> "LayerStream":
+        """The same weights, never written: for passes that only measure (OWL, perplexity)."""
+        other = LayerStream(self.skeleton, self.adapter, self.source)
+        other.live = self.live
+        return other
+
+    def _params(self, prefix: str) -> list[str]:
+        module = self.model.get_submodule(prefix)
+        return [f"{prefix}.{n}" for n, _ in module.named_parameters(remove_duplicate=False)]
+
+    def load_module(self, prefix: str) -> None:
+        names = self._params(prefix)
+        need = sorted({self.skeleton.aliases[n] for n in names} - set(self.live))
+        for stored, t in self.source.get(need).items():
+            dtype = self.model.get_parameter(stored).dtype  # from_pretrained casts to the model's dtype
+            self.live[stored] = nn.Parameter(t.to(dtype), requires_grad=False)
+        for n in names:
+            mod, leaf = _split(self.model, n)
+            mod._parameters[leaf] = self.live[self.skeleton.aliases[n]]
+
+    def release_module(self, prefix: str) -> None:
+        for n in self._params(prefix):
+            mod, leaf = _split(self.model, n)
+            p = mod._parameters[leaf]
+            mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            if self.skeleton.aliases[n] == n:  # a tied head leaves the embedding it shares loaded
+                self.live.pop(n, None)
+
+    # the engine's io interface (calibrate/engine.py: run_layerwise)
+    def load(self, index: int, layer: nn.Module) -> None:
+        self.load_module(self.adapter.layer_prefix(index))
+
+    def release(self, index: int, layer: nn.Module) -> None:
+        prefix = self.adapter.layer_prefix(index)
+        if self.writer is not None:
+            tensors = {f"{prefix}.{n}": t for n, t in layer.state_dict().items()}
+            path = self.writer.write(index + 2, tensors)
+            self.source.redirect(tensors, path)
+            self.zeros[index] = layer_zeros(layer)
+        self.release_module(prefix)
+        memory.release_freed()
+        log.debug("decoder layer %d released (%s); resident %.0f MiB, peak %.0f MiB", index,
+                  "written" if self.writer is not None else "read", memory.current_rss_bytes() / 2**20,
+                  memory.peak_rss_bytes() / 2**20)
+
+    def copy_rest(self) -> None:
+        """Shard 1: every saved tensor outside the decoder layers (embeddings, final norm, head), as read."""
+        layers = self.adapter.layers_path + "."
+        names = [n for n in self.skeleton.saved if not n.startswith(layers)]
+        self.writer.write(1, self.source.get(names))
+        self.writer.finish(self.skeleton.saved)
+
+
+@torch.no_grad()
+def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: int, device, desc: str) -> float:
+    """exp(mean next-token NLL), as evaluate.perplexity computes it on the whole model, with the decoder
+    layers read one at a time: the chunks' hidden states go through each layer in turn, then the head."""
+    model, adapter = stream.model, stream.adapter
+    acts = capture_layer_inputs(model, adapter, chunks, device, batch_size)
+    for index, layer in enumerate(tqdm(adapter.layers(model), desc=desc, unit="layer", leave=False)):
+        stream.load(index, layer)
+        layer.to(device)
+        acts.hidden = [_layer_forward(layer, h, kw) for h, kw in zip(acts.hidden, acts.kwargs)]
+        stream.release(index, layer)
+    heads = [p for p in adapter.head_paths if _get(model, p) is not None]
+    for p in heads:
+        stream.load_module(p)
+    nll, count = 0.0, 0
+    try:
+        for hidden, batch in zip(acts.hidden, chunks.split(batch_size)):
+            for p in heads:
+                hidden = model.get_submodule(p).to(device)(hidden)
+            n, c = nll_sum(hidden[:, :-1], batch.to(device))
+            nll, count = nll + n, count + c
+    finally:
+        for p in heads:
+            stream.release_module(p)
+    return math.exp(nll / count)
+
