@@ -75,7 +75,7 @@ def metric_rows(r: dict) -> list[tuple[str, str, str, str]]:
     """(metric, before, after, after/before) for the before/after table."""
     m = r["model"]
     rows = [("parameters", f"{m['parameters_before']:,}", f"{m['parameters']:,}", _ratio(m["parameters_before"], m["parameters"])),
-            ("non-zero parameters", f"{m['nonzero_parameters_before']:,}", f"{m['nonzero_parameters']:,}",
+            ("non-zero parameters", _num(m["nonzero_parameters_before"], ","), _num(m["nonzero_parameters"], ","),
              _ratio(m["nonzero_parameters_before"], m["nonzero_parameters"])),
             ("decoder Linear sparsity", _num(r["sparsity"].get("overall_before"), ".4f"), f"{r['sparsity']['overall']:.4f}", "")]
     if m.get("disk_bytes") is not None:

@@ -88,16 +88,16 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             make_readable(tmp)
-        ppl_after = {}
+        ppl_after, chunks = {}, {}
         if recipe.evaluation.ppl:
             with timer("perplexity after"):  # reads the compressed layers back from the output's shards
-                ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure)
+                ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure, chunks)
         report = build_report(
             source=source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
             device=device, stage_reports=stage_reports, allocation=allocation,
             sparsity=sparsity_summary(model, adapter, [stream.zeros[i] for i in range(n_layers)]),
             ppl_before=ppl_before, ppl_after=ppl_after, timer=timer, load_memory=load_memory,
-            params_before=params_before,
+            params_before=params_before, chunks=chunks,
             low_memory={"reason": reason, "checkpoint_bytes": size, "shards": n_layers + 1})
         write_extras(tmp, recipe, report, out.name)
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
