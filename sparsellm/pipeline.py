@@ -201,23 +201,20 @@ def run_stages(model, adapter, recipe: Recipe, methods: list, windows, device,
         stage, method = stages[i], methods[i]
         memory.reset_peak()
         t = time.perf_counter()
-        if stage.kind in ("slice", "structure", "recover"):
+        if stage.kind in ("slice", "structure", "recover", "learn"):
             if stage.kind == "slice":
                 details = slicegpt(model, adapter, windows, stage.spec, device, batch)
             elif stage.kind == "structure":
                 details = structure(model, adapter, windows, stage.spec, build_structured(stage.spec), device, batch)
                 block_weight = details.get("block_weight") or block_weight
-            else:  # the recovery budget follows the coarse importance of the structure stage before it
+            elif stage.kind == "recover":  # the recovery budget follows the coarse importance of the structure stage
                 details = lora_recover(model, adapter, windows, stage.spec, recipe.seed, device, block_weight)
-            reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
-            i += 1
-            continue
-        if stage.kind == "learn":
-            details, keep = learn_masks(model, adapter, windows, train[i], stage.spec, device, batch, recipe.seed,
-                                        checkpoint, key=f"learn{i}")
-            if artifacts is not None:
-                artifacts["masks.safetensors"] = lambda path, keep=keep, spec=stage.spec: save_masks(
-                    keep, path, spec.pattern, model.config.model_type)
+            else:
+                details, keep = learn_masks(model, adapter, windows, train[i], stage.spec, device, batch, recipe.seed,
+                                            checkpoint, key=f"learn{i}")
+                if artifacts is not None:
+                    artifacts["masks.safetensors"] = lambda path, keep=keep, spec=stage.spec: save_masks(
+                        keep, path, spec.pattern, model.config.model_type)
             reports.append(_stage_report(stage, time.perf_counter() - t, details=details))
             i += 1
             continue
