@@ -149,7 +149,7 @@ def _nonzero(model) -> int:
     return sum(int(torch.count_nonzero(p)) for p in model.parameters())
 
 
-def _removed(summary: dict, dense: dict) -> None:
+def removed(summary: dict, dense: dict) -> None:
     """Per layer and overall: 1 - nonzero decoder Linear weights now / their number in the dense model
     (= sparsity when only pruned; also counts rows and columns SliceGPT deleted)."""
     for now, before in zip(summary["per_layer"], dense["per_layer"]):
@@ -402,9 +402,9 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(model, recipe, windows), options.resume)
 
     params_before = sum(p.numel() for p in model.parameters())
-    whole = offloaded is None  # every weight in memory: nonzero counts and the per-layer "removed" figures
+    whole = offloaded is None  # every weight in memory: whole-model nonzero counts
     nonzero_before = _nonzero(model) if whole else None
-    dense_summary = sparsity_summary(model, adapter) if whole else None
+    dense_summary = sparsity_summary(model, adapter) if whole else None  # offloaded: counted as the engine loads
     measure = whole_model_perplexity(model, recipe, device)
     ppl_before, tasks_before = {}, {}
     if ev.tasks and ev.before:
@@ -429,7 +429,11 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     artifacts: dict = {}
     stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint, train, artifacts,
                                            offloaded)
-    zeros = None if offloaded is None else [offloaded.zeros[i] for i in range(len(adapter.layers(model)))]
+    zeros = None
+    if offloaded is not None:
+        n_layers = len(adapter.layers(model))
+        zeros = [offloaded.zeros[i] for i in range(n_layers)]
+        dense_summary = sparsity_summary(model, adapter, [offloaded.dense_zeros[i] for i in range(n_layers)])
 
     ppl_after, chunks, tasks_after, speed = {}, {}, {}, None
     if ev.ppl:
@@ -448,7 +452,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
 
     sparsity = sparsity_summary(model, adapter, zeros)
     if dense_summary is not None:
-        _removed(sparsity, dense_summary)
+        removed(sparsity, dense_summary)
     report = build_report(
         source=loaded.source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
         device=device, stage_reports=stage_reports, allocation=allocation, sparsity=sparsity, ppl_before=ppl_before,

@@ -53,6 +53,7 @@ class OffloadedLayers:
     def __init__(self, adapter, write: bool = True):
         self.adapter, self.write = adapter, write
         self.zeros: dict[int, dict[str, tuple[int, int]]] = {}
+        self.dense_zeros: dict[int, dict[str, tuple[int, int]]] = {}  # as first loaded (before any stage)
         self._held: list = []
 
     def reading(self) -> "OffloadedLayers":
@@ -66,6 +67,8 @@ class OffloadedLayers:
             for name in [n for n, p in m._parameters.items() if p is not None]:
                 set_module_tensor_to_device(m, name, hook.execution_device, value=hook.weights_map[name])
             hook.offload = False  # until release: the weights stay in, the methods change them in place
+        if self.write and index not in self.dense_zeros:
+            self.dense_zeros[index] = layer_zeros(layer)
 
     def release(self, index: int, layer: nn.Module) -> None:
         from accelerate.utils import offload_weight, set_module_tensor_to_device

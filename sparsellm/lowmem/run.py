@@ -13,8 +13,8 @@ from ..export import atomic_folder, make_readable
 from ..loading import get_adapter
 from ..loading.adapters import _get
 from ..loading.models import _load_error, resolve_model
-from ..pipeline import (Timer, build_report, check_stage_fits, evaluate_all, prepare_calibration, run_stages,
-                        write_extras)
+from ..pipeline import (Timer, build_report, check_stage_fits, evaluate_all, prepare_calibration, removed,
+                        run_stages, write_extras)
 from . import source_problem
 from .stream import LayerStream, empty_model, streamed_perplexity
 from .tensors import ShardWriter, TensorSource
@@ -88,6 +88,8 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             make_readable(tmp)
+        sparsity = sparsity_summary(model, adapter, [stream.zeros[i] for i in range(n_layers)])
+        removed(sparsity, sparsity_summary(model, adapter, [stream.dense_zeros[i] for i in range(n_layers)]))
         ppl_after, chunks = {}, {}
         if recipe.evaluation.ppl:
             with timer("perplexity after"):  # reads the compressed layers back from the output's shards
@@ -95,7 +97,7 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
         report = build_report(
             source=source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
             device=device, stage_reports=stage_reports, allocation=allocation,
-            sparsity=sparsity_summary(model, adapter, [stream.zeros[i] for i in range(n_layers)]),
+            sparsity=sparsity,
             ppl_before=ppl_before, ppl_after=ppl_after, timer=timer, load_memory=load_memory,
             params_before=params_before, chunks=chunks,
             low_memory={"reason": reason, "checkpoint_bytes": size, "shards": n_layers + 1})

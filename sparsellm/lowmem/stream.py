@@ -71,6 +71,7 @@ class LayerStream:
         self.model = skeleton.model
         self.live: dict[str, nn.Parameter] = {}  # stored name -> loaded parameter
         self.zeros: dict[int, dict[str, tuple[int, int]]] = {}  # per written layer: Linear -> (zeros, total)
+        self.dense_zeros: dict[int, dict[str, tuple[int, int]]] = {}  # the same, as first read (before any stage)
 
     def reading(self) -> "LayerStream":
         """The same weights, never written: for passes that only measure (OWL, perplexity)."""
@@ -103,6 +104,8 @@ class LayerStream:
     # the engine's io interface (calibrate/engine.py: run_layerwise)
     def load(self, index: int, layer: nn.Module) -> None:
         self.load_module(self.adapter.layer_prefix(index))
+        if self.writer is not None and index not in self.dense_zeros:
+            self.dense_zeros[index] = layer_zeros(layer)
 
     def release(self, index: int, layer: nn.Module) -> None:
         prefix = self.adapter.layer_prefix(index)
