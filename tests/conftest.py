@@ -44,7 +44,8 @@ def tiny_config(arch: str, vocab: int = 320, **overrides):
     if arch == "mistral":
         return MistralConfig(**common, sliding_window=None)
     if arch == "opt":
-        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        return OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=common["intermediate_size"],
+                         num_hidden_layers=common["num_hidden_layers"], num_attention_heads=common["num_attention_heads"],
                          max_position_embeddings=256, word_embed_proj_dim=64)
     raise ValueError(arch)
 

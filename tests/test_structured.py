@@ -181,10 +181,57 @@ def test_cfsp_budget_shapes_and_parameter_count(arch, windows):
     assert torch.isfinite(_logits(model)).all()
 
 
-def test_opt_is_refused_with_a_clear_error(model_dirs, tmp_path):
-    r = CliRunner().invoke(cli, ["prune", "--model", str(model_dirs["opt"]), "--structure", "cfsp", "--ffn", "0.2",
-                                 "--calib", str(TEXT), "-o", str(tmp_path / "o")])
-    assert r.exit_code == 4 and "structured pruning supports gated-FFN models" in r.output and "Traceback" not in r.output
+def test_opt_channels_and_heads_cut_with_their_biases(windows):
+    """OPT: fc1 rows (with bias) and fc2 columns; heads (no GQA) cut in q/k/v (with bias) and out_proj, and
+    the attention's num_heads updated. Removing units equals zeroing their fc2 / out_proj columns."""
+    model = tiny_model("opt", num_hidden_layers=2)
+    names = _names(model)
+    assert names["ffn_in"] == ["fc1"] and names["kv_heads"] == names["heads"] == 4 and names["head_dim"] == 16
+    masked = copy.deepcopy(model)
+    chans, heads = torch.tensor([3, 10, 50, 127]), [2]
+    for pruned, ref in zip(model.model.decoder.layers, masked.model.decoder.layers):
+        keep_channels(pruned, names, torch.tensor([i for i in range(128) if i not in chans.tolist()]))
+        keep_groups(pruned, names, torch.tensor([0, 1, 3]))
+        ref.fc2.weight[:, chans] = 0
+        ref.self_attn.out_proj.weight[:, 32:48] = 0
+        assert pruned.fc1.weight.shape == (124, 64) and pruned.fc1.bias.shape == (124,)
+        assert pruned.fc2.weight.shape == (64, 124) and pruned.fc2.bias.shape == (64,)
+        assert pruned.self_attn.q_proj.bias.shape == (48,) and pruned.self_attn.out_proj.weight.shape == (64, 48)
+        assert pruned.self_attn.num_heads == 3
+    assert torch.allclose(_logits(model), _logits(masked), atol=1e-5)
+
+
+@pytest.mark.parametrize("uniform,heads", [(True, 0.0), (False, 0.5)])
+def test_opt_export_stock_or_runtime_file(uniform, heads, model_dirs, tmp_path):
+    """FFN-only uniform widths are a stock OPT config (ffn_dim); fewer heads need the runtime file (OPT's
+    head_dim is hidden_size / heads), and its logits and KV-cache generation match."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    report = compress(_recipe({"method": "cfsp", "ffn": 0.5, "heads": heads, "uniform": uniform, "a": 5.0}), out,
+                      RunOptions(), str(model_dirs["opt"]))
+    cfg = json.loads((out / "config.json").read_text())
+    ours = load_model(str(out)).model
+    plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not uniform).eval()
+    if uniform:
+        assert cfg["model_type"] == "opt" and cfg["ffn_dim"] == 64 and "auto_map" not in cfg
+    else:
+        assert cfg["model_type"] == "sparsellm_sliced_opt" and report["model"]["per_layer_widths"]
+        assert [layer.self_attn.num_heads for layer in plain.model.decoder.layers] == \
+            [g for g in report["stages"][0]["details"]["heads"]]
+    assert torch.equal(_logits(plain), _logits(ours))
+    prompt = IDS[:1, :8]
+    gen = ours.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    seq = prompt
+    for _ in range(6):
+        seq = torch.cat([seq, _logits(ours, seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, seq)
+
+
+def test_opt_uniform_heads_is_refused_with_a_clear_error(model_dirs, tmp_path):
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model_dirs["opt"]), "--structure", "wanda-sp", "--heads", "0.5",
+                                 "--uniform", "--calib", str(TEXT), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 7 and "no head count a stock opt config accepts" in r.output and "Traceback" not in r.output
 
 
 # ---- LoRA --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Structured pruning: remove whole FFN intermediate channels and whole attention KV groups, so that
 the weight matrices get smaller and the model faster on any hardware.
 
-A channel j of a gated FFN is row j of gate_proj and up_proj plus column j of down_proj; a KV group
+A channel j of a gated FFN is row j of gate_proj and up_proj plus column j of down_proj (OPT: row j of
+fc1 and its bias, column j of fc2; the adapter names these Linears); a KV group
 g is key/value head g, the query heads that share it (rows of q_proj, columns of o_proj) and its rows
 of k_proj/v_proj. Removing a group keeps num_key_value_groups (query heads per KV head) unchanged,
 which transformers' attention reads from the module, not from the weights. Every method scores the
@@ -118,11 +119,12 @@ def _keep(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
 
 
 def keep_channels(layer: nn.Module, names: dict, idx: torch.Tensor) -> None:
-    """Keep FFN channels `idx`: rows of gate/up, columns of down."""
-    for n in (names["gate"], names["up"]):
+    """Keep FFN channels `idx`: rows of gate/up (or fc1, bias included), columns of down (or fc2)."""
+    for n in names["ffn_in"]:
         _keep(_get(layer, n), idx, 0)
     _keep(_get(layer, names["down"]), idx, 1)
-    mlp = _get(layer, names["down"].rpartition(".")[0])
+    parent = names["down"].rpartition(".")[0]
+    mlp = _get(layer, parent) if parent else layer
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(idx)
 
@@ -140,24 +142,33 @@ def keep_groups(layer: nn.Module, names: dict, groups: torch.Tensor) -> None:
     _keep(_get(layer, names["k"]), kv_idx, 0)
     _keep(_get(layer, names["v"]), kv_idx, 0)
     _keep(_get(layer, names["o"]), q_idx, 1)
+    attn = _get(layer, names["attn"])
+    for attr in names.get("head_count_attrs", ()):
+        setattr(attn, attr, len(groups) * rep)
 
 
 # ---- the stage ---------------------------------------------------------------------------------
 
 def _stock_config(config, inter: int, kv: int, names: dict):
-    """The config of the same architecture with these widths, or None when the stock class refuses it
-    (e.g. LlamaConfig wants hidden_size % num_attention_heads == 0)."""
+    """The config of the same architecture with these widths, or None when the stock class cannot
+    express them (e.g. LlamaConfig wants hidden_size % num_attention_heads == 0; OPT has no head_dim)."""
     probe = copy.deepcopy(config)
-    probe.head_dim = names["head_dim"]
-    probe.intermediate_size = inter
-    probe.num_attention_heads = kv * (names["heads"] // names["kv_heads"])
-    probe.num_key_value_heads = kv
+    setattr(probe, names["width_key"], inter)
+    if names["config_head_dim"]:
+        probe.head_dim = names["head_dim"]
+        probe.num_attention_heads = kv * (names["heads"] // names["kv_heads"])
+        probe.num_key_value_heads = kv
+    elif kv != names["kv_heads"]:
+        return None
     try:
         if hasattr(probe, "validate_architecture"):
             probe.validate_architecture()
     except Exception:  # transformers' strict-dataclass errors have no common base
         return None
     return probe
+
+
+STOCK_KEYS = ("head_dim", "num_attention_heads", "num_key_value_heads")
 
 
 def _uniform_groups(config, names: dict, remove: float) -> int:
@@ -223,7 +234,7 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
         sq = {n: s.sq_norm for n, s in stats.items()}
         if names["down"] in want:
             cols = method.column_scores(_get(layer, names["down"]).weight,
-                                        [_get(layer, names["gate"]).weight, _get(layer, names["up"]).weight],
+                                        [_get(layer, n).weight for n in names["ffn_in"]],
                                         sq.get(names["down"]))
             keep_channels(layer, names, top_units(cols, ffn[i]))
         if names["o"] in want:
@@ -248,12 +259,12 @@ def _finish_config(model, adapter: Adapter, names: dict, ffn: list[int], groups:
     if len(set(ffn)) == 1 and len(set(groups)) == 1 and getattr(model.config, "sparsellm_slicing", None) is None:
         stock = _stock_config(model.config, ffn[0], groups[0], names)
         if stock is not None:
-            for key in ("head_dim", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+            for key in (names["width_key"], *(STOCK_KEYS if names["config_head_dim"] else ())):
                 setattr(model.config, key, getattr(stock, key))
             return True
     model.config.sparsellm_structure = {
         "base_model_type": model.config.model_type,
-        "names": {k: names[k] for k in ("q", "k", "v", "o", "gate", "up", "down")},
+        "names": {k: names[k] for k in ("q", "k", "v", "o", "ffn_in", "down", "attn", "head_count_attrs")},
         "layers_path": adapter.layers_path, "head_dim": names["head_dim"], "kv_group_size": names["heads"] // names["kv_heads"],
         "layers": [{"intermediate_size": f, "kv_groups": g} for f, g in zip(ffn, groups)]}
     return False

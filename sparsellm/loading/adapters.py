@@ -37,9 +37,12 @@ class Adapter:
     embedding_paths: tuple[str, ...] = ()  # whose outputs add up to the residual stream
     final_norm: str = ""
     lm_head: str = "lm_head"
-    # structured pruning (FFN channels, attention heads): gated FFN names, or empty when unsupported
-    ffn_gate: str = ""
-    ffn_up: str = ""
+    # structured pruning: the Linears that make FFN channels (gate/up, or fc1), the config key of the FFN
+    # width, and attention attributes that hold the head count (read by forward, so updated on surgery)
+    ffn_in: tuple[str, ...] = ()
+    ffn_width_key: str = "intermediate_size"
+    head_count_attrs: tuple[str, ...] = ()
+    config_head_dim: bool = True  # the stock config states head_dim apart from hidden_size / heads
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
@@ -79,17 +82,16 @@ class Adapter:
     def structure_names(self, model: nn.Module) -> dict:
         """Module names and head geometry for structured pruning (FFN channels, whole KV groups)."""
         cfg = model.config
-        if not self.ffn_gate:
-            raise UnsupportedArchitectureError(
-                f"structured pruning supports gated-FFN models ({', '.join(LLAMA.model_types)}); this "
-                f"{cfg.model_type} model has no gate/up/down projections")
+        if not self.ffn_in:
+            raise UnsupportedArchitectureError(f"structured pruning does not support {cfg.model_type} models yet")
         (q, k, v), (o,), _, (down,) = self.sequential_groups
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return {"q": q, "k": k, "v": v, "o": o, "gate": self.ffn_gate, "up": self.ffn_up, "down": down,
-                "attn": self.attention, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
-                "intermediate": cfg.intermediate_size}
+        return {"q": q, "k": k, "v": v, "o": o, "ffn_in": list(self.ffn_in), "down": down, "attn": self.attention,
+                "heads": heads, "kv_heads": kv, "head_dim": head_dim, "intermediate": getattr(cfg, self.ffn_width_key),
+                "width_key": self.ffn_width_key, "head_count_attrs": list(self.head_count_attrs),
+                "config_head_dim": self.config_head_dim}
 
     def groups_for(self, names: list[str]) -> list[list[str]]:
         """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
@@ -117,8 +119,7 @@ LLAMA = Adapter(
     head_paths=("model.norm", "lm_head"),
     embedding_paths=("model.embed_tokens",),
     final_norm="model.norm",
-    ffn_gate="mlp.gate_proj",
-    ffn_up="mlp.up_proj",
+    ffn_in=("mlp.gate_proj", "mlp.up_proj"),
 )
 
 OPT = Adapter(
@@ -138,6 +139,10 @@ OPT = Adapter(
     mlp_call=("fc1", "activation_fn", "fc2"),
     embedding_paths=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
     final_norm="model.decoder.final_layer_norm",
+    ffn_in=("fc1",),
+    ffn_width_key="ffn_dim",
+    head_count_attrs=("num_heads",),  # OPTAttention reshapes with self.num_heads
+    config_head_dim=False,  # head_dim = hidden_size / heads: fewer heads need the runtime file
 )
 
 ADAPTERS = (LLAMA, OPT)

@@ -118,14 +118,17 @@ def apply_widths(model: nn.Module, s: dict) -> None:
     """Per-layer widths of structured pruning (config.sparsellm_structure): FFN channels, and KV groups
     (a key/value head with the kv_group_size query heads that share it; head_dim is unchanged)."""
     names, hd, rep = s["names"], s["head_dim"], s["kv_group_size"]
+    ffn_in = names.get("ffn_in") or [names["gate"], names["up"]]  # the first releases named gate and up
     for layer, d in zip(_get(model, s["layers_path"]), s["layers"]):
-        for n in (names["gate"], names["up"]):
+        for n in ffn_in:
             _resize_linear(_get(layer, n), out_features=d["intermediate_size"])
         _resize_linear(_get(layer, names["down"]), in_features=d["intermediate_size"])
         for n in (names["k"], names["v"]):
             _resize_linear(_get(layer, n), out_features=d["kv_groups"] * hd)
         _resize_linear(_get(layer, names["q"]), out_features=d["kv_groups"] * rep * hd)
         _resize_linear(_get(layer, names["o"]), in_features=d["kv_groups"] * rep * hd)
+        for attr in names.get("head_count_attrs", ()):
+            setattr(_get(layer, names["attn"]), attr, d["kv_groups"] * rep)
 
 
 def base_model_type(config_dict: dict) -> str:
