@@ -28,6 +28,16 @@ def _logits(model, ids=IDS):
         return model(ids, use_cache=False).logits
 
 
+def _assert_kv_cache_generate_matches(model):
+    """Greedy generate (KV cache) gives the tokens of full forwards one step at a time."""
+    prompt = IDS[:1, :8]
+    gen = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    seq = prompt
+    for _ in range(6):
+        seq = torch.cat([seq, _logits(model, seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, seq)
+
+
 def _spec(**kw):
     return recipe_from_dict({"stages": [{"structure": kw}]}).stages[0].spec
 
@@ -218,14 +228,9 @@ def test_opt_export_stock_or_runtime_file(uniform, heads, model_dirs, tmp_path):
     else:
         assert cfg["model_type"] == "sparsellm_sliced_opt" and report["model"]["per_layer_widths"]
         assert [layer.self_attn.num_heads for layer in plain.model.decoder.layers] == \
-            [g for g in report["stages"][0]["details"]["heads"]]
+            report["stages"][0]["details"]["heads"]
     assert torch.equal(_logits(plain), _logits(ours))
-    prompt = IDS[:1, :8]
-    gen = ours.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    seq = prompt
-    for _ in range(6):
-        seq = torch.cat([seq, _logits(ours, seq)[:, -1:].argmax(-1)], 1)
-    assert torch.equal(gen, seq)
+    _assert_kv_cache_generate_matches(ours)
 
 
 def test_opt_uniform_heads_is_refused_with_a_clear_error(model_dirs, tmp_path):
@@ -285,12 +290,7 @@ def test_export_round_trip_and_kv_cache_generate(arch, uniform, model_dirs, tmp_
         assert type(plain).__module__ != type(ours).__module__
     assert report["model"]["parameters"] == sum(p.numel() for p in ours.parameters()) < report["model"]["parameters_before"]
     assert torch.equal(_logits(plain.eval()), _logits(ours))
-    prompt = IDS[:1, :8]
-    gen = ours.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    seq = prompt
-    for _ in range(6):
-        seq = torch.cat([seq, _logits(ours, seq)[:, -1:].argmax(-1)], 1)
-    assert torch.equal(gen, seq)
+    _assert_kv_cache_generate_matches(ours)
 
 
 def test_cli_structure_with_recovery_is_bit_identical_across_runs(model_dirs, tmp_path):
