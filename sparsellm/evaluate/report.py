@@ -200,8 +200,10 @@ def layer_chart(report: dict) -> bytes:
     x = [p["layer"] for p in per_layer]
     y = [p["removed"] if p.get("removed") is not None else p["sparsity"] for p in per_layer]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(x)), 3.5), dpi=100)
-    sliced = report["model"].get("sliced")
-    ax.bar(x, y, color="#4C72B0", label="weights removed" if sliced else "achieved")
+    # shapes changed (uniform slicing and equal widths are stock architectures, so not "sliced"):
+    # the bars count deleted rows and columns, not zeros
+    shaped = any(st["kind"] in ("slice", "structure") for st in report.get("stages", []))
+    ax.bar(x, y, color="#4C72B0", label="weights removed" if shaped else "achieved")
     lo = min(y)
     if alloc:
         ax.plot(x, alloc["sparsity"], "o", color="#DD8452", markersize=4, label=f"allocated ({alloc['method']})")
@@ -209,7 +211,7 @@ def layer_chart(report: dict) -> bytes:
         lo = min(lo, min(alloc["sparsity"]))
     ax.set_xlabel("decoder layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("fraction of Linear weights removed" if sliced else "sparsity")
+    ax.set_ylabel("fraction of Linear weights removed" if shaped else "sparsity")
     ax.set_ylim(max(0.0, lo - 0.1) if alloc else 0.0, 1.0)
     ax.legend(loc="upper right", fontsize=8)
     return _png(fig)
