@@ -111,8 +111,8 @@ def test_automatic_when_the_checkpoint_exceeds_available_memory(sharded, tmp_pat
 
 def test_larger_than_memory_model_pruned_in_a_fraction_of_its_size(tmp_path):
     """A 2 GB random Llama (14 layers of 137 MB, float32) written shard by shard, pruned with Wanda in a
-    child process: the child's peak RSS (kernel's ru_maxrss, interpreter and libraries included) stays
-    under half the model's size. Measured here: ~0.8 GB for 2.0 GB (README, Larger than memory)."""
+    child process: the child's peak RSS (its VmHWM, interpreter and libraries included) stays under half
+    the model's size. Measured here: ~0.8 GB for 2.0 GB (README, Larger than memory)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import lowmem_memory
 
