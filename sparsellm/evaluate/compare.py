@@ -85,13 +85,13 @@ def curves(summary: dict, metric: str) -> bytes | None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, get, dense) in zip(axes[0], panels):
         values = [v for v in [dense] + [get(x) for x in runs] if v is not None]
+        labels = []
         for k, fam in enumerate(families):
             pts = sorted((x["x"], get(x), x["structured"], x["run"]) for x in runs if x["family"] == fam and get(x) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s" if pts[0][2] else "o",
                         color=colors[k % len(colors)], label=fam)
-                for px, py, _, name in pts:
-                    ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                labels += [(px, py, name) for px, py, _, name in pts]
         if dense is not None:
             ax.axhline(dense, color="k", linestyle="--", linewidth=1, label=f"dense {dense:.3g}")
             ax.plot([0], [dense], "k*", markersize=9)
@@ -101,11 +101,28 @@ def curves(summary: dict, metric: str) -> bytes | None:
             ax.set_ylim(0, 1)
         xs = [x["x"] for x in runs]
         ax.set_xlim(min(0.0, *xs) - 0.05, max(xs) + 0.1)
+        for (px, py, name), dy in zip(labels, _label_offsets(ax, labels)):
+            ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, dy), fontsize=7)
         ax.set_xlabel("sparsity (pruned, ●) / parameters removed (sliced, ■)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def _label_offsets(ax, labels: list, height: float = 9.0, width: float = 60.0) -> list[float]:
+    """Vertical offsets (points) of the point labels: a label that would cover an earlier one (runs at
+    the same sparsity with close values) moves down a line until it is clear."""
+    ax.get_ylim()  # settles autoscaling, so that data -> display is final
+    scale = ax.figure.dpi / 72
+    placed, out = [], []
+    for x, y in ax.transData.transform([(px, py) for px, py, _ in labels]) if labels else []:
+        off = 4.0
+        while any(abs(x - qx) < width * scale and abs(y + off * scale - qy) < height * scale for qx, qy in placed):
+            off -= height
+        placed.append((x, y + off * scale))
+        out.append(off)
+    return out
 
 
 def table(summary: dict) -> tuple[list[str], list[list[str]]]:
