@@ -228,6 +228,18 @@ def test_compare_runs_html_md_json(runs, tmp_path):
     assert img.std() > 20 and img[500:1400, 40:1200].std() > 20
 
 
+def test_compare_labels_of_close_points_do_not_overlap():
+    """Two runs at the same sparsity with nearly the same perplexity: the second label moves a line
+    down; a distant point keeps the default offset."""
+    from sparsellm.evaluate.compare import _label_offsets, _pyplot
+
+    fig, ax = _pyplot().subplots(figsize=(6, 4), dpi=100)
+    ax.plot([0.5, 0.5, 0.1], [65.9, 63.0, 400.0], "o")
+    ax.set_xlim(-0.05, 0.6)
+    offsets = _label_offsets(ax, [(0.5, 65.9, "wanda-50"), (0.5, 63.0, "sparsegpt-50"), (0.1, 400.0, "far")])
+    assert offsets[0] == 4.0 and offsets[1] < -4.0 and offsets[2] == 4.0
+
+
 def test_compare_rejects_a_folder_without_report(runs, tmp_path):
     r = run("compare", runs["wanda-50"], tmp_path)
     assert r.exit_code == 5 and f"error: no report.json in {tmp_path}" in r.output
