@@ -110,36 +110,49 @@ def sparse_linears(model) -> dict[str, torch.Tensor]:
             and (mod.weight == 0).float().mean().item() >= MIN_SPARSITY}
 
 
+def _not_24(name: str) -> CompressionError:
+    return CompressionError(f"format sparse-24-bitmask needs 2:4-sparse weights, but {name} is not 2:4 along its inputs; "
+                            "prune with pattern 2:4, or export as sparse-bitmask or dense")
+
+
 def check_format(fmt: str, sparse: dict[str, torch.Tensor]) -> None:
     if fmt == "sparse-24-bitmask":
         bad = next((n for n, w in sparse.items() if not is_24(w)), None)
         if bad is not None:
-            raise CompressionError(f"format sparse-24-bitmask needs 2:4-sparse weights, but {bad} is not 2:4 along its "
-                                   "inputs; prune with pattern 2:4, or export as sparse-bitmask or dense")
+            raise _not_24(bad)
     if fmt != "dense" and not sparse:
         raise CompressionError(f"format {fmt}: the model has no pruned Linear layer to compress; export it as dense")
 
 
-def sparsity_config(fmt: str, sparse: dict[str, torch.Tensor], ignore: list[str], global_sparsity: float) -> dict:
+def sparsity_config(fmt: str, structure: str, ignore: list[str], global_sparsity: float) -> dict:
     """The block compressed-tensors' ModelCompressor.update_config writes (its BitmaskConfig /
     Sparse24BitMaskConfig dumped, registry field included): targets every Linear but those ignored."""
-    structure = "2:4" if all(is_24(w) for w in sparse.values()) else "unstructured"
     return {"format": fmt, "global_sparsity": global_sparsity, "ignore": ignore, "registry_requires_subclass": False,
             "sparsity_structure": structure, "targets": ["Linear"]}
 
 
 def compress_folder(folder: Path, model, fmt: str) -> None:
     """Rewrite the dense safetensors that save_pretrained wrote in `folder` into `fmt`, and declare it
-    in config.json. Tensors are written in sorted order, so the same weights give the same bytes."""
+    in config.json."""
     if fmt == "dense":
         return
     sparse = sparse_linears(model)
     check_format(fmt, sparse)
+    rewrite_folder(folder, fmt, set(sparse), [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
+
+
+def rewrite_folder(folder: Path, fmt: str, sparse: set[str], linears: list[str]) -> None:
+    """Compress the weights of the Linear modules `sparse` in a dense folder's safetensors into `fmt`, one
+    shard in memory at a time (a low-memory run's output is rewritten this way), and declare the format
+    in config.json; `linears`: every Linear module (those not compressed are listed as ignored).
+    Tensors are written in sorted order, so the same weights give the same bytes."""
+    if not sparse:
+        raise CompressionError(f"format {fmt}: the model has no pruned Linear layer to compress; export it as dense")
     folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else None
     shards = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
-    compress, zeros, total, weight_map, nbytes = COMPRESS[fmt], 0, 0, {}, 0
+    compress, zeros, total, weight_map, nbytes, all_24 = COMPRESS[fmt], 0, 0, {}, 0, True
     for shard in shards:
         with safe_open(folder / shard, framework="pt") as f:
             metadata = f.metadata()
@@ -150,21 +163,27 @@ def compress_folder(folder: Path, model, fmt: str) -> None:
             total += t.numel()
             module = key.removesuffix(".weight")
             if key.endswith(".weight") and module in sparse:
+                all_24 = all_24 and is_24(t)
+                if fmt == "sparse-24-bitmask" and not all_24:
+                    raise _not_24(module)
                 out.update({f"{module}.{part}": v.contiguous() for part, v in compress(t).items()})
             else:
                 out[key] = t
+        del tensors
         save_file(out, folder / shard, metadata=metadata)
         weight_map.update({k: shard for k in out})
         nbytes += sum(v.nbytes for v in out.values())
+        del out
     if index:
         index["weight_map"] = dict(sorted(weight_map.items()))
         index.setdefault("metadata", {})["total_size"] = nbytes
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in sparse)
+    ignore = sorted(n for n in linears if n not in sparse)
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "transform_config": {},
-                                  "sparsity_config": sparsity_config(fmt, sparse, ignore, round(zeros / total, 6))}
+                                  "sparsity_config": sparsity_config(fmt, "2:4" if all_24 else "unstructured", ignore,
+                                                                     round(zeros / total, 6))}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("wrote %d Linear weights as %s", len(sparse), fmt)
 

@@ -49,9 +49,10 @@ def sharded(tmp_path_factory, tokenizer):
     return out
 
 
-def run(model: Path, stages, out: Path, low_memory: bool | None, ppl: bool = True) -> dict:
+def run(model: Path, stages, out: Path, low_memory: bool | None, ppl: bool = True, fmt: str = "dense") -> dict:
     recipe = recipe_from_dict({"calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 32},
-                               "evaluation": {"ppl": [str(TEXT)] if ppl else [], "limit": 4}, "stages": stages})
+                               "evaluation": {"ppl": [str(TEXT)] if ppl else [], "limit": 4}, "stages": stages,
+                               "export": {"format": fmt}})
     return compress(recipe, out, RunOptions(low_memory=low_memory), str(model))
 
 
@@ -78,6 +79,23 @@ def test_streamed_equals_in_memory(name, sharded, tmp_path):
     assert low["perplexity"] == whole["perplexity"] and low["perplexity"]["after"]
     assert low["sparsity"] == whole["sparsity"] and low["allocation"] == whole["allocation"]
     assert whole["low_memory"] is None and low["low_memory"]["reason"] == "requested (--low-memory)"
+
+
+@pytest.mark.parametrize("fmt,stage", [("sparse-bitmask", {"method": "wanda", "sparsity": 0.5}),
+                                       ("sparse-24-bitmask", {"method": "sparsegpt", "pattern": "2:4"})])
+def test_streamed_bitmask_export_equals_in_memory(fmt, stage, sharded, tmp_path):
+    """The low-memory output rewritten shard by shard into a bitmask format holds the in-memory export's
+    compressed tensors and config, and loads back to the same weights."""
+    from sparsellm import load
+
+    whole = run(sharded["llama-tied"], [{"prune": stage}], tmp_path / "whole", low_memory=False, fmt=fmt)
+    low = run(sharded["llama-tied"], [{"prune": stage}], tmp_path / "low", low_memory=True, fmt=fmt)
+    assert_same_output(tmp_path / "whole", tmp_path / "low")
+    assert any(k.endswith(".bitmask") for k in tensors(tmp_path / "low"))
+    assert low["export"] == {"format": fmt, "weights_bytes": low["model"]["disk_bytes"]}
+    assert low["perplexity"] == whole["perplexity"]
+    a, b = (load(str(tmp_path / d))[0].state_dict() for d in ("whole", "low"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_streamed_equals_in_memory_opt(sharded, tmp_path):

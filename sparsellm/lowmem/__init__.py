@@ -32,9 +32,6 @@ def recipe_problem(recipe, options, flag: str = "--low-memory") -> str | None:
     ev = recipe.evaluation
     if ev.tasks or ev.speed is not None:
         return f"lm-eval tasks and speed need the whole model in memory; drop them, or run without {flag}"
-    if flag == "--low-memory" and recipe.export.format != "dense":
-        return (f"{flag} writes dense shards layer by layer; export them afterwards with sparsellm export --format "
-                f"{recipe.export.format}")
     if options.checkpoint_dir or options.resume:
         return ("--checkpoint-dir/--resume restore layers into a model held in memory; drop them (an interrupted "
                 f"run leaves no output), or run without {flag}")

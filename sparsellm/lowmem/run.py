@@ -5,11 +5,13 @@ import logging
 from pathlib import Path
 
 from safetensors import SafetensorError
+from torch import nn
 
 from .. import memory
 from ..errors import ModelLoadError
 from ..evaluate import sparsity_summary
-from ..export import atomic_folder, make_readable
+from ..export import atomic_folder, disk_bytes, make_readable
+from ..formats import MIN_SPARSITY, rewrite_folder
 from ..loading import get_adapter
 from ..loading.adapters import _get
 from ..loading.models import _load_error, resolve_model
@@ -50,6 +52,13 @@ def streamed_evaluator(spec: str | None, dtype: str, trust_remote_code: bool, de
     source, stream, tokenizer = open_stream(spec, dtype, trust_remote_code)
     return source.spec, stream.model, tokenizer, lambda chunks, desc: streamed_perplexity(
         stream.reading(), chunks, batch_size, device, desc)
+
+
+def pruned_linears(adapter, zeros: dict, n_layers: int) -> set[str]:
+    """The decoder Linears that the bitmask formats compress, from the zero counts taken as each layer
+    was written (the rule of formats.sparse_linears: at least MIN_SPARSITY exact zeros)."""
+    return {f"{adapter.layer_prefix(i)}.{name}" for i in range(n_layers)
+            for name, (z, n) in zeros[i].items() if n and z / n >= MIN_SPARSITY}
 
 
 def compress_low_memory(recipe, out: Path, options, spec: str | None, device, reason: str) -> dict:
@@ -94,6 +103,11 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
         if recipe.evaluation.ppl:
             with timer("perplexity after"):  # reads the compressed layers back from the output's shards
                 ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure, chunks)
+        fmt = recipe.export.format
+        if fmt != "dense":  # after the perplexity, which reads the layers back as dense shards
+            with timer("export format"):
+                rewrite_folder(tmp, fmt, pruned_linears(adapter, stream.zeros, n_layers),
+                               [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
         report = build_report(
             source=source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
             device=device, stage_reports=stage_reports, allocation=allocation,
@@ -101,6 +115,8 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
             ppl_before=ppl_before, ppl_after=ppl_after, timer=timer, load_memory=load_memory,
             params_before=params_before, chunks=chunks,
             low_memory={"reason": reason, "checkpoint_bytes": size, "shards": n_layers + 1})
+        report["model"]["disk_bytes"] = disk_bytes(tmp)
+        report["export"] = {"format": fmt, "weights_bytes": report["model"]["disk_bytes"]}
         write_extras(tmp, recipe, report, out.name)
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
     return report
