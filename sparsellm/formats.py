@@ -101,18 +101,27 @@ DECOMPRESS = {"sparse-bitmask": bitmask_decompress, "sparse-24-bitmask": sparse2
 
 # ---- one model folder ----------------------------------------------------------------------------
 
+def is_pruned(zeros: int, total: int) -> bool:
+    """Whether a Linear weight with `zeros` exact zeros out of `total` is stored compressed."""
+    return total > 0 and zeros >= MIN_SPARSITY * total
+
+
 def sparse_linears(model) -> dict[str, torch.Tensor]:
-    """Module name -> weight of the pruned Linear layers: those with at least MIN_SPARSITY exact zeros.
-    The head is never pruned (it is often the embedding matrix itself)."""
+    """Module name -> weight of the pruned Linear layers (is_pruned). The head is never pruned (it is
+    often the embedding matrix itself)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {name: mod.weight for name, mod in model.named_modules()
             if isinstance(mod, torch.nn.Linear) and mod is not head
-            and (mod.weight == 0).float().mean().item() >= MIN_SPARSITY}
+            and is_pruned(int((mod.weight == 0).sum()), mod.weight.numel())}
 
 
 def _not_24(name: str) -> CompressionError:
     return CompressionError(f"format sparse-24-bitmask needs 2:4-sparse weights, but {name} is not 2:4 along its inputs; "
                             "prune with pattern 2:4, or export as sparse-bitmask or dense")
+
+
+def _none_pruned(fmt: str) -> CompressionError:
+    return CompressionError(f"format {fmt}: the model has no pruned Linear layer to compress; export it as dense")
 
 
 def check_format(fmt: str, sparse: dict[str, torch.Tensor]) -> None:
@@ -121,7 +130,7 @@ def check_format(fmt: str, sparse: dict[str, torch.Tensor]) -> None:
         if bad is not None:
             raise _not_24(bad)
     if fmt != "dense" and not sparse:
-        raise CompressionError(f"format {fmt}: the model has no pruned Linear layer to compress; export it as dense")
+        raise _none_pruned(fmt)
 
 
 def sparsity_config(fmt: str, structure: str, ignore: list[str], global_sparsity: float) -> dict:
@@ -131,23 +140,20 @@ def sparsity_config(fmt: str, structure: str, ignore: list[str], global_sparsity
             "sparsity_structure": structure, "targets": ["Linear"]}
 
 
-def compress_folder(folder: Path, model, fmt: str) -> None:
-    """Rewrite the dense safetensors that save_pretrained wrote in `folder` into `fmt`, and declare it
-    in config.json."""
+def compress_folder(folder: Path, model, fmt: str, sparse: set[str] | None = None) -> None:
+    """Rewrite the dense safetensors in `folder` into `fmt`, one shard in memory at a time, and declare
+    the format in config.json. `sparse`: the names of the Linears to compress when `model` holds no
+    weights (a low-memory run's skeleton; their 2:4 shape is then checked as each shard is rewritten);
+    by default the pruned Linears of `model`. Tensors are written in sorted order, so the same weights
+    give the same bytes."""
     if fmt == "dense":
         return
-    sparse = sparse_linears(model)
-    check_format(fmt, sparse)
-    rewrite_folder(folder, fmt, set(sparse), [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)])
-
-
-def rewrite_folder(folder: Path, fmt: str, sparse: set[str], linears: list[str]) -> None:
-    """Compress the weights of the Linear modules `sparse` in a dense folder's safetensors into `fmt`, one
-    shard in memory at a time (a low-memory run's output is rewritten this way), and declare the format
-    in config.json; `linears`: every Linear module (those not compressed are listed as ignored).
-    Tensors are written in sorted order, so the same weights give the same bytes."""
-    if not sparse:
-        raise CompressionError(f"format {fmt}: the model has no pruned Linear layer to compress; export it as dense")
+    if sparse is None:
+        weights = sparse_linears(model)
+        check_format(fmt, weights)
+        sparse = set(weights)
+    elif not sparse:
+        raise _none_pruned(fmt)
     folder = Path(folder)
     index_path = folder / "model.safetensors.index.json"
     index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else None
@@ -178,7 +184,7 @@ def rewrite_folder(folder: Path, fmt: str, sparse: set[str], linears: list[str])
         index["weight_map"] = dict(sorted(weight_map.items()))
         index.setdefault("metadata", {})["total_size"] = nbytes
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    ignore = sorted(n for n in linears if n not in sparse)
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in sparse)
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "version": FORMAT_VERSION, "transform_config": {},

@@ -160,6 +160,20 @@ def removed(summary: dict, dense: dict) -> None:
     summary["removed"] = 1 - summary["params"] * (1 - summary["overall"]) / dense["params"] if dense["params"] else 0.0
 
 
+def final_sparsity(model, adapter, dense: dict | None = None, io=None) -> dict:
+    """The sparsity report after the stages, with the `removed` figures against `dense` (the summary
+    taken before them). With an `io` whose layers were never all in memory (LayerStream,
+    OffloadedLayers), both come from the zero counts it took as it first loaded and last wrote each layer."""
+    if io is None:
+        sparsity = sparsity_summary(model, adapter)
+    else:
+        layers = range(len(adapter.layers(model)))
+        sparsity = sparsity_summary(model, adapter, [io.zeros[i] for i in layers])
+        dense = sparsity_summary(model, adapter, [io.dense_zeros[i] for i in layers])
+    removed(sparsity, dense)
+    return sparsity
+
+
 def measure_speed_against_dense(model, loaded, options: RunOptions, device, spec) -> dict:
     """Reload the dense model and time it against the compressed one, interleaved on the same device.
     Reloading (rather than a deep copy kept through compression) holds two models only for the
@@ -335,7 +349,10 @@ def build_report(*, source, model, recipe: Recipe, windows, seqlen: int, eval_se
 
 
 def write_extras(folder: Path, recipe: Recipe, report: dict, name: str, artifacts: dict | None = None) -> None:
-    """Everything in the output besides the model: the recipe, the stages' files, the report and card."""
+    """Everything in the output besides the model weights (already written): their size and format in the
+    report, the recipe, the stages' files, the report and card."""
+    report["model"]["disk_bytes"] = disk_bytes(folder)
+    report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"]}
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     for file, write in (artifacts or {}).items():
         write(folder / file)
@@ -429,11 +446,6 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     artifacts: dict = {}
     stage_reports, allocation = run_stages(model, adapter, recipe, methods, windows, device, checkpoint, train, artifacts,
                                            offloaded)
-    zeros = None
-    if offloaded is not None:
-        n_layers = len(adapter.layers(model))
-        zeros = [offloaded.zeros[i] for i in range(n_layers)]
-        dense_summary = sparsity_summary(model, adapter, [offloaded.dense_zeros[i] for i in range(n_layers)])
 
     ppl_after, chunks, tasks_after, speed = {}, {}, {}, None
     if ev.ppl:
@@ -450,9 +462,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
         with timer("speed"):
             speed = measure_speed_against_dense(model, loaded, options, device, ev.speed)
 
-    sparsity = sparsity_summary(model, adapter, zeros)
-    if dense_summary is not None:
-        removed(sparsity, dense_summary)
+    sparsity = final_sparsity(model, adapter, dense_summary, offloaded)
     report = build_report(
         source=loaded.source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
         device=device, stage_reports=stage_reports, allocation=allocation, sparsity=sparsity, ppl_before=ppl_before,
@@ -465,8 +475,6 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     with atomic_folder(out, options.overwrite) as tmp:
         with timer("export"):
             save_model(model, tokenizer, tmp, recipe.export.format)
-        report["model"]["disk_bytes"] = disk_bytes(tmp)
-        report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"]}
         write_extras(tmp, recipe, report, out.name, artifacts)
     if checkpoint is not None:
         checkpoint.remove()  # the output is complete: nothing left to resume

@@ -5,17 +5,15 @@ import logging
 from pathlib import Path
 
 from safetensors import SafetensorError
-from torch import nn
 
 from .. import memory
 from ..errors import ModelLoadError
-from ..evaluate import sparsity_summary
-from ..export import atomic_folder, disk_bytes, make_readable
-from ..formats import MIN_SPARSITY, rewrite_folder
+from ..export import atomic_folder, make_readable
+from ..formats import compress_folder, is_pruned
 from ..loading import get_adapter
 from ..loading.adapters import _get
 from ..loading.models import _load_error, resolve_model
-from ..pipeline import (Timer, build_report, check_stage_fits, evaluate_all, prepare_calibration, removed,
+from ..pipeline import (Timer, build_report, check_stage_fits, evaluate_all, final_sparsity, prepare_calibration,
                         run_stages, write_extras)
 from . import source_problem
 from .stream import LayerStream, empty_model, streamed_perplexity
@@ -56,9 +54,9 @@ def streamed_evaluator(spec: str | None, dtype: str, trust_remote_code: bool, de
 
 def pruned_linears(adapter, zeros: dict, n_layers: int) -> set[str]:
     """The decoder Linears that the bitmask formats compress, from the zero counts taken as each layer
-    was written (the rule of formats.sparse_linears: at least MIN_SPARSITY exact zeros)."""
+    was written (formats.sparse_linears' rule)."""
     return {f"{adapter.layer_prefix(i)}.{name}" for i in range(n_layers)
-            for name, (z, n) in zeros[i].items() if n and z / n >= MIN_SPARSITY}
+            for name, (z, n) in zeros[i].items() if is_pruned(z, n)}
 
 
 def compress_low_memory(recipe, out: Path, options, spec: str | None, device, reason: str) -> dict:
@@ -97,17 +95,14 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             make_readable(tmp)
-        sparsity = sparsity_summary(model, adapter, [stream.zeros[i] for i in range(n_layers)])
-        removed(sparsity, sparsity_summary(model, adapter, [stream.dense_zeros[i] for i in range(n_layers)]))
+        sparsity = final_sparsity(model, adapter, io=stream)
         ppl_after, chunks = {}, {}
         if recipe.evaluation.ppl:
             with timer("perplexity after"):  # reads the compressed layers back from the output's shards
                 ppl_after = evaluate_all(tokenizer, recipe, eval_seqlen, "after", measure, chunks)
-        fmt = recipe.export.format
-        if fmt != "dense":  # after the perplexity, which reads the layers back as dense shards
+        if recipe.export.format != "dense":  # after the perplexity, which reads the layers back as dense shards
             with timer("export format"):
-                rewrite_folder(tmp, fmt, pruned_linears(adapter, stream.zeros, n_layers),
-                               [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+                compress_folder(tmp, model, recipe.export.format, pruned_linears(adapter, stream.zeros, n_layers))
         report = build_report(
             source=source, model=model, recipe=recipe, windows=windows, seqlen=seqlen, eval_seqlen=eval_seqlen,
             device=device, stage_reports=stage_reports, allocation=allocation,
@@ -115,8 +110,6 @@ def compress_low_memory(recipe, out: Path, options, spec: str | None, device, re
             ppl_before=ppl_before, ppl_after=ppl_after, timer=timer, load_memory=load_memory,
             params_before=params_before, chunks=chunks,
             low_memory={"reason": reason, "checkpoint_bytes": size, "shards": n_layers + 1})
-        report["model"]["disk_bytes"] = disk_bytes(tmp)
-        report["export"] = {"format": fmt, "weights_bytes": report["model"]["disk_bytes"]}
         write_extras(tmp, recipe, report, out.name)
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
     return report
