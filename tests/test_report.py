@@ -228,6 +228,19 @@ def test_compare_runs_html_md_json(runs, tmp_path):
     assert img.std() > 20 and img[500:1400, 40:1200].std() > 20
 
 
+def test_compare_counts_removed_parameters_for_structured_runs():
+    """A structure stage (like a slice stage) deletes rows and columns: x is the share of parameters
+    removed, not the near-zero sparsity of the remaining weights."""
+    from sparsellm.evaluate.compare import removed
+
+    def report(kind):
+        return {"model": {"parameters": 80, "parameters_before": 100}, "stages": [{"kind": kind}],
+                "sparsity": {"overall": 0.0003}}
+
+    assert removed(report("structure")) == pytest.approx(0.2) == removed(report("slice"))
+    assert removed(report("prune")) == 0.0003
+
+
 def test_compare_labels_of_close_points_do_not_overlap():
     """Two runs at the same sparsity with nearly the same perplexity: the second label moves a line
     down; a distant point keeps the default offset."""

@@ -143,7 +143,7 @@ def keep_groups(layer: nn.Module, names: dict, groups: torch.Tensor) -> None:
     _keep(_get(layer, names["v"]), kv_idx, 0)
     _keep(_get(layer, names["o"]), q_idx, 1)
     attn = _get(layer, names["attn"])
-    for attr in names.get("head_count_attrs", ()):
+    for attr in names["head_count_attrs"]:
         setattr(attn, attr, len(groups) * rep)
 
 

@@ -1,8 +1,8 @@
 """`sparsellm compare RUN_DIR...`: several runs side by side: a table, and perplexity / accuracy
 against how much was removed, one curve per method (runs sorted by that amount).
 
-x is the achieved sparsity of the decoder Linear weights for pruned runs; for runs with a slice stage
-it is the fraction of the dense model's parameters removed, 1 - parameters / parameters before
+x is the achieved sparsity of the decoder Linear weights for pruned runs; for runs with a slice or
+structure stage it is the fraction of the dense model's parameters removed, 1 - parameters / parameters before
 (negative when SliceGPT's untied head and shortcuts make the model larger)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from .report import _img, _num, _png, _pyplot, _table, describe, page
+from .report import _img, _num, _png, _pyplot, _table, describe, page, shapes_changed
 from .schema import validate
 
 
@@ -36,7 +36,7 @@ def family(r: dict) -> str:
 
 def removed(r: dict) -> float:
     m = r["model"]
-    if any(s["kind"] == "slice" for s in r["stages"]):
+    if shapes_changed(r):
         return 1 - m["parameters"] / m["parameters_before"]
     return r["sparsity"]["overall"]
 
@@ -47,7 +47,7 @@ def summarize(folders: list[str | Path]) -> dict:
         r = load_run(f)
         zs, ppl = r.get("zeroshot") or {}, r.get("perplexity") or {}
         runs.append({"run": Path(f).name, "path": str(f), "compression": describe(r), "family": family(r),
-                     "x": removed(r), "structured": any(s["kind"] == "slice" for s in r["stages"]),
+                     "x": removed(r), "structured": shapes_changed(r),
                      "sparsity": r["sparsity"]["overall"], "parameters": r["model"]["parameters"],
                      "parameters_before": r["model"]["parameters_before"], "disk_bytes": r["model"].get("disk_bytes"),
                      "perplexity": ppl.get("after") or {}, "perplexity_before": ppl.get("before") or {},
@@ -103,7 +103,7 @@ def curves(summary: dict, metric: str) -> bytes | None:
         ax.set_xlim(min(0.0, *xs) - 0.05, max(xs) + 0.1)
         for (px, py, name), dy in zip(labels, _label_offsets(ax, labels)):
             ax.annotate(name, (px, py), textcoords="offset points", xytext=(4, dy), fontsize=7)
-        ax.set_xlabel("sparsity (pruned, ●) / parameters removed (sliced, ■)")
+        ax.set_xlabel("sparsity (pruned, ●) / parameters removed (sliced or structured, ■)")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -146,7 +146,7 @@ def render_markdown(summary: dict) -> str:
     lines = ["# sparsellm compare", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", "x: achieved sparsity of the decoder Linear weights (pruned runs) or fraction of parameters removed "
-              "(runs with a slice stage).", ""]
+              "(runs with a slice or structure stage).", ""]
     return "\n".join(lines)
 
 
@@ -156,7 +156,7 @@ def render_html(summary: dict) -> str:
             f"<p class=\"sub\">{len(summary['runs'])} runs of {', '.join(sorted({x['model'] for x in summary['runs']}))}</p>",
             _table(header, rows),
             "<p class=\"sub\">x: achieved sparsity of the decoder Linear weights (pruned runs) or fraction of parameters "
-            "removed (runs with a slice stage); dashed line: the dense model.</p>",
+            "removed (runs with a slice or structure stage); dashed line: the dense model.</p>",
             "<h2>Perplexity against sparsity</h2>", _img(curves(summary, "perplexity"), "perplexity vs sparsity"),
             "<h2>Accuracy against sparsity</h2>", _img(curves(summary, "accuracy"), "accuracy vs sparsity")]
     return page("sparsellm compare", "\n".join(body))

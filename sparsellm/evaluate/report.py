@@ -189,6 +189,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def shapes_changed(report: dict) -> bool:
+    """Whether a stage deleted rows and columns (slice, structure), so that what was removed is counted
+    in parameters rather than zeros (model.sliced is false for uniform slicing and equal widths, which
+    are stock architectures)."""
+    return any(st["kind"] in ("slice", "structure") for st in report.get("stages", []))
+
+
 def layer_chart(report: dict) -> bytes:
     """Bars: fraction of each decoder layer's Linear weights removed (= sparsity when pruned; what
     slicing deleted counts too), with an allocation's per-layer targets when there was one."""
@@ -200,9 +207,7 @@ def layer_chart(report: dict) -> bytes:
     x = [p["layer"] for p in per_layer]
     y = [p["removed"] if p.get("removed") is not None else p["sparsity"] for p in per_layer]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(x)), 3.5), dpi=100)
-    # shapes changed (uniform slicing and equal widths are stock architectures, so not "sliced"):
-    # the bars count deleted rows and columns, not zeros
-    shaped = any(st["kind"] in ("slice", "structure") for st in report.get("stages", []))
+    shaped = shapes_changed(report)  # the bars count deleted rows and columns, not zeros
     ax.bar(x, y, color="#4C72B0", label="weights removed" if shaped else "achieved")
     lo = min(y)
     if alloc:
