@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..calibrate.engine import _layer_forward, _module_device, capture_layer_inputs, target_linears
+from ..calibrate.engine import target_linears
+from ..calibrate.walk import capture, layer_forward, module_device, walk_layers
 from ..errors import RecipeError
 from .base import water_fill
 
 
 @torch.no_grad()
-def _loss_from(model, adapter, start: int, hidden, kwargs, labels, device) -> float:
+def _loss_from(model, adapter, start: int, hidden, kwargs: list[dict], labels, device) -> float:
+    """The loss of one batch from decoder layer `start` on; `kwargs[j]`: layer j's keyword arguments."""
     layers = adapter.layers(model)
-    for layer in list(layers)[start:]:
-        home = _module_device(layer)
+    for j in range(start, len(layers)):
+        layer = layers[j]
+        home = module_device(layer)
         layer.to(device)
-        hidden = _layer_forward(layer, hidden, kwargs)
+        hidden = layer_forward(layer, hidden, kwargs[j])
         layer.to(home)
     for m in adapter.head_modules(model):
         hidden = m(hidden)
@@ -39,7 +41,8 @@ def _layer_score(model, adapter, index: int, linears, acts, labels, num_noise: i
     originals = [lin.weight.detach().clone() for lin in linears]
     total, probes = 0.0, 0
     try:
-        for hidden, kw, lab in zip(acts.hidden, acts.kwargs, labels):
+        for b, (hidden, lab) in enumerate(zip(acts.hidden, labels)):
+            kw = [per_batch[b] for per_batch in acts.per_layer]
             for _ in range(num_noise):
                 zs = [torch.randn(w.shape, generator=gen).to(w.device, w.dtype) for w in originals]
                 losses = []
@@ -59,24 +62,20 @@ def _layer_score(model, adapter, index: int, linears, acts, labels, num_noise: i
 def layer_importance(model, adapter, windows, select, device, batch_size: int, num_noise: int, eps: float, seed: int) -> list[float]:
     """Mean over windows and directions z ~ N(0, I) of |L(θ + εz) − L(θ − εz)| / 2ε, per decoder layer."""
     device = torch.device(device)
-    acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
+    acts = capture(model, adapter, windows, device, batch_size)
     labels = list(windows.split(batch_size))
-    layers = adapter.layers(model)
     # after capturing: capture sends the embedding home again, and it may be tied to lm_head
     head = adapter.head_modules(model)
-    head_homes = [_module_device(m) for m in head]
+    head_homes = [module_device(m) for m in head]
     for m in head:
         m.to(device)
     scores = []
     try:
-        for index in tqdm(range(len(layers)), desc="ecoflap importance", unit="layer"):
-            layer = layers[index]
-            layer.to(device)
+        for index, layer in walk_layers(model, adapter, device, desc="ecoflap importance"):
             linears = list(target_linears(layer, adapter.layer_prefix(index), select).values())
             gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
             scores.append(_layer_score(model, adapter, index, linears, acts, labels, num_noise, eps, gen, device))
-            for i, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
-                acts.hidden[i] = _layer_forward(layer, hidden, kw)
+            acts.advance(layer)
     finally:
         for m, home in zip(head, head_homes):
             m.to(home)

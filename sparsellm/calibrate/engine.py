@@ -10,75 +10,17 @@ import fnmatch
 import logging
 import re
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import CompressionError, NumericalError
 from ..faults import fault_point
 from ..loading.adapters import Adapter
 from .stats import InputStats
+from .walk import Activations, _overflow_hint, capture, check_finite, layer_forward, walk_layers
 
 log = logging.getLogger(__name__)
-
-
-class _Captured(Exception):
-    def __init__(self, args, kwargs):
-        self.args_, self.kwargs_ = args, kwargs
-
-
-@dataclass
-class Activations:
-    """Hidden states of the calibration windows entering the current layer, in batches, with the
-    keyword arguments (masks, position embeddings) the model passed to its layers for each batch."""
-
-    hidden: list[torch.Tensor]
-    kwargs: list[dict] = field(default_factory=list)
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter: Adapter, windows: torch.Tensor, device, batch_size: int) -> Activations:
-    first = adapter.layers(model)[0]
-    pre = adapter.pre_layer_modules(model)
-    homes = [_module_device(m) for m in pre]
-
-    def stop(module, args, kwargs):
-        raise _Captured(args, kwargs)
-
-    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
-    acts = Activations(hidden=[])
-    try:
-        for m in pre:
-            m.to(device)
-        for batch in windows.split(batch_size):
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Captured as c:
-                kw = dict(c.kwargs_)
-                hidden = c.args_[0] if c.args_ else kw.pop("hidden_states")
-                for k in ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions"):
-                    kw.pop(k, None)
-                acts.hidden.append(hidden)
-                acts.kwargs.append(kw)
-            else:
-                raise RuntimeError("the first decoder layer was never called")
-    finally:
-        handle.remove()
-        for m, home in zip(pre, homes):
-            m.to(home)
-    return acts
-
-
-def _layer_forward(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, use_cache=False, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def make_selector(targets: list[str], ignore: list[str]):
@@ -129,33 +71,13 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
         for hidden, kw in zip(acts.hidden, acts.kwargs):
             seen.clear()
             try:
-                _layer_forward(layer, hidden, kw)
+                layer_forward(layer, hidden, kw)
             except _Collected:
                 pass
     finally:
         for h in handles:
             h.remove()
     return stats
-
-
-def _overflow_hint(module: nn.Module) -> str:
-    dtype = next(module.parameters()).dtype
-    if dtype in (torch.float16, torch.bfloat16):
-        return f"the model overflows in {str(dtype).removeprefix('torch.')}: load it in float32 (--dtype float32)"
-    return "the model's weights may contain NaN/inf: check or re-download the checkpoint"
-
-
-def check_finite(hidden: list[torch.Tensor], where: str, module: nn.Module) -> None:
-    if not all(bool(torch.isfinite(h).all()) for h in hidden):
-        raise NumericalError(f"non-finite values (NaN/inf) in the calibration activations {where}; {_overflow_hint(module)}")
-
-
-@torch.no_grad()
-def propagate(layer: nn.Module, acts: Activations, index: int = 0) -> None:
-    """Replace the activations by the layer's outputs: the next layer's inputs."""
-    for i, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
-        acts.hidden[i] = _layer_forward(layer, hidden, kw)
-    check_finite(acts.hidden, f"leaving decoder layer {index} after compression", layer)
 
 
 def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, methods: list, select,
@@ -172,7 +94,6 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
     from ..compress.base import Target  # compress depends on calibrate, not the other way round
 
-    device = torch.device(device)
     selects = list(select) if isinstance(select, (list, tuple)) else [select] * len(methods)
     needs = frozenset().union(*(m.needs for m in methods))
     true_seq = any(m.true_sequential for m in methods)
@@ -183,17 +104,12 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     if needs and start < len(layers):  # data-free methods (magnitude) need no activations at all
         # the captured keyword arguments (masks, positions) are recomputed; a resumed pass takes the
         # hidden states its last finished layer produced
-        acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
+        acts = capture(model, adapter, windows, device, batch_size)
         if start:
-            acts.hidden = checkpoint.inputs(pass_key, start, device)
+            acts.hidden, acts.index = checkpoint.inputs(pass_key, start, device), start
         check_finite(acts.hidden, f"entering decoder layer {start}", layers[start])
     seconds = [0.0] * len(methods)
-    for index in tqdm(range(start, len(layers)), desc=desc, unit="layer", initial=start, total=len(layers)):
-        layer = layers[index]
-        if io is not None:
-            io.load(index, layer)
-        home = _module_device(layer)
-        layer.to(device)
+    for index, layer in walk_layers(model, adapter, device, io, desc, start):
         prefix = adapter.layer_prefix(index)
         linears = target_linears(layer, prefix, lambda n: any(sel(n) for sel in selects))
         groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
@@ -227,12 +143,9 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
             method.finish_layer(index)
         last = index + 1 == len(layers)
         if acts is not None and not last:  # the last layer's outputs feed nothing
-            propagate(layer, acts, index)
-        layer.to(home)
+            acts.advance(layer)
         if checkpoint is not None:
             checkpoint.save_layer(pass_key, index, layer, None if acts is None or last else acts.hidden, methods)
-        if io is not None:
-            io.release(index, layer)
         fault_point(f"layer:{index}")
     del acts
     return seconds

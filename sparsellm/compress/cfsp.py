@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
-from ..calibrate.engine import _layer_forward, _module_device, capture_layer_inputs, check_finite
+from ..calibrate.walk import capture, layer_forward, walk_layers
 from .structured import StructuredMethod
 
 log = logging.getLogger(__name__)
@@ -56,25 +55,19 @@ def cfsp_scores(out_w: torch.Tensor, in_ws: list[torch.Tensor], sq_norm: torch.T
 
 
 @torch.no_grad()
-def block_distances(model, adapter, windows, device, batch_size: int) -> list[float]:
+def block_distances(model, adapter, windows, device, batch_size: int, io=None) -> list[float]:
     """Mean angular distance between each dense block's input and output over the calibration tokens."""
-    device = torch.device(device)
-    layers = adapter.layers(model)
-    acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
+    acts = capture(model, adapter, windows, device, batch_size)
     out = []
-    for i in tqdm(range(len(layers)), desc="cfsp block importance", unit="layer"):
-        layer = layers[i]
-        home = _module_device(layer)
-        layer.to(device)
+    for _, layer in walk_layers(model, adapter, device, io, "cfsp block importance"):
         total, tokens = 0.0, 0
         for b, (hidden, kw) in enumerate(zip(acts.hidden, acts.kwargs)):
-            nxt = _layer_forward(layer, hidden, kw)
+            nxt = layer_forward(layer, hidden, kw)
             dist = angular_distance(hidden, nxt)
             total, tokens = total + float(dist.sum()), tokens + dist.numel()
             acts.hidden[b] = nxt
-        check_finite(acts.hidden, f"leaving decoder layer {i}", layer)
+        acts.advance(layer, acts.hidden)
         out.append(total / tokens)
-        layer.to(home)
     return out
 
 

@@ -20,9 +20,8 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..calibrate.engine import Activations, _layer_forward, _module_device, capture_layer_inputs, check_finite
+from ..calibrate.walk import Activations, capture, check_finite, layer_forward, walk_layers
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
 from ..loading.modeling_sliced import RMSN, make_sliced_layer
@@ -219,7 +218,7 @@ def _block_signals(layer: nn.Module, index: int, norm2: nn.Module, inputs: list[
     try:
         for x, kw in zip(inputs, kwargs):
             try:
-                outs.append(_layer_forward(layer, x, kw))
+                outs.append(layer_forward(layer, x, kw))
             except _Stop:
                 pass
     finally:
@@ -238,14 +237,11 @@ def _normalized(x: torch.Tensor, mean_dim: int) -> torch.Tensor:
 def _per_layer(model, adapter, acts: Activations, dims: list[dict], damp: float, device, names) -> None:
     """The paper's sequential scheme: every signal gets its own basis, computed on inputs that went
     through the already-sliced layers; shortcuts Q_iᵀQ_j carry the residual between bases."""
-    layers = adapter.layers(model)
     _, q = pca_basis(covariance(acts.hidden), damp)
     for path in names["embeddings"]:
         rotate_embedding(_get(model, path), q[:, :dims[0]["in"]])
-    for i in tqdm(range(len(layers)), desc="slicegpt rotate+slice", unit="layer"):
-        layer, dim = layers[i], dims[i]
-        home = _module_device(layer)
-        layer.to(device)
+    for i, layer in walk_layers(model, adapter, device, desc="slicegpt rotate+slice"):
+        dim = dims[i]
         q = q.to(device)
         q_in = q[:, :dim["in"]]
         for n in names["attn_in"]:
@@ -270,8 +266,7 @@ def _per_layer(model, adapter, acts: Activations, dims: list[dict], damp: float,
         q_out = q[:, :dim["out"]]
         layer.mlp_shortcut_Q = nn.Parameter((q_mid.T @ q_out).to(dtype), requires_grad=False)
         rotate_output(_get(layer, names["mlp_out"]), q_out)
-        acts.hidden = outs  # next layer's inputs, still in the original basis
-        layer.to(home)
+        acts.advance(layer, outs)  # next layer's inputs, still in the original basis
     rotate_input(_get(model, names["lm_head"]), q[:, :dims[-1]["out"]])
 
 
@@ -291,15 +286,11 @@ def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float,
         total += c / c.diagonal().sum()
 
     add(acts.hidden)
-    for i in tqdm(range(len(layers)), desc="slicegpt signals", unit="layer"):
-        layer = layers[i]
-        home = _module_device(layer)
-        layer.to(device)
+    for i, layer in walk_layers(model, adapter, device, desc="slicegpt signals"):
         mids, outs = _block_signals(layer, i, _get(layer, names["norm2"]), acts.hidden, acts.kwargs, full=True)
         add(mids)
         add(outs)
-        acts.hidden = outs
-        layer.to(home)
+        acts.advance(layer, outs)
     if final_cov:
         cov_u = covariance([_normalized(h, d) for h in acts.hidden])
     _, q = pca_basis(total, damp)
@@ -351,7 +342,7 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
     dims = [{"in": width, "mid": width, "out": width, "shortcuts": not uniform} for _ in adapter.layers(model)]
     dims[-1]["out"] = head_width
 
-    acts = capture_layer_inputs(model, adapter, windows, device, batch_size)
+    acts = capture(model, adapter, windows, device, batch_size)
     if uniform:
         embed = model.get_input_embeddings().weight.detach()
         gram = (embed.double().T @ embed.double()).to(device) if keep_tied else None

@@ -19,9 +19,8 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-from ..calibrate.engine import _module_device, capture_layer_inputs, check_finite, collect_stats, propagate
+from ..calibrate.engine import collect_stats
+from ..calibrate.walk import capture, check_finite, walk_layers
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
 
@@ -208,7 +207,8 @@ def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, 
     return ffn, groups, details
 
 
-def structure(model: nn.Module, adapter: Adapter, windows, spec, method: StructuredMethod, device, batch_size: int) -> dict:
+def structure(model: nn.Module, adapter: Adapter, windows, spec, method: StructuredMethod, device, batch_size: int,
+              io=None) -> dict:
     """Remove FFN channels and KV groups of `model` in place per `spec`; returns the report details."""
     names = adapter.structure_names(model)
     device = torch.device(device)
@@ -217,13 +217,10 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
     ffn, groups, details = plan_widths(method, spec, model, adapter, names, windows, device, batch_size)
     rep, hd = names["heads"] // names["kv_heads"], names["head_dim"]
 
-    acts = capture_layer_inputs(model, adapter, windows, device, batch_size) if method.needs_activations else None
+    acts = capture(model, adapter, windows, device, batch_size) if method.needs_activations else None
     if acts is not None:
         check_finite(acts.hidden, "entering decoder layer 0", layers[0])
-    for i in tqdm(range(len(layers)), desc=f"structure {spec.method}", unit="layer"):
-        layer = layers[i]
-        home = _module_device(layer)
-        layer.to(device)
+    for i, layer in walk_layers(model, adapter, device, io, f"structure {spec.method}"):
         want = {}
         if ffn[i] < names["intermediate"]:
             want[names["down"]] = _get(layer, names["down"])
@@ -241,8 +238,7 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
             cols = method.column_scores(_get(layer, names["o"]).weight, [_get(layer, names["q"]).weight], sq.get(names["o"]))
             keep_groups(layer, names, top_units(unit_scores(cols, rep * hd), groups[i]))
         if acts is not None and i + 1 < len(layers):
-            propagate(layer, acts, i)
-        layer.to(home)
+            acts.advance(layer)
     del acts
     stock = _finish_config(model, adapter, names, ffn, groups)
     params_after = sum(p.numel() for p in model.parameters())

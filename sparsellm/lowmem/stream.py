@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import memory
-from ..calibrate.engine import _layer_forward, capture_layer_inputs
+from ..calibrate.walk import capture, walk_layers
 from ..evaluate.perplexity import nll_sum
 from ..evaluate.report import layer_zeros
 from ..loading.adapters import Adapter, _get
@@ -133,12 +132,10 @@ def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: i
     """exp(mean next-token NLL), as evaluate.perplexity computes it on the whole model, with the decoder
     layers read one at a time: the chunks' hidden states go through each layer in turn, then the head."""
     model, adapter = stream.model, stream.adapter
-    acts = capture_layer_inputs(model, adapter, chunks, device, batch_size)
-    for index, layer in enumerate(tqdm(adapter.layers(model), desc=desc, unit="layer", leave=False)):
-        stream.load(index, layer)
-        layer.to(device)
-        acts.hidden = [_layer_forward(layer, h, kw) for h, kw in zip(acts.hidden, acts.kwargs)]
-        stream.release(index, layer)
+    acts = capture(model, adapter, chunks, device, batch_size)
+    for index, layer in walk_layers(model, adapter, device, stream, desc, leave=False):
+        acts.hidden = acts.outputs(layer)  # no finiteness check: perplexity reports what the model computes
+        acts.index += 1
     heads = [p for p in adapter.head_paths if _get(model, p) is not None]
     for p in heads:
         stream.load_module(p)
