@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
-from .recipe import EXPORT_FORMATS as FORMATS
+from .specs import EXPORT_FORMATS as FORMATS
 
 log = logging.getLogger("sparsellm")
 
@@ -293,7 +293,7 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
         if semi_structured:
             check_cuda(dev)
         if low_memory:
-            from .lowmem.run import streamed_evaluator
+            from .lowmem.stream import streamed_evaluator
 
             spec, model, tokenizer, measure = streamed_evaluator(model_spec, dtype, trust_remote_code, dev, batch_size)
         else:

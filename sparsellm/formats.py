@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CompressionError, ModelLoadError
-from .recipe import EXPORT_FORMATS as FORMATS
+from .specs import EXPORT_FORMATS as FORMATS
 
 log = logging.getLogger(__name__)
 

@@ -405,13 +405,13 @@ def output_not_writable(w):
 
 @case
 def disk_full_while_writing_output(w):
-    import sparsellm.pipeline as pipeline
+    import sparsellm.handle as handle
 
     def full_disk(model, tokenizer, folder, fmt="dense"):
         (folder / "model.safetensors").write_bytes(b"the first half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    w.monkeypatch.setattr(pipeline, "save_model", full_disk)
+    w.monkeypatch.setattr(handle, "save_model", full_disk)
     return Case(w.prune(*MAGNITUDE), 6, "no space left on the device while writing {tmp}/out; free space and run again")
 
 

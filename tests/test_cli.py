@@ -162,12 +162,12 @@ def test_allow_pickle_loads_a_trusted_pickle_checkpoint(model_dirs, tmp_path):
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(model_dirs, tmp_path, monkeypatch, caplog):
-    import sparsellm.pipeline as pipeline
+    import sparsellm.measure as measure
 
     def bug(*a, **k):
         raise RuntimeError("something nobody planned for")
 
-    monkeypatch.setattr(pipeline, "sparsity_summary", bug)
+    monkeypatch.setattr(measure, "sparsity_summary", bug)
     args = ["prune", "--model", model_dirs["llama"], "--method", "magnitude", "--sparsity", "0.5", "--output", tmp_path / "o"]
     r = run(*args)
     assert r.exit_code == 1 and "Traceback" not in r.output

@@ -171,7 +171,7 @@ def test_refine_modules_resolved_by_the_adapter(arch):
     from sparsellm.calibrate import make_selector
     from sparsellm.calibrate.engine import target_linears
     from sparsellm.loading import get_adapter
-    from sparsellm.pipeline import refine_selector
+    from sparsellm.compress.prune import refine_selector
     from sparsellm.recipe import recipe_from_dict
 
     model = tiny_model(arch)

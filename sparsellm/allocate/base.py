@@ -8,6 +8,24 @@ from __future__ import annotations
 
 import math
 
+from pydantic import Field
+
+from ..specs import Strict
+
+
+class AllocateSpec(Strict):
+    """What every allocation spec has: the overall target and the bounds of a layer's sparsity."""
+
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="overall target; default and must-match: the next prune stage's sparsity")
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="no layer is pruned less than this")
+    max_sparsity: float | None = Field(None, gt=0.0, lt=1.0, description="no layer is pruned more than this "
+                                       "(default: 0.99 for owl, target + 0.1 for ecoflap as in its scripts)")
+
+    def max_at(self, target: float) -> float:
+        """The highest sparsity of any layer: max_sparsity, or the method's default (OWL only needs room below 1)."""
+        return self.max_sparsity if self.max_sparsity is not None else 0.99
+
+
 
 def realized(sparsities: list[float], sizes: list[list[tuple[int, int]]]) -> float:
     """Overall fraction of weights row-wise pruning removes with these per-layer sparsities."""

@@ -10,13 +10,31 @@ perturbed together (7x fewer passes for Llama layers), and each probe re-runs on
 the perturbed one to the head, starting from cached dense inputs."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 import torch.nn.functional as F
 
 from ..calibrate.engine import target_linears
 from ..calibrate.walk import capture, layer_forward, module_device, walk_layers
 from ..errors import RecipeError
-from .base import water_fill
+from ..stage import register
+from .base import AllocateSpec, water_fill
+
+
+class ECoFLaPAllocate(AllocateSpec):
+    """Layer sparsity from a zeroth-order (forward-only) estimate of each layer's global importance (Sung et al., 2024)."""
+    method: Literal["ecoflap"]
+    nsamples: int = Field(8, gt=0, description="calibration windows used for the estimate (the first ones)")
+    num_noise: int = Field(2, gt=0, description="random directions per window and layer")
+    eps: float = Field(1e-3, gt=0.0, description="finite-difference step along each direction")
+    aggregate: Literal["sum", "avg"] = Field("sum", description="layer score: summed, or divided by the layer's parameter count")
+    importance: list[float] | None = Field(None, description="per-layer importance from an earlier run's report.json "
+                                           "(allocation.importance): skips the estimate, e.g. to try other targets")
+
+    def max_at(self, target: float) -> float:
+        return self.max_sparsity if self.max_sparsity is not None else min(0.99, target + 0.1)  # as its scripts cap it
 
 
 @torch.no_grad()
@@ -95,3 +113,13 @@ def ecoflap_allocate(model, adapter, windows, select, device, target: float, max
     params = [sum(r * c for r, c in shapes) for shapes in sizes]
     weights = [s / p if p else 0.0 for s, p in zip(scores, params)] if spec.aggregate == "avg" else scores
     return water_fill(weights, params, target, max_sparsity), {"importance": scores}
+
+
+def ecoflap_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io):
+    if io is not None:
+        raise RecipeError("ECoFLaP's importance probes run every layer after the perturbed one, which needs the whole "
+                          "model; allocate with owl instead, or run in memory")
+    return ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes)
+
+
+register("allocate", ECoFLaPAllocate, ecoflap_allocation)

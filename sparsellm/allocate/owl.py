@@ -5,12 +5,24 @@ the share of its scores above M times the layer's mean score. Layers with more o
 less: sparsity = target − outlier ratio min-max normalized to [0, 2λ], re-centered on the target."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import ConfigDict, Field
 
 from ..calibrate import run_layerwise
 from ..compress.base import LayerwiseMethod, Target
 from ..compress.wanda import wanda_scores
-from .base import owl_sparsities
+from ..stage import register
+from .base import AllocateSpec, owl_sparsities
+
+
+class OWLAllocate(AllocateSpec):
+    """Outlier-weighted layer-wise sparsity (Yin et al., 2024)."""
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    method: Literal["owl"]
+    lam: float = Field(0.08, alias="lambda", ge=0.0, lt=1.0, description="layer sparsities span target ± lambda")
+    M: float = Field(5.0, gt=0.0, description="a score is an outlier above M times its layer's mean score")
 
 
 class OutlierRatios(LayerwiseMethod):
@@ -41,3 +53,10 @@ def owl_allocate(model, adapter, windows, select, device, batch_size, target: fl
     n = len(adapter.layers(model))
     ratios = [probe.ratios.get(i, 0.0) for i in range(n)]
     return owl_sparsities(ratios, target, lam), {"outlier_ratio": ratios}
+
+
+def owl_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io):
+    return owl_allocate(model, adapter, windows, select, device, batch_size, target, spec.lam, spec.M, io)
+
+
+register("allocate", OWLAllocate, owl_allocation)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..calibrate.stats import InputStats
+from ..specs import PruneSpec  # noqa: F401  (the base of every prune spec, beside PruneMethod)
 
 
 @dataclass

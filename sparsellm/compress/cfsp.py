@@ -13,13 +13,30 @@ in channel j), then averaged over the rows: the weights really take part in the 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..calibrate.walk import capture, layer_forward, walk_layers
-from .structured import StructuredMethod
+from ..stage import register
+from .structured import StructureSpec, StructuredMethod
 
 log = logging.getLogger(__name__)
+
+
+class CFSPStructure(StructureSpec):
+    """Coarse-to-fine structured pruning (Wang et al., COLING 2025): per-block budgets from how much each block
+    changes its input, then channels by a score from the FFN weights and activations."""
+    method: Literal["cfsp"]
+    a: float = Field(25.0, ge=0.0, description="slope of the sigmoid over the blocks' mean angular distance "
+                     "(0: same budget for every block)")
+    b: float = Field(1.0, ge=0.0, description="exponent of the activation norm inside the down-projection term")
+    c: float = Field(1.0, ge=0.0, description="exponent of the activation norm multiplying the summed weight terms")
+    max_keep: float = Field(1.0, gt=0.0, le=1.0, description="no block keeps more than this fraction of its channels")
+    block_distance: list[float] | None = Field(None, description="per-block angular distances from an earlier run's "
+                                               "report.json (stages[].details.block_distance): skips the dense pass, "
+                                               "e.g. to try other targets")
 
 
 def angular_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -90,3 +107,6 @@ class CFSP(StructuredMethod):
         # relative importance: the IG-LoRA recovery gives each block adapter capacity in proportion
         w = torch.sigmoid(self.spec.a * (torch.tensor(self.distances, dtype=torch.float64) - sum(self.distances) / len(self.distances)))
         return keep, {"block_distance": self.distances, "block_weight": (w / w.mean()).tolist()}
+
+
+register("structure", CFSPStructure, CFSP, first=True)

@@ -17,13 +17,35 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..recipe import DSnoTRefine
+from ..specs import Strict
+from ..stage import register
 from .base import LayerwiseMethod, Target
 
 log = logging.getLogger(__name__)
+
+
+class DSnoTRefine(Strict):
+    """Training-free prune-and-grow on the mask of the prune stage just before it (Zhang et al., 2024)."""
+    method: Literal["dsnot"]
+    max_cycles: int = Field(50, gt=0, description="at most this many swaps per row")
+    update_threshold: float = Field(0.1, ge=0.0, description="a row stops once |its error| is at most this "
+                                    "(unit: the error summed over one calibration window, as in the reference)")
+    pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
+    same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
+    criterion: Literal["mean", "mse"] = Field("mse", description="take a swap when it shrinks |mean error| (the paper), "
+                                              "or only when it also lowers the row's expected squared error (default: "
+                                              "measured better, see README)")
+    verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
+                         "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
+    modules: Literal["attention", "mlp", "all"] = Field("all", description="which pruned Linear layers to refine "
+                                                         "(default all: measured best with verify; see README)")
+    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names, within `modules`")
+    ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
 
 
 @dataclass
@@ -194,3 +216,6 @@ class DSnoT(LayerwiseMethod):
 
     def finish_layer(self, layer: int) -> None:
         log.debug("dsnot: %d of %d rows so far kept their starting mask (output error not lower)", self.reverted, self.rows)
+
+
+register("refine", DSnoTRefine, DSnoT)

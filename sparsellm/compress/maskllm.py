@@ -21,18 +21,80 @@ import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CompressionError, RecipeError
 from ..faults import fault_point
+from ..specs import PATTERN, Strict, check_data_source
+from ..stage import Stage, order_rule, register, stage_kind
 
 log = logging.getLogger(__name__)
+
+
+class MaskLLMLearn(Strict):
+    """Learn N:M masks end to end with the weights frozen (Fang et al., 2024)."""
+    method: Literal["maskllm"]
+    pattern: str = Field("2:4", description='"N:M" (N zeros in every M inputs); one logit per admissible pattern')
+    prior: Literal["sparsegpt", "wanda", "magnitude", "none"] = Field(
+        "sparsegpt", description="one-shot mask the logits start from (SparseGPT without its weight update)")
+    prior_strength: float = Field(3.0, ge=0.0, description="logit bonus of the prior's pattern, in units of init_std")
+    init_std: float = Field(0.01, gt=0.0, description="std of the random initial logits")
+    steps: int = Field(100, ge=0, description="optimizer steps")
+    batch_size: int = Field(1, gt=0, description="windows per micro-batch (per process)")
+    accumulate: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    dataset: str | None = Field(None, description="training text; default: the calibration dataset")
+    nsamples: int | None = Field(None, gt=0, description="training windows drawn (cycled); default: one per "
+                                 "micro-batch entry, steps × batch_size × accumulate")
+    seqlen: int | None = Field(None, gt=0, description="tokens per training window; default: the calibration seqlen")
+    lr: float = Field(5e-4, gt=0.0, description="peak learning rate of the logits (cosine decay to min_lr)")
+    min_lr: float = Field(5e-5, ge=0.0)
+    tau: tuple[float, float] = Field((4.0, 0.05), description="Gumbel-softmax temperature, first → last step")
+    kappa: tuple[float, float] = Field((100.0, 500.0), description="logit scale, first → last step")
+    weight_reg: float = Field(1e-5, ge=0.0, description="weight of −‖W ⊙ mask‖² (keeps kept weights large), "
+                              "fading linearly to 0")
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm of the logits (0: off)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description="auto: bf16 autocast on CUDA, none on CPU")
+    checkpoint_every: int = Field(50, ge=0, description="save the logits every N steps with --checkpoint-dir (0: never)")
+    log_every: int = Field(10, gt=0, description="record loss, τ, κ and the share of changed patterns every N steps")
+    targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear in the decoder layers")
+    ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave dense")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        m = PATTERN.match(v)
+        if not m or not 0 < int(m[1]) < int(m[2]):
+            raise ValueError('must be "N:M" with 0 < N < M, like "2:4"')
+        if math.comb(int(m[2]), int(m[1])) > 256:
+            raise ValueError("too many patterns per group (C(M, N) > 256); use 2:4 or 4:8")
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        return v if v is None else check_data_source(v)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} exceeds lr {self.lr}")
+        if min(self.tau) <= 0 or min(self.kappa) <= 0:
+            raise ValueError("tau and kappa must be positive")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        n, m = self.pattern.split(":")
+        return int(n), int(m)
 
 MASK_FORMAT = "sparsellm-masks-v1"
 
@@ -205,14 +267,14 @@ def _prior(model, adapter, spec, linears, windows, select, device, batch) -> dic
     if spec.prior == "none":
         return None
     from ..calibrate import run_layerwise
-    from ..recipe import recipe_from_dict
-    from . import build_method
+    from ..stage import spec_class
     from .masks import nm_mask
+    from .prune import build_method
 
-    stage = recipe_from_dict({"stages": [{"prune": {"method": spec.prior, "pattern": spec.pattern,
-                                                    "targets": spec.targets, "ignore": spec.ignore}}]}).stages[0]
+    prior = spec_class("prune", spec.prior)(method=spec.prior, pattern=spec.pattern, targets=spec.targets,
+                                            ignore=spec.ignore)
     dense = {name: lin.weight.detach().clone() for name, lin in linears.items()}
-    run_layerwise(model, adapter, windows, [build_method(stage.spec)], select, device, batch, desc=f"prior {spec.prior} {spec.pattern}")
+    run_layerwise(model, adapter, windows, [build_method(prior)], select, device, batch, desc=f"prior {spec.prior} {spec.pattern}")
     n, m = spec.nm
     keep = {}
     with torch.no_grad():
@@ -362,3 +424,44 @@ def hard_mask_index(keep: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
     m = patterns.shape[1]
     match = keep.reshape(-1, m).float() @ patterns.t() == patterns.sum(1)
     return match.float().argmax(-1).to(torch.uint8)
+
+
+@stage_kind
+class LearnStage(Stage):
+    kind = "learn"
+
+    def check(self, ctx) -> None:
+        from .prune import check_stage_fits
+
+        check_stage_fits(ctx.model, ctx.adapter, self.spec)
+
+    def prepare(self, ctx) -> None:
+        from ..calibrate import default_seqlen
+        from ..data import calibration_windows
+
+        s, i = self.spec, self.entry.index
+        n = s.nsamples or s.steps * s.batch_size * s.accumulate or 1
+        with ctx.timer(f"training data {i}"):
+            self.train = calibration_windows(ctx.tokenizer, s.dataset or ctx.recipe.calibration.dataset, n,
+                                             default_seqlen(ctx.model, s.seqlen or ctx.seqlen), ctx.seed)
+
+    def run(self, ctx) -> list[dict]:
+        def work():
+            details, keep = learn_masks(ctx.model, ctx.adapter, ctx.windows, self.train, self.spec, ctx.device,
+                                        ctx.batch_size, ctx.seed, ctx.checkpoint, key=f"learn{self.entry.index}")
+            model_type = ctx.model.config.model_type
+            ctx.artifacts["masks.safetensors"] = lambda path: save_masks(keep, path, self.spec.pattern, model_type)
+            return details
+
+        return self.timed(ctx, work)
+
+
+register("learn", MaskLLMLearn, learn_masks)
+
+
+@order_rule("learn")
+def _learn_first(i, stages):
+    if any(prev.kind in ("prune", "refine", "learn") for prev in stages[:i]):
+        return (f"stages.{i}: a learn stage needs the dense weights; put it before any prune stage "
+                "(it computes its prior mask itself: prior: sparsegpt)")
+    return None

@@ -17,16 +17,37 @@ import contextlib
 import copy
 import logging
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..calibrate.walk import Activations, capture, check_finite, layer_forward, walk_layers
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
 from ..loading.modeling_sliced import RMSN, make_sliced_layer
+from ..specs import Strict
+from ..stage import Stage, order_rule, register, stage_kind
 
 log = logging.getLogger(__name__)
+
+
+class SliceGPTSlice(Strict):
+    """Rotate the residual stream into its principal directions and delete the weakest ones (Ashkboos et al., 2024)."""
+    method: Literal["slicegpt"]
+    slicing: float = Field(ge=0.0, lt=1.0, description="fraction of the hidden (embedding) dimension to remove")
+    rotation: Literal["per-layer", "uniform"] = Field("per-layer", description="a PCA basis per signal with shortcut "
+                                                      "matrices on the residual (the paper; output needs "
+                                                      "trust_remote_code), or one basis for the whole residual stream "
+                                                      "(RMSNorm models: a stock architecture with a smaller hidden size)")
+    round_to: int = Field(8, gt=0, description="round the kept width down to a multiple of this (fast kernels)")
+    slice_head: bool = Field(False, description="per-layer: also slice the last layer's output and the head's input "
+                             "(the reference's default keeps them full); uniform always slices it")
+    damp: float = Field(0.01, ge=0.0, description="PCA damping, fraction of the covariance's mean diagonal")
+    keep_tied: bool = Field(False, description="uniform, tied embeddings: keep the head tied to the embeddings (smaller) "
+                            "with the final norm scale fitted by least squares in the rotated basis; only exact when "
+                            "that scale is constant, measured costly on SmolLM2 (see README). Default: a separate head")
 
 
 # ---- pure math ---------------------------------------------------------------------------------
@@ -414,3 +435,37 @@ def to_stock(model: nn.Module, adapter: Adapter, fused: dict, width: int, final_
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
     cfg.hidden_size = width
     cfg.rms_norm_eps = eps
+
+
+@stage_kind
+class SliceStage(Stage):
+    kind = "slice"
+
+    def whole_model_reason(self, flag: str) -> str | None:
+        return ("SliceGPT changes the shapes of the embeddings, every decoder layer and the head together, which "
+                f"needs the whole model; run it without {flag}")
+
+    def check(self, ctx) -> None:
+        ctx.adapter.check_sliceable(ctx.model)
+
+    def run(self, ctx) -> list[dict]:
+        return self.timed(ctx, lambda: slicegpt(ctx.model, ctx.adapter, ctx.windows, self.spec, ctx.device, ctx.batch_size))
+
+
+register("slice", SliceGPTSlice, slicegpt)
+
+
+def _round_to_problem(i, stages):
+    """An N:M stage after slicing needs widths that stay multiples of M."""
+    if not getattr(stages[i].spec, "nm", None):
+        return None
+    m = stages[i].spec.nm[1]
+    for j, prev in enumerate(stages[:i]):
+        if prev.kind == "slice" and prev.spec.round_to % m:
+            return (f"stages.{j}: round_to {prev.spec.round_to} must be a multiple of M={m} "
+                    f"for the {stages[i].spec.pattern} stage after it")
+    return None
+
+
+order_rule("prune")(_round_to_problem)
+order_rule("learn")(_round_to_problem)

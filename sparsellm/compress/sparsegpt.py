@@ -4,10 +4,22 @@ Columns are processed left to right; pruning a weight spreads its error onto the
 columns of the same row through the inverse Hessian of the layer's inputs (H = XᵀX / tokens)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from ..recipe import SparseGPTPrune
-from .base import PruneMethod, Target
+from pydantic import Field
+
+from ..stage import register
+from .base import PruneMethod, PruneSpec, Target
 from .masks import _lowest, count_to_prune
+
+
+class SparseGPTPrune(PruneSpec):
+    method: Literal["sparsegpt"]
+    blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
+    percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of its mean diagonal")
+    true_sequential: bool = Field(False, description="prune q/k/v, then o, then gate/up, then down, re-collecting inputs between")
+    scope: Literal["block", "row"] = Field("block", description="unstructured mask chosen per column block across all rows (paper) or per row within each block")
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,3 +100,6 @@ class SparseGPT(PruneMethod):
         s, w = self.spec, t.linear.weight
         W, _ = sparsegpt_prune(w, t.stats.hessian, self.sparsity_at(t.layer), self.nm_at(t.layer), s.blocksize, s.percdamp, s.scope)
         w.copy_(W.to(w.dtype))
+
+
+register("prune", SparseGPTPrune, SparseGPT)

@@ -16,15 +16,47 @@ from __future__ import annotations
 import copy
 import logging
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
+
 from ..calibrate.engine import collect_stats
 from ..calibrate.walk import capture, check_finite, walk_layers
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
+from ..specs import Strict
+from ..stage import Stage, implementation, register, stage_kind
 
 log = logging.getLogger(__name__)
+
+
+class StructureSpec(Strict):
+    """What every structured-pruning spec has: how much of the FFN and of the heads to remove, and how."""
+
+    ffn: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of FFN intermediate channels (= FFN parameters) to remove")
+    heads: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of attention heads to remove, in whole KV groups "
+                         "(GQA: a key/value head with all the query heads that share it)")
+    round_to: int = Field(8, gt=0, description="kept FFN widths are multiples of this (e.g. 8, 64, 128 for fast kernels)")
+    uniform: bool = Field(False, description="one width for every layer: a stock architecture that transformers loads "
+                          "without custom code (otherwise per-layer widths need the modeling file in the output folder)")
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.ffn == 0 and self.heads == 0:
+            raise ValueError("nothing to remove: set ffn and/or heads to a fraction in (0, 1)")
+        return self
+
+
+class WandaSPStructure(StructureSpec):
+    """Structured Wanda (as in the FLAP paper): channel score Σ_k |W_kj|·‖x_j‖ over the channel's output weights."""
+    method: Literal["wanda-sp"]
+
+
+class MagnitudeStructure(StructureSpec):
+    """Channel score from weight norms only (no calibration data)."""
+    method: Literal["magnitude"]
 
 
 # ---- the interface -----------------------------------------------------------------------------
@@ -271,3 +303,21 @@ def linear_flops(model: nn.Module) -> int:
     return sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+@stage_kind
+class StructureStage(Stage):
+    kind = "structure"
+
+    def check(self, ctx) -> None:
+        ctx.adapter.structure_names(ctx.model)  # unsupported architectures fail before calibration
+
+    def run(self, ctx) -> list[dict]:
+        method = implementation("structure", self.spec.method)(self.spec)
+        reports = self.timed(ctx, lambda: structure(ctx.model, ctx.adapter, ctx.windows, self.spec, method, ctx.device,
+                                                    ctx.batch_size))
+        # the recovery budget of a recover stage after it follows this stage's coarse importance
+        ctx.results["block_weight"] = reports[0]["details"].get("block_weight") or ctx.results.get("block_weight")
+        return reports
+
+
+register("structure", WandaSPStructure, WandaSP)
+register("structure", MagnitudeStructure, MagnitudeSP)

@@ -1,9 +1,17 @@
+"""Wanda (Sun et al., 2024): prune by |W_ij|·‖X_j‖ within each output row (or N:M group)."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from ..recipe import WandaPrune
-from .base import PruneMethod, Target
+
+from ..stage import register
+from .base import PruneMethod, PruneSpec, Target
 from .masks import nm_mask, row_mask
+
+
+class WandaPrune(PruneSpec):
+    method: Literal["wanda"]
 
 
 def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
@@ -24,3 +32,6 @@ class Wanda(PruneMethod):
     def compress(self, t: Target) -> None:
         mask = wanda_mask(t.linear.weight, t.stats.sq_norm, self.sparsity_at(t.layer), self.nm_at(t.layer))
         t.linear.weight.masked_fill_(mask, 0)
+
+
+register("prune", WandaPrune, Wanda)

@@ -1,4 +1,5 @@
 from .perplexity import perplexity
-from .report import sparsity_summary, write_report
+from ..measure import sparsity_summary
+from .report import write_report
 
 __all__ = ["perplexity", "sparsity_summary", "write_report"]

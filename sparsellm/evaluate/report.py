@@ -9,35 +9,6 @@ import io
 import json
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from ..loading.adapters import Adapter
-
-
-@torch.no_grad()
-def layer_zeros(layer: nn.Module) -> dict[str, tuple[int, int]]:
-    """(exact zeros, weights) of each Linear weight in a decoder layer."""
-    return {name: (int((mod.weight == 0).sum()), mod.weight.numel())
-            for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
-
-
-def sparsity_summary(model: nn.Module, adapter: Adapter, zeros: list[dict[str, tuple[int, int]]] | None = None) -> dict:
-    """Fraction of exact zeros in the Linear weights of the decoder layers, overall/per layer/per module.
-    `zeros`: layer_zeros of every decoder layer, counted earlier (a low-memory run's layers are on disk)."""
-    if zeros is None:
-        zeros = [layer_zeros(layer) for layer in adapter.layers(model)]
-    per_layer, per_module = [], {}
-    total_zero = total = 0
-    for i, counts in enumerate(zeros):
-        lz = ln = 0
-        for name, (z, n) in counts.items():
-            per_module[f"{adapter.layer_prefix(i)}.{name}"] = z / n
-            lz, ln = lz + z, ln + n
-        per_layer.append({"layer": i, "sparsity": lz / ln if ln else 0.0, "params": ln})
-        total_zero, total = total_zero + lz, total + ln
-    return {"overall": total_zero / total if total else 0.0, "params": total,
-            "per_layer": per_layer, "per_module": per_module}
 
 
 def _mib(b: int | None) -> str:

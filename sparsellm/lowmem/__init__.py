@@ -20,15 +20,12 @@ log = logging.getLogger(__name__)
 def recipe_problem(recipe, options, flag: str = "--low-memory") -> str | None:
     """Why this recipe/option set cannot run layer by layer (from disk, or offloaded by `flag`), and what to
     do; or None."""
-    for i, stage in enumerate(recipe.stages):
-        if stage.kind == "slice":
-            return (f"stages.{i}: SliceGPT changes the shapes of the embeddings, every decoder layer and the head "
-                    f"together, which needs the whole model; run it without {flag}")
-        if stage.kind == "allocate" and stage.spec.method == "ecoflap":
-            return (f"stages.{i}: ECoFLaP's importance probes run every layer after the perturbed one, which needs the "
-                    f"whole model; allocate with owl instead, or run without {flag}")
-        if stage.kind in ("structure", "recover", "learn"):
-            return (f"stages.{i}: {stage.spec.method} changes or trains the whole model at once; run it without {flag}")
+    from ..stage import build_stages
+
+    for stage in build_stages(recipe):
+        reason = stage.whole_model_reason(flag)
+        if reason:  # named at the stage's first entry (an allocation owned by a prune stage comes first)
+            return f"stages.{min(e.index for e in stage.entries)}: {reason}"
     ev = recipe.evaluation
     if ev.tasks or ev.speed is not None:
         return f"lm-eval tasks and speed need the whole model in memory; drop them, or run without {flag}"

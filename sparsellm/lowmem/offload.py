@@ -14,7 +14,7 @@ import os
 from torch import nn
 
 from ..errors import RecipeError
-from ..evaluate.report import layer_zeros
+from ..measure import layer_zeros
 
 
 def parse_device_map(text: str | None, offload_folder: str | None = None):

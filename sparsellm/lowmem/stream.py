@@ -11,11 +11,15 @@ import torch
 from torch import nn
 
 from .. import memory
+from ..errors import ModelLoadError
+from ..loading import get_adapter
+from ..loading.models import _load_error, resolve_model
 from ..calibrate.walk import capture, walk_layers
 from ..evaluate.perplexity import nll_sum
-from ..evaluate.report import layer_zeros
+from ..measure import layer_zeros
 from ..loading.adapters import Adapter, _get
 from ..loading.models import DTYPES
+from . import source_problem
 from .tensors import ShardWriter, TensorSource
 
 log = logging.getLogger(__name__)
@@ -151,3 +155,33 @@ def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: i
             stream.release_module(p)
     return math.exp(nll / count)
 
+
+def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
+    """A LayerStream over a local safetensors folder (the empty skeleton with the embeddings loaded: every
+    pass starts there), its source and its tokenizer."""
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    if problem := source_problem(source):
+        raise ModelLoadError(f"--low-memory: {problem}")
+    tensors = TensorSource(source.path, source.spec)
+    try:
+        skeleton = empty_model(source.path, dtype, trust_remote_code, tensors)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise _load_error(e, source) from e
+    stream = LayerStream(skeleton, get_adapter(skeleton.model), tensors)
+    for path in stream.adapter.pre_layer_paths:
+        if _get(skeleton.model, path) is not None:
+            stream.load_module(path)
+    return source, stream, tokenizer
+
+
+def streamed_evaluator(spec: str | None, dtype: str, trust_remote_code: bool, device, batch_size: int):
+    """`sparsellm eval --low-memory`: (spec, empty model, tokenizer, measure(chunks, desc) -> perplexity)."""
+    source, stream, tokenizer = open_stream(spec, dtype, trust_remote_code)
+    return source.spec, stream.model, tokenizer, lambda chunks, desc: streamed_perplexity(
+        stream.reading(), chunks, batch_size, device, desc)

@@ -10,14 +10,31 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..loading.adapters import Adapter
+from ..specs import Strict
+from ..stage import Stage, order_rule, register, stage_kind
 
 log = logging.getLogger(__name__)
+
+
+class LoRARecover(Strict):
+    """Recovery fine-tuning with LoRA on the calibration text, merged into the weights at the end."""
+    method: Literal["lora"]
+    steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(2, gt=0, description="calibration windows per step (per process)")
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate (linear warm-up over 10 % of the steps, cosine decay)")
+    rank: int = Field(8, gt=0, description="LoRA rank (the mean over blocks when importance_guided)")
+    alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator: the update is (alpha / rank)·B·A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    importance_guided: bool = Field(True, description="after CFSP: each block's rank in proportion to its coarse "
+                                    "importance (the paper's IG-LoRA); otherwise the same rank everywhere")
 
 
 def block_ranks(rank: int, weights: list[float] | None, n_layers: int) -> list[int]:
@@ -103,3 +120,27 @@ def lora_recover(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec
     log.info("lora recovery: %d steps, %d tokens in %.1f s, loss %.3f -> %.3f (last 10 mean)", details["steps"],
              details["tokens"], details["seconds"], details["loss_first"], details["loss_mean_last10"])
     return {**details, "ranks": ranks, "trainable_parameters": trainable}
+
+
+@stage_kind
+class RecoverStage(Stage):
+    kind = "recover"
+
+    def run(self, ctx) -> list[dict]:
+        return self.timed(ctx, lambda: lora_recover(ctx.model, ctx.adapter, ctx.windows, self.spec, ctx.seed, ctx.device,
+                                                    ctx.results.get("block_weight")))
+
+
+register("recover", LoRARecover, lora_recover)
+
+
+@order_rule("recover")
+def _recover_after_structure(i, stages):
+    kinds = [st.kind for st in stages[:i]]
+    if not any(k in ("structure", "slice") for k in kinds):
+        return (f"stages.{i}: a recover stage fine-tunes a structurally pruned model: put a "
+                "structure (or slice) stage before it")
+    if "prune" in kinds or "learn" in kinds:
+        return (f"stages.{i}: a recover stage cannot follow a prune stage (merging LoRA would "
+                "fill in the pruned zeros); prune after recovering")
+    return None

@@ -1,0 +1,50 @@
+"""Counting what compression did: exact zeros of the decoder Linears per layer and overall, parameters,
+and what share of the dense model's decoder weights is gone. Used by every memory mode (a model
+streamed from disk or offloaded is counted layer by layer as the walk loads and releases it) and read
+by the report; nothing here renders."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .loading.adapters import Adapter
+
+
+@torch.no_grad()
+def layer_zeros(layer: nn.Module) -> dict[str, tuple[int, int]]:
+    """(exact zeros, weights) of each Linear weight in a decoder layer."""
+    return {name: (int((mod.weight == 0).sum()), mod.weight.numel())
+            for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def sparsity_summary(model: nn.Module, adapter: Adapter, zeros: list[dict[str, tuple[int, int]]] | None = None) -> dict:
+    """Fraction of exact zeros in the Linear weights of the decoder layers, overall/per layer/per module.
+    `zeros`: layer_zeros of every decoder layer, counted earlier (a low-memory run's layers are on disk)."""
+    if zeros is None:
+        zeros = [layer_zeros(layer) for layer in adapter.layers(model)]
+    per_layer, per_module = [], {}
+    total_zero = total = 0
+    for i, counts in enumerate(zeros):
+        lz = ln = 0
+        for name, (z, n) in counts.items():
+            per_module[f"{adapter.layer_prefix(i)}.{name}"] = z / n
+            lz, ln = lz + z, ln + n
+        per_layer.append({"layer": i, "sparsity": lz / ln if ln else 0.0, "params": ln})
+        total_zero, total = total_zero + lz, total + ln
+    return {"overall": total_zero / total if total else 0.0, "params": total,
+            "per_layer": per_layer, "per_module": per_module}
+
+
+def nonzero(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def removed(summary: dict, dense: dict) -> None:
+    """Per layer and overall: 1 - nonzero decoder Linear weights now / their number in the dense model
+    (= sparsity when only pruned; also counts rows and columns SliceGPT deleted)."""
+    for now, before in zip(summary["per_layer"], dense["per_layer"]):
+        now["params_before"] = before["params"]
+        now["removed"] = 1 - now["params"] * (1 - now["sparsity"]) / before["params"] if before["params"] else 0.0
+    summary["params_before"] = dense["params"]
+    summary["overall_before"] = dense["overall"]
+    summary["removed"] = 1 - summary["params"] * (1 - summary["overall"]) / dense["params"] if dense["params"] else 0.0
