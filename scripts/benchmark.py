@@ -107,13 +107,14 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     import torch
 
     from sparsellm import memory
-    from sparsellm.compress import build_method
     from sparsellm.compress.structured import linear_flops
     from sparsellm.data import calibration_windows, evaluation_chunks
     from sparsellm.evaluate import perplexity, sparsity_summary
     from sparsellm.evaluate.speed import compare_speed
     from sparsellm.loading import get_adapter, load_model
-    from sparsellm.pipeline import run_stages
+    from sparsellm.handle import ModelHandle
+    from sparsellm.pipeline import Timer, run_stages
+    from sparsellm.stage import RunContext, build_stages
     from sparsellm.recipe import recipe_from_dict
 
     torch.set_num_threads(2)
@@ -147,12 +148,16 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
             if block_distance and cfsp.get("method") == "cfsp" and not cfsp.get("uniform"):
                 cfsp["block_distance"] = block_distance
                 row["importance_reused"] = True
-        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH}, "stages": stages})
-        methods = [build_method(st.spec) if st.kind in ("prune", "refine") else None for st in recipe.stages]
-        train = {i: calibration_windows(tok, str(data / "lee_calib.txt"), max(st.spec.steps * st.spec.batch_size, 1), SEQLEN, seed=0)
-                 for i, st in enumerate(recipe.stages) if st.kind == "learn"}
+        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH, "dataset": str(data / "lee_calib.txt"),
+                                                                   "seqlen": SEQLEN}, "stages": stages})
+        ctx = RunContext(handle=ModelHandle(model, tok, adapter, loaded.source), adapter=adapter, tokenizer=tok,
+                         recipe=recipe, device=torch.device("cpu"), windows=windows, seqlen=SEQLEN, timer=Timer())
+        built = build_stages(recipe)
+        for st in built:  # a learn stage draws its training windows (as many as its steps need)
+            st.prepare(ctx)
         t = time.perf_counter()
-        stages, allocation = run_stages(model, adapter, recipe, methods, windows, "cpu", train=train)
+        stages = run_stages(built, ctx)
+        allocation = ctx.results.get("allocation")
         row["seconds"] = time.perf_counter() - t
         row["stage_seconds"] = {f"{st['kind']} {st['method']}": st["seconds"] for st in stages}
         row["allocation"] = allocation

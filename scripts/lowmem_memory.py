@@ -96,7 +96,17 @@ def prune_in_child(model: Path, out: Path, recipe: Path, mode: str) -> dict:
     return {"peak_rss_bytes": report["memory"]["peak_rss_bytes"], "ru_maxrss_bytes": usage.ru_maxrss * 1024,
             "seconds": time.perf_counter() - t,
             "rss_after_load_bytes": report["memory"]["rss_after_load_bytes"],
-            "sparsity": report["sparsity"]["overall"], "perplexity_after": report["perplexity"]["after"]}
+            "sparsity": report["sparsity"]["overall"], "removed": report["sparsity"]["removed"],
+            "parameters": [report["model"]["parameters_before"], report["model"]["parameters"]],
+            "perplexity_after": report["perplexity"]["after"]}
+
+
+def stages(args) -> list[dict]:
+    if args.structure:
+        return [{"structure": {"method": args.structure, "ffn": 0.5, "heads": 0.5}}]
+    allocate = [{"allocate": {"method": args.allocate, **({"nsamples": 1, "num_noise": 1} if args.allocate == "ecoflap"
+                                                          else {})}}] if args.allocate else []
+    return allocate + [{"prune": {"method": args.method, "sparsity": 0.5}}]
 
 
 def main(argv=None) -> dict:
@@ -106,6 +116,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--intermediate", type=int, default=6144)
     ap.add_argument("--method", default="wanda")
+    ap.add_argument("--structure", help="instead of --method: structured pruning (cfsp, wanda-sp) of half the FFN "
+                    "channels and heads")
+    ap.add_argument("--allocate", help="an allocation (owl, ecoflap) before --method")
     ap.add_argument("--in-memory", action="store_true", help="also prune it with the whole model loaded")
     ap.add_argument("--workdir", type=Path, help="where the model and outputs go (default: a temp folder, removed)")
     ap.add_argument("--json", type=Path, help="also write the result here")
@@ -120,7 +133,7 @@ def main(argv=None) -> dict:
         recipe.write_text(yaml.safe_dump({
             "calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 64, "batch_size": 4},
             "evaluation": {"ppl": [str(TEXT)], "limit": 2, "before": False},
-            "stages": [{"prune": {"method": args.method, "sparsity": 0.5}}]}))
+            "stages": stages(args)}))
         result = {"model": model, "low_memory": prune_in_child(tmp / "model", tmp / "out", recipe, "--low-memory")}
         if args.in_memory:
             result["in_memory"] = prune_in_child(tmp / "model", tmp / "out", recipe, "--in-memory")

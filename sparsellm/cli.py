@@ -21,6 +21,25 @@ layer, 8 NaN/inf during calibration, 9 checkpoint cannot be resumed, 10 push can
 upload (no token, hub refused), 130 interrupted."""
 
 
+class RegistryChoice(click.Choice):
+    """The methods registered for stage kinds (stage.py), read when first needed: a method registered by
+    a plugin module or a test is a choice too, and `sparsellm --help` does not import torch."""
+
+    def __init__(self, *kinds: str):
+        self.kinds = kinds
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from .stage import methods
+
+        return tuple(m for kind in self.kinds for m in methods(kind))
+
+    @choices.setter
+    def choices(self, value):
+        pass
+
+
 class OneLineErrors(click.Group):
     """Usage errors (unknown option, bad value) as one line like every other error, exit code 2,
     instead of click's usage block."""
@@ -88,14 +107,14 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @cli.command()
 @click.option("--model", "model_spec", help=MODEL_HELP)
 @click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), help="YAML recipe (see recipes/).")
-@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt", "maskllm"]), help="One-stage recipe without YAML "
-              "(maskllm: learned N:M masks, --pattern 2:4 by default, see --steps/--prior).")
+@click.option("--method", type=RegistryChoice("prune", "learn"), help="One-stage recipe without YAML: a prune method, or a "
+              "learn method (maskllm: learned N:M masks, --pattern 2:4 by default, see --steps/--prior).")
 @click.option("--sparsity", type=float, help="Fraction of weights to zero, in [0, 1).")
 @click.option("--pattern", default=None, help='"unstructured" (default) or N:M, e.g. 2:4 = 2 zeros in every 4 weights.')
 @click.option("--slicing", type=float, help="SliceGPT first: remove this fraction of the hidden dimension (e.g. 0.25).")
 @click.option("--rotation", type=click.Choice(["per-layer", "uniform"]), help="SliceGPT rotation (default per-layer; "
               "uniform gives a stock architecture for Llama/Mistral/Qwen2).")
-@click.option("--structure", type=click.Choice(["cfsp", "wanda-sp", "magnitude"]), help="Structured pruning: remove whole "
+@click.option("--structure", type=RegistryChoice("structure"), help="Structured pruning: remove whole "
               "FFN channels (--ffn) and attention heads (--heads); the model gets smaller and faster.")
 @click.option("--ffn", type=float, help="With --structure: fraction of FFN channels to remove, in [0, 1).")
 @click.option("--heads", type=float, help="With --structure: fraction of attention heads to remove (whole KV groups).")
@@ -104,8 +123,8 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
               "architecture, no custom code needed to load it).")
 @click.option("--recover-steps", type=int, help="After --structure: LoRA recovery fine-tuning for this many steps on the "
               "calibration text, merged into the weights.")
-@click.option("--allocate", type=click.Choice(["owl", "ecoflap"]), help="Vary sparsity per decoder layer (same overall target) before --method.")
-@click.option("--refine", type=click.Choice(["dsnot"]), help="Prune-and-grow the mask of --method without changing its sparsity.")
+@click.option("--allocate", type=RegistryChoice("allocate"), help="Vary sparsity per decoder layer (same overall target) before --method.")
+@click.option("--refine", type=RegistryChoice("refine"), help="Prune-and-grow the mask of --method without changing its sparsity.")
 @click.option("--steps", type=int, help="maskllm: training steps (default 100).")
 @click.option("--prior", type=click.Choice(["sparsegpt", "wanda", "magnitude", "none"]), help="maskllm: one-shot mask the logits start from (default sparsegpt).")
 @click.option("--calib", help="Calibration data: " + DATA_HELP)
@@ -130,7 +149,8 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.option("--low-memory/--in-memory", "low_memory", default=None,
               help="Read and write the model one decoder layer at a time from its safetensors (peak memory about one "
                    "layer plus the activations), or load it whole. Default: low-memory when the checkpoint is larger "
-                   "than the available memory. Local safetensors folders; prune/refine stages and OWL.")
+                   "than the available memory. Local safetensors folders; every stage but SliceGPT, LoRA recovery and "
+                   "MaskLLM, which need the whole model.")
 @click.option("--device-map", help='accelerate placement of the modules: auto, or JSON like \'{"model.layers.0": "cpu", '
               '"model.layers.1": "disk", ...}\'; "disk" (and "cpu" next to a GPU) offloads a module, whose weights are '
               "put in for its turn and written back compressed.")
@@ -164,8 +184,9 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
     report.json, report.md, report.html and a model card README.md. With --checkpoint-dir a
     killed run continues with --resume:
       sparsellm prune --recipe r.yaml -o out/ --checkpoint-dir ckpt/ [--resume]"""
-    from .pipeline import RunOptions, compress
+    from .pipeline import RunOptions, run_recipe
     from .recipe import load_recipe, recipe_from_dict
+    from .stage import methods
 
     def run():
         _positive(("--nsamples", nsamples), ("--seqlen", seqlen), ("--limit", limit), ("--round-to", round_to),
@@ -176,9 +197,10 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         if recipe_path and any(v is not None for v in inline):
             raise RecipeError("give either --recipe or --method/--sparsity/--pattern/--slicing/--rotation/--structure/"
                               "--ffn/--heads/--round-to/--uniform/--recover-steps/--allocate/--refine/--steps/--prior, not both")
-        if (steps is not None or prior) and method != "maskllm":
+        learned = method in methods("learn")
+        if (steps is not None or prior) and not learned:
             raise RecipeError("--steps and --prior belong to --method maskllm")
-        if method == "maskllm" and (allocate or refine or sparsity is not None):
+        if learned and (allocate or refine or sparsity is not None):
             raise RecipeError("--method maskllm learns an N:M mask (--pattern); it takes no --sparsity, --allocate or --refine")
         if rotation and slicing is None:
             raise RecipeError("--rotation needs --slicing; add e.g. --slicing 0.25")
@@ -198,8 +220,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
                 stages.append({"structure": {"method": structure, **{k: v for k, v in shape.items() if v is not None}}})
             if recover_steps:
                 stages.append({"recover": {"method": "lora", "steps": recover_steps}})
-            if method == "maskllm":
-                learn = {"method": "maskllm", "pattern": pattern or "2:4", "steps": steps, "prior": prior}
+            if learned:
+                learn = {"method": method, "pattern": pattern or "2:4", "steps": steps, "prior": prior}
                 stages.append({"learn": {k: v for k, v in learn.items() if v is not None}})
             elif method:
                 stage = {"method": method, "pattern": pattern or "unstructured"}
@@ -231,7 +253,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         recipe = recipe_from_dict(data, recipe_path or "command line")
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
                              device_map, offload_folder)
-        report = compress(recipe, output, options, model_spec)
+        report = run_recipe(recipe, output, options, model_spec)
         ppl_after = (report.get("perplexity") or {}).get("after") or {}
         summary = ", ".join(f"ppl {k}={v:.3f}" for k, v in ppl_after.items())
         m = report["model"]
@@ -351,7 +373,7 @@ def report(ctx, folder, repo_id):
     from pathlib import Path
 
     from .evaluate.compare import load_run
-    from .evaluate.report import write_derived
+    from .evaluate.outputs import write_derived
 
     def run():
         write_derived(Path(folder), load_run(folder), Path(folder).resolve().name, repo_id)

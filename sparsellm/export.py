@@ -83,7 +83,7 @@ def save_model(model, tokenizer, folder: Path, fmt: str = "dense") -> None:
 
     model.save_pretrained(folder, safe_serialization=True)
     if any(getattr(model.config, k, None) is not None for k in ("sparsellm_slicing", "sparsellm_structure")):
-        _declare_sliced(Path(folder))
+        declare_runtime(Path(folder))
     compress_folder(Path(folder), model, fmt)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
@@ -112,7 +112,7 @@ def copy_side_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _declare_sliced(folder: Path) -> None:
+def declare_runtime(folder: Path) -> None:
     """A SliceGPT or structurally pruned model with per-layer shapes: its own model_type, and the runtime
     file named in auto_map so that transformers loads it with trust_remote_code=True (and refuses without)."""
     from .loading import modeling_sliced as runtime

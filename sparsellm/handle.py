@@ -17,7 +17,7 @@ import torch
 
 from . import measure
 from .evaluate.perplexity import perplexity
-from .export import make_readable, save_model
+from .export import declare_runtime, make_readable, save_model
 from .formats import compress_folder, is_pruned
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,8 @@ class StreamedHandle(OffloadedHandle):
         model.config.save_pretrained(folder)
         if model.can_generate():
             model.generation_config.save_pretrained(folder)
+        if any(getattr(model.config, k, None) is not None for k in ("sparsellm_slicing", "sparsellm_structure")):
+            declare_runtime(folder)  # per-layer shapes: the runtime modeling file, as save_model writes it
         self.tokenizer.save_pretrained(folder)
         make_readable(folder)
         if fmt != "dense":

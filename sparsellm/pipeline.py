@@ -260,7 +260,11 @@ def write_extras(folder: Path, recipe, report: dict, name: str, artifacts: dict 
 
 
 def _main_process() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Whether this process writes the output: the only one, or rank 0 under `accelerate launch`/torchrun
+    (known from the launcher's RANK before any stage initializes torch.distributed)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _check_options(options: RunOptions) -> None:

@@ -14,7 +14,9 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from . import stage as registry
 from .errors import RecipeError
-from .specs import EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source  # noqa: F401
+from .specs import EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source
+
+__all__ = ["EXPORT_FORMATS", "HUB_DATASETS", "recipe_from_dict", "load_recipe", "recipe_model"]
 
 class Calibration(_Strict):
     dataset: str = "wikitext2"

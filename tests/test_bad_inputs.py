@@ -557,10 +557,11 @@ def low_memory_with_slicegpt(w):
 
 
 @case
-def low_memory_with_ecoflap(w):
-    return Case(w.prune(*WANDA, "--allocate", "ecoflap", "--low-memory"), 2,
-                "--low-memory: stages.0: ECoFLaP's importance probes run every layer after the perturbed one, which "
-                "needs the whole model; allocate with owl instead, or run without --low-memory")
+def low_memory_with_lora_recovery(w):
+    # (ECoFLaP and structured pruning run layer by layer now: tests/test_lowmem.py compares them with in-memory runs)
+    return Case(w.prune("--structure", "wanda-sp", "--ffn", "0.25", "--recover-steps", 2, "--calib", TEXT, "--nsamples", 2,
+                        "--seqlen", 16, "--low-memory"), 2,
+                "--low-memory: stages.1: lora changes or trains the whole model at once; run it without --low-memory")
 
 
 @case

@@ -26,6 +26,12 @@ RECIPES = {
     # two passes that both modify: the second reads the first one's layers back from the output
     "sparsegpt-2:4-true-sequential+magnitude": [{"prune": {"method": "sparsegpt", "pattern": "2:4", "true_sequential": True}},
                                                 {"prune": {"method": "magnitude", "sparsity": 0.7}}],
+    # structured pruning is layer-local too: per-layer widths (with the runtime file) and a stock architecture
+    # ECoFLaP's probes walk the later layers one at a time for all probes together
+    "ecoflap+wanda": [{"allocate": {"method": "ecoflap", "nsamples": 2}}, {"prune": {"method": "wanda", "sparsity": 0.5}}],
+    "cfsp-ffn+heads": [{"structure": {"method": "cfsp", "ffn": 0.5, "heads": 0.5, "round_to": 8}}],
+    "wanda-sp-uniform+wanda": [{"structure": {"method": "wanda-sp", "ffn": 0.25, "uniform": True}},
+                               {"prune": {"method": "wanda", "sparsity": 0.5}}],
 }
 
 
@@ -63,6 +69,11 @@ def assert_same_output(a: Path, b: Path) -> None:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
     for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "recipe.yaml"):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+    def code(folder):  # the runtime modeling file of per-layer shapes, when there is one
+        return {p.name: p.read_bytes() for p in folder.glob("*.py")}
+
+    assert code(a) == code(b)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -120,9 +131,9 @@ def test_automatic_when_the_checkpoint_exceeds_available_memory(sharded, tmp_pat
     assert "pruning it layer by layer from disk" in caplog.text
     # a recipe that needs the whole model loads it whole, and says why
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
-    report = run(sharded["llama-tied"], [{"allocate": {"method": "ecoflap", "nsamples": 1, "num_noise": 1}},
-                                         {"prune": {"method": "wanda", "sparsity": 0.5}}], tmp_path / "whole", None, ppl=False)
-    assert report["low_memory"] is None and "ECoFLaP" in caplog.text
+    report = run(sharded["llama-tied"], [{"slice": {"method": "slicegpt", "slicing": 0.25}}], tmp_path / "whole", None,
+                 ppl=False)
+    assert report["low_memory"] is None and "SliceGPT changes the shapes" in caplog.text
     monkeypatch.setattr(memory, "available_bytes", lambda: 10**12)
     assert run(sharded["llama-tied"], RECIPES["magnitude"], tmp_path / "big", None, ppl=False)["low_memory"] is None
 
@@ -143,13 +154,14 @@ def test_larger_than_memory_model_pruned_in_a_fraction_of_its_size(tmp_path):
     assert r["low_memory"]["sparsity"] == 0.5
 
 
-def test_offloaded_layers_are_compressed_where_accelerate_keeps_them(sharded, tmp_path):
+@pytest.mark.parametrize("name", ["owl+wanda+dsnot", "ecoflap+wanda", "cfsp-ffn+heads"])
+def test_offloaded_layers_are_compressed_where_accelerate_keeps_them(name, sharded, tmp_path):
     """--device-map with layers offloaded to disk: the methods change the weights the hooks store, the
     output and perplexity equal the in-memory path's bit for bit, and so does the report's sparsity."""
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                   "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
     recipe = recipe_from_dict({"calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 32},
-                               "evaluation": {"ppl": [str(TEXT)], "limit": 4}, "stages": RECIPES["owl+wanda+dsnot"]})
+                               "evaluation": {"ppl": [str(TEXT)], "limit": 4}, "stages": RECIPES[name]})
     whole = compress(recipe, tmp_path / "whole", RunOptions(), str(sharded["llama-tied"]))
     options = RunOptions(device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"))
     offloaded = compress(recipe, tmp_path / "offloaded", options, str(sharded["llama-tied"]))

@@ -17,7 +17,7 @@ from pydantic import Field
 import torch.nn.functional as F
 
 from ..calibrate.engine import target_linears
-from ..calibrate.walk import capture, layer_forward, module_device, walk_layers
+from ..calibrate.walk import capture, head_on, layer_forward, walk_layers
 from ..errors import RecipeError
 from ..stage import register
 from .base import AllocateSpec, water_fill
@@ -37,16 +37,8 @@ class ECoFLaPAllocate(AllocateSpec):
         return self.max_sparsity if self.max_sparsity is not None else min(0.99, target + 0.1)  # as its scripts cap it
 
 
-@torch.no_grad()
-def _loss_from(model, adapter, start: int, hidden, kwargs: list[dict], labels, device) -> float:
-    """The loss of one batch from decoder layer `start` on; `kwargs[j]`: layer j's keyword arguments."""
-    layers = adapter.layers(model)
-    for j in range(start, len(layers)):
-        layer = layers[j]
-        home = module_device(layer)
-        layer.to(device)
-        hidden = layer_forward(layer, hidden, kwargs[j])
-        layer.to(home)
+def _loss(model, adapter, hidden, labels) -> float:
+    """The mean next-token loss of one batch from the last decoder layer's output."""
     for m in adapter.head_modules(model):
         hidden = m(hidden)
     logits = hidden[:, :-1].float()
@@ -54,54 +46,57 @@ def _loss_from(model, adapter, start: int, hidden, kwargs: list[dict], labels, d
 
 
 @torch.no_grad()
-def _layer_score(model, adapter, index: int, linears, acts, labels, num_noise: int, eps: float, gen, device) -> float:
-    """Mean |L(θ + εz) − L(θ − εz)| / 2ε over the windows and `num_noise` directions z in `linears`."""
+def _perturbed_outputs(layer, linears, acts, num_noise: int, eps: float, gen) -> list[tuple[int, list[torch.Tensor]]]:
+    """For each window b and each of `num_noise` directions z in `linears` (drawn from `gen` in that order):
+    (b, [the layer's output with θ + εz, with θ − εz])."""
     originals = [lin.weight.detach().clone() for lin in linears]
-    total, probes = 0.0, 0
+    probes = []
     try:
-        for b, (hidden, lab) in enumerate(zip(acts.hidden, labels)):
-            kw = [per_batch[b] for per_batch in acts.per_layer]
+        for b, hidden in enumerate(acts.hidden):
             for _ in range(num_noise):
                 zs = [torch.randn(w.shape, generator=gen).to(w.device, w.dtype) for w in originals]
-                losses = []
+                pair = []
                 for sign in (1.0, -1.0):
                     for lin, w, z in zip(linears, originals, zs):
                         lin.weight.copy_(w + sign * eps * z)
-                    losses.append(_loss_from(model, adapter, index, hidden, kw, lab, device))
-                total += abs(losses[0] - losses[1]) / (2 * eps)
-                probes += 1
+                    pair.append(layer_forward(layer, hidden, acts.kwargs[b]))
+                probes.append((b, pair))
     finally:  # restore exactly, not by subtracting the noise back, whatever happened
         for lin, w in zip(linears, originals):
             lin.weight.copy_(w)
-    return total / max(probes, 1)
+    return probes
 
 
 @torch.no_grad()
-def layer_importance(model, adapter, windows, select, device, batch_size: int, num_noise: int, eps: float, seed: int) -> list[float]:
-    """Mean over windows and directions z ~ N(0, I) of |L(θ + εz) − L(θ − εz)| / 2ε, per decoder layer."""
+def layer_importance(model, adapter, windows, select, device, batch_size: int, num_noise: int, eps: float, seed: int,
+                     io=None) -> list[float]:
+    """Mean over windows and directions z ~ N(0, I) of |L(θ + εz) − L(θ − εz)| / 2ε, per decoder layer.
+    Each probe's perturbed output goes through the later layers, one layer at a time for all probes
+    together, so that a model held one layer at a time (`io`, read-only) brings each layer in once per
+    perturbed layer."""
     device = torch.device(device)
     acts = capture(model, adapter, windows, device, batch_size)
     labels = list(windows.split(batch_size))
-    # after capturing: capture sends the embedding home again, and it may be tied to lm_head
-    head = adapter.head_modules(model)
-    head_homes = [module_device(m) for m in head]
-    for m in head:
-        m.to(device)
     scores = []
-    try:
-        for index, layer in walk_layers(model, adapter, device, desc="ecoflap importance"):
+    # after capturing: capture sends the embedding home again, and it may be tied to lm_head
+    with head_on(model, adapter, device, io):
+        for index, layer in walk_layers(model, adapter, device, io, "ecoflap importance"):
             linears = list(target_linears(layer, adapter.layer_prefix(index), select).values())
             gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
-            scores.append(_layer_score(model, adapter, index, linears, acts, labels, num_noise, eps, gen, device))
+            probes = _perturbed_outputs(layer, linears, acts, num_noise, eps, gen)
+            for j, later in walk_layers(model, adapter, device, io, f"ecoflap probes {index}", start=index + 1,
+                                        leave=False):
+                probes = [(b, [layer_forward(later, h, acts.per_layer[j][b]) for h in pair]) for b, pair in probes]
+            total = 0.0
+            for b, (plus, minus) in probes:
+                total += abs(_loss(model, adapter, plus, labels[b]) - _loss(model, adapter, minus, labels[b])) / (2 * eps)
+            scores.append(total / max(len(probes), 1))
             acts.advance(layer)
-    finally:
-        for m, home in zip(head, head_homes):
-            m.to(home)
     return scores
 
 
 def ecoflap_allocate(model, adapter, windows, select, device, target: float, max_sparsity: float, spec, seed: int,
-                     sizes) -> tuple[list[float], dict]:
+                     sizes, io=None) -> tuple[list[float], dict]:
     if spec.importance is not None:
         if len(spec.importance) != len(sizes):
             raise RecipeError(f"ecoflap importance has {len(spec.importance)} values; the model has {len(sizes)} layers")
@@ -109,17 +104,14 @@ def ecoflap_allocate(model, adapter, windows, select, device, target: float, max
     else:
         # one window per probe: more random directions for the same tokens, a less noisy estimate
         scores = layer_importance(model, adapter, windows[: spec.nsamples], select, device, 1,
-                                  spec.num_noise, spec.eps, seed)
+                                  spec.num_noise, spec.eps, seed, io)
     params = [sum(r * c for r, c in shapes) for shapes in sizes]
     weights = [s / p if p else 0.0 for s, p in zip(scores, params)] if spec.aggregate == "avg" else scores
     return water_fill(weights, params, target, max_sparsity), {"importance": scores}
 
 
 def ecoflap_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io):
-    if io is not None:
-        raise RecipeError("ECoFLaP's importance probes run every layer after the perturbed one, which needs the whole "
-                          "model; allocate with owl instead, or run in memory")
-    return ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes)
+    return ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes, io)
 
 
 register("allocate", ECoFLaPAllocate, ecoflap_allocation)

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import CompressionError, NumericalError
 from ..faults import fault_point
 from ..loading.adapters import Adapter
-from .stats import InputStats
+from .stats import InputStats, Target
 from .walk import Activations, _overflow_hint, capture, check_finite, layer_forward, walk_layers
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,6 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     `io.load(index, layer)` gives a layer its weights before it is used and `io.release(index, layer)`
     writes out and frees it afterwards, so only one layer is ever in memory.
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
-    from ..compress.base import Target  # compress depends on calibrate, not the other way round
-
     selects = list(select) if isinstance(select, (list, tuple)) else [select] * len(methods)
     needs = frozenset().union(*(m.needs for m in methods))
     true_seq = any(m.true_sequential for m in methods)

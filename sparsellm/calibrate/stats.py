@@ -1,7 +1,10 @@
 """Running statistics of a Linear layer's inputs, accumulated in float64 whatever the model dtype."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 KNOWN = frozenset({"sq_norm", "hessian", "mean"})
 
@@ -51,3 +54,15 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         """XᵀX / tokens."""
         return self._xtx / self.tokens
+
+
+@dataclass
+class Target:
+    """One Linear being compressed: its full name, decoder-layer index, the module, the statistics
+    of its inputs, and (for methods with needs_dense) its weights before this pass touched them."""
+
+    name: str
+    layer: int
+    linear: nn.Linear
+    stats: InputStats | None = None
+    dense: torch.Tensor | None = None

@@ -9,6 +9,7 @@ yields the layers one at a time on the compute device, with their weights brough
 (a model streamed from disk or offloaded by accelerate) and released after the caller's body."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -17,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import NumericalError
-from ..loading.adapters import Adapter
+from ..loading.adapters import Adapter, _get
 
 # keyword arguments of a layer call that concern generation, not the computation of one forward
 _DROPPED = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions")
@@ -146,3 +147,28 @@ def walk_layers(model: nn.Module, adapter: Adapter, device, io=None, desc: str =
         layer.to(home)
         if io is not None:
             io.release(index, layer)
+
+
+@contextmanager
+def head_on(model: nn.Module, adapter: Adapter, device, io=None):
+    """The modules after the decoder layers (final norm, head) with their weights and on `device` for the
+    block; an io that streams weights (LayerStream) brings them in and takes them back out afterwards."""
+    paths = [p for p in adapter.head_paths if _get(model, p) is not None]
+    streams = hasattr(io, "load_module")
+    if streams:
+        for p in paths:
+            io.load_module(p)
+    modules = [_get(model, p) for p in paths]
+    homes = [module_device(m) for m in modules]
+    try:
+        for m in modules:
+            if getattr(m, "_hf_hook", None) is None:  # accelerate places a dispatched module itself
+                m.to(device)
+        yield modules
+    finally:
+        for m, home in zip(modules, homes):
+            if getattr(m, "_hf_hook", None) is None:
+                m.to(home)
+        if streams:
+            for p in paths:
+                io.release_module(p)

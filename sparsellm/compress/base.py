@@ -2,26 +2,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-from torch import nn
+from ..calibrate.stats import Target
+from ..specs import PruneSpec
 
-from ..calibrate.stats import InputStats
-from ..specs import PruneSpec  # noqa: F401  (the base of every prune spec, beside PruneMethod)
-
-
-@dataclass
-class Target:
-    """One Linear being compressed: its full name, decoder-layer index, the module, the statistics
-    of its inputs, and (for methods with needs_dense) its weights before this pass touched them."""
-
-    name: str
-    layer: int
-    linear: nn.Linear
-    stats: InputStats | None = None
-    dense: torch.Tensor | None = None
+__all__ = ["Target", "PruneSpec", "LayerwiseMethod", "PruneMethod"]
 
 
 class LayerwiseMethod(ABC):

@@ -96,13 +96,13 @@ class CFSP(StructuredMethod):
     def column_scores(self, out_w, in_ws, sq_norm):
         return cfsp_scores(out_w, in_ws, sq_norm, self.spec.b, self.spec.c)
 
-    def block_keep(self, model, adapter, windows, device, batch_size, target):
+    def block_keep(self, model, adapter, windows, device, batch_size, target, io=None):
         n_layers = len(adapter.layers(model))
         if self.distances is not None and len(self.distances) != n_layers:
             raise ValueError(f"block_distance has {len(self.distances)} values for {n_layers} decoder layers; "
                              "take it from a run on the same model")
         if self.distances is None:  # one dense pass serves the FFN and the head budgets
-            self.distances = block_distances(model, adapter, windows, device, batch_size)
+            self.distances = block_distances(model, adapter, windows, device, batch_size, io)
         keep = coarse_keep(self.distances, target, self.spec.a, self.spec.max_keep)
         # relative importance: the IG-LoRA recovery gives each block adapter capacity in proportion
         w = torch.sigmoid(self.spec.a * (torch.tensor(self.distances, dtype=torch.float64) - sum(self.distances) / len(self.distances)))

@@ -80,10 +80,7 @@ class PruneStage(Stage):
         return [e for e in self.entries if e.kind == "refine"]
 
     def whole_model_reason(self, flag: str) -> str | None:
-        if self.allocation is not None and self.allocation.spec.method == "ecoflap":
-            return ("ECoFLaP's importance probes run every layer after the perturbed one, which needs the whole "
-                    f"model; allocate with owl instead, or run without {flag}")
-        return None
+        return None  # the allocations (OWL, ECoFLaP) and the pass itself go through the layer walk
 
     def needs_data(self) -> bool:
         return self.allocation is not None or any(build_method(e.spec).needs for e in [self.entry, *self.refines])

@@ -74,8 +74,10 @@ class StructuredMethod(ABC):
         """One score per input column j of out_w (= output row j of every in_w); higher = keep.
         Must be additive over the columns of a unit (a group's score is the sum)."""
 
-    def block_keep(self, model, adapter, windows, device, batch_size, target: float) -> tuple[list[float], dict] | None:
-        """Per-block keep ratios for `target` (mean 1 - target), with details for the report; None: uniform."""
+    def block_keep(self, model, adapter, windows, device, batch_size, target: float,
+                   io=None) -> tuple[list[float], dict] | None:
+        """Per-block keep ratios for `target` (mean 1 - target), with details for the report; None: uniform.
+        `io`: the read-only io of the layer walk (a streamed or offloaded model)."""
         return None
 
 
@@ -215,7 +217,8 @@ def _uniform_groups(config, names: dict, remove: float) -> int:
                            "uniform: false")
 
 
-def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, device, batch_size) -> tuple[list[int], list[int], dict]:
+def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, device, batch_size,
+                io=None) -> tuple[list[int], list[int], dict]:
     """Kept FFN channels and KV groups per layer, and what the report shows of the allocation."""
     n_layers = len(adapter.layers(model))
     inter, kv = names["intermediate"], names["kv_heads"]
@@ -223,8 +226,8 @@ def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, 
         if spec.uniform:
             return ([uniform_width(inter, spec.ffn, spec.round_to)] * n_layers,
                     [_uniform_groups(model.config, names, spec.heads) if spec.heads else kv] * n_layers, {})
-        ffn_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.ffn) if spec.ffn else None
-        head_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.heads) if spec.heads else None
+        ffn_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.ffn, io) if spec.ffn else None
+        head_keep = method.block_keep(model, adapter, windows, device, batch_size, spec.heads, io) if spec.heads else None
         details = (ffn_keep or head_keep or (None, {}))[1]
         # without per-block ratios every layer gets the same width (nearest multiple), not a rounding mix
         ffn = (round_widths([r * inter for r in ffn_keep[0]], inter, spec.round_to) if ffn_keep
@@ -241,12 +244,14 @@ def plan_widths(method: StructuredMethod, spec, model, adapter, names, windows, 
 
 def structure(model: nn.Module, adapter: Adapter, windows, spec, method: StructuredMethod, device, batch_size: int,
               io=None) -> dict:
-    """Remove FFN channels and KV groups of `model` in place per `spec`; returns the report details."""
+    """Remove FFN channels and KV groups of `model` in place per `spec`; returns the report details. Layer by
+    layer: with an `io` (a streamed or offloaded model) each layer is brought in, pruned and written out."""
     names = adapter.structure_names(model)
     device = torch.device(device)
     layers = adapter.layers(model)
     params_before = sum(p.numel() for p in model.parameters())
-    ffn, groups, details = plan_widths(method, spec, model, adapter, names, windows, device, batch_size)
+    ffn, groups, details = plan_widths(method, spec, model, adapter, names, windows, device, batch_size,
+                                       io.reading() if io is not None else None)
     rep, hd = names["heads"] // names["kv_heads"], names["head_dim"]
 
     acts = capture(model, adapter, windows, device, batch_size) if method.needs_activations else None
@@ -307,13 +312,16 @@ def linear_flops(model: nn.Module) -> int:
 class StructureStage(Stage):
     kind = "structure"
 
+    def whole_model_reason(self, flag: str) -> str | None:
+        return None  # layer by layer: the widths come from a read-only pass, then each layer is pruned in turn
+
     def check(self, ctx) -> None:
         ctx.adapter.structure_names(ctx.model)  # unsupported architectures fail before calibration
 
     def run(self, ctx) -> list[dict]:
         method = implementation("structure", self.spec.method)(self.spec)
         reports = self.timed(ctx, lambda: structure(ctx.model, ctx.adapter, ctx.windows, self.spec, method, ctx.device,
-                                                    ctx.batch_size))
+                                                    ctx.batch_size, ctx.handle.io()))
         # the recovery budget of a recover stage after it follows this stage's coarse importance
         ctx.results["block_weight"] = reports[0]["details"].get("block_weight") or ctx.results.get("block_weight")
         return reports

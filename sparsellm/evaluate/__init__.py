@@ -1,5 +1,5 @@
 from .perplexity import perplexity
 from ..measure import sparsity_summary
-from .report import write_report
+from .outputs import write_report
 
 __all__ = ["perplexity", "sparsity_summary", "write_report"]

@@ -300,20 +300,3 @@ def render_html(r: dict) -> str:
     v = r["versions"]
     body.append("<p class=\"sub\">" + html.escape(", ".join(f"{k} {val}" for k, val in v.items() if val)) + "</p>")
     return page(f"sparsellm report: {m['spec']}", "\n".join(body))
-
-
-def write_report(folder: Path, report: dict, name: str | None = None) -> None:
-    """report.json, then everything derived from it: report.md, report.html, README.md (model card)."""
-    folder = Path(folder)
-    (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    write_derived(folder, report, name or folder.name)
-
-
-def write_derived(folder: Path, report: dict, name: str, repo_id: str | None = None) -> None:
-    from .card import write_card
-
-    (folder / "report.md").write_text(render_markdown(report), encoding="utf-8")
-    (folder / "report.html").write_text(render_html(report), encoding="utf-8")
-    if report.get("allocation"):
-        plot_layer_sparsity(report, folder / "sparsity_per_layer.png")
-    write_card(folder, report, name, repo_id)

@@ -54,7 +54,7 @@ class OffloadedLayers:
         self.adapter, self.write = adapter, write
         self.zeros: dict[int, dict[str, tuple[int, int]]] = {}
         self.dense_zeros: dict[int, dict[str, tuple[int, int]]] = {}  # as first loaded (before any stage)
-        self._held: list = []
+        self._held: dict[int, list] = {}  # per loaded layer (a probe pass holds one while it walks the later ones)
 
     def reading(self) -> "OffloadedLayers":
         return OffloadedLayers(self.adapter, write=False)
@@ -62,8 +62,8 @@ class OffloadedLayers:
     def load(self, index: int, layer: nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        self._held = list(_offload_hooks(layer))
-        for m, hook in self._held:
+        self._held[index] = list(_offload_hooks(layer))
+        for m, hook in self._held[index]:
             for name in [n for n, p in m._parameters.items() if p is not None]:
                 set_module_tensor_to_device(m, name, hook.execution_device, value=hook.weights_map[name])
             hook.offload = False  # until release: the weights stay in, the methods change them in place
@@ -75,7 +75,7 @@ class OffloadedLayers:
 
         if self.write:
             self.zeros[index] = layer_zeros(layer)
-        for m, hook in self._held:
+        for m, hook in self._held.pop(index, []):
             stored = hook.weights_map.dataset  # accelerate's OffloadedWeightsLoader
             for name, p in [(n, p) for n, p in m._parameters.items() if p is not None]:
                 full = hook.weights_map.prefix + name
@@ -88,4 +88,3 @@ class OffloadedLayers:
                         offload_weight(value, full, stored.save_folder, index=stored.index)
                 set_module_tensor_to_device(m, name, "meta")
             hook.offload = True
-        self._held = []
