@@ -22,6 +22,14 @@ def load(path: str, dtype: str = "auto", trust_remote_code: bool = False, allow_
     return loaded.model, loaded.tokenizer
 
 
+def oneshot(model, recipe, dataset=None, output_dir=None, **options):
+    """Compress a model (object or path/hub id) with a recipe (object, dict or YAML path); returns the
+    compressed model, and writes the output folder when output_dir is given. See sparsellm.api.oneshot."""
+    from .api import oneshot as run
+
+    return run(model, recipe, dataset, output_dir, **options)
+
+
 def accelerate_24(model) -> dict:
     """Convert the eligible 2:4 Linear weights of a CUDA model to semi-structured sparse tensors in place."""
     from .loading.semi_structured import accelerate_24 as convert

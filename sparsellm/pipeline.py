@@ -276,11 +276,15 @@ def _check_options(options: RunOptions) -> None:
 
 # ---- the run -----------------------------------------------------------------------------------
 
-def run_recipe(recipe, output: str | Path, options: RunOptions, model_spec: str | None = None) -> dict:
-    """Run a recipe end to end; returns the report written to the output folder."""
+def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spec: str | None = None,
+               handle: ModelHandle | None = None) -> dict:
+    """Run a recipe end to end; returns the report written to the output folder (`output` None: the
+    compressed model stays in memory, in `handle`, and nothing is written). `handle`: a model already
+    opened (sparsellm.oneshot on a model object), else `model_spec` or the recipe's model is loaded."""
     torch.manual_seed(recipe.seed)
-    out = Path(output)
-    check_output(out, options.overwrite)
+    out = None if output is None else Path(output)
+    if out is not None:
+        check_output(out, options.overwrite)
     _check_options(options)
     device = resolve_device(options.device)
     ev = recipe.evaluation
@@ -289,8 +293,9 @@ def run_recipe(recipe, output: str | Path, options: RunOptions, model_spec: str 
     stages = build_stages(recipe)
     timer = Timer()
     memory.reset_peak()
-    with timer("load"):
-        handle = open_model(model_spec or recipe.model, recipe, options)
+    if handle is None:
+        with timer("load"):
+            handle = open_model(model_spec or recipe.model, recipe, options)
     if options.checkpoint_dir:
         check_folder(Path(options.checkpoint_dir), options.resume)
     ctx = RunContext(handle=handle, adapter=handle.adapter, tokenizer=handle.tokenizer, recipe=recipe, device=device,
@@ -316,7 +321,7 @@ def run_recipe(recipe, output: str | Path, options: RunOptions, model_spec: str 
         with timer("perplexity before"):
             before["ppl"] = remembered(ctx, "ppl_before", lambda: on_device(ctx, lambda: evaluate_all(ctx, eval_seqlen, "before")))
 
-    main = _main_process()  # under `accelerate launch` every process runs the stages; one writes
+    main = _main_process() and out is not None  # under `accelerate launch` every process runs the stages; one writes
     with (atomic_folder(out, options.overwrite) if main else nullcontext()) as tmp:
         if main:
             handle.begin(tmp)  # a streamed model writes each finished layer there
@@ -343,6 +348,17 @@ def run_recipe(recipe, output: str | Path, options: RunOptions, model_spec: str 
         ctx.checkpoint.remove()  # the output is complete: nothing left to resume
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])
     return report
+
+
+def model_handle(model, tokenizer, spec: str | None = None) -> ModelHandle:
+    """A handle on a model object already in memory (or dispatched by accelerate), for run_recipe."""
+    from .loading.models import ModelSource, resolve_model
+
+    name = spec or getattr(model.config, "_name_or_path", None) or "in-memory model"
+    # a model loaded from a local folder is described by that folder (licence, size) in the report and card
+    source = resolve_model(name) if Path(name).is_dir() else ModelSource(spec=name, kind="object", path=name)
+    cls = OffloadedHandle if is_dispatched(model) else ModelHandle
+    return cls(model, tokenizer, get_adapter(model), source)
 
 
 compress = run_recipe  # the name earlier versions and scripts use
