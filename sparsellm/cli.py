@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
 from .recipe import EXPORT_FORMATS as FORMATS
 
@@ -47,7 +48,7 @@ class OneLineErrors(click.Group):
 
 
 @click.group(cls=OneLineErrors, epilog=EXIT_CODES)
-@click.version_option(package_name="sparsellm")
+@click.version_option(__version__, prog_name="sparsellm")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context

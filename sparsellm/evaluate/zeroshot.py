@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from ..errors import DataError, RecipeError
+from ..optional import require
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def _manager(paths: tuple[str, ...], defaults: bool):
 def task_manager(tasks: list[str], task_paths: list[str] = ()):
     """A TaskManager that knows every task in `tasks`, or a RecipeError naming the unknown ones.
     lm-eval's built-in index (thousands of YAMLs, ~10 s) is only built when a name needs it."""
+    require("lm_eval")  # before any model is loaded: the one-line install hint
     tasks = expand(tasks)
     paths = tuple(str(Path(p).resolve()) for p in task_paths)
     for p in paths:
@@ -70,10 +72,10 @@ def _is_yaml(name: str) -> bool:
 def evaluate_tasks(model, tokenizer, tasks: list[str], task_paths: list[str] = (), limit: int | None = None,
                    num_fewshot: int | None = 0, batch_size: int = 8, seed: int = 0) -> dict:
     """Accuracy of an in-memory model on lm-eval tasks: {task: {acc, acc_stderr, acc_norm, ..., samples}}."""
+    tm, names = task_manager(tasks, task_paths)  # checks that lm-eval is installed first
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    tm, names = task_manager(tasks, task_paths)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..formats import folder_format, read_state_dict
+from ..optional import require
 from .adapters import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         check_gguf(Path(source.path) / source.gguf_file, source.spec)
+        require("gguf", ModelLoadError)  # transformers dequantizes through it
     elif not allow_pickle:
         model_kwargs["use_safetensors"] = True
         if source.kind == "local":
