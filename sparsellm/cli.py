@@ -73,7 +73,9 @@ def cli(ctx, verbose, debug):
 
 MODEL_HELP = "Hub id, local folder, .gguf file, or smollm2-135m (the embedded demo model; the default)."
 ALLOW_PICKLE_HELP = "Also load pickle weights (pytorch_model.bin), which can run code: only for checkpoints you trust."
-DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line) / .jsonl / .json / .parquet (text field)."
+DATA_HELP = ("wikitext2, c4, any hub dataset as hf:ORG/NAME[:CONFIG[:SPLIT[:FIELD]]] (a text field, or chat messages "
+             "rendered with the model's chat template), or a local .txt (one document per line) / .jsonl / .json / "
+             ".parquet (text or messages field).")
 TASKS_HELP = ("lm-eval tasks for accuracy (repeatable or comma-separated): names such as boolq, arc_easy; 'suite' = "
               "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa; or a task YAML file.")
 TASK_PATH_HELP = "Folder of lm-eval task YAML files (e.g. local tasks with data_files), repeatable."
