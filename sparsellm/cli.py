@@ -460,7 +460,8 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
       sparsellm export out-small/ --format dense -o out-dense/
       sparsellm export out/ --format sparse-24-bitmask --dtype bfloat16 -o out-24/
 
-    recipe.yaml and the report files of a sparsellm output folder are copied along."""
+    From a sparsellm output folder, recipe.yaml is copied along and the report and model card are
+    rewritten for the new folder (its format and size), ready for `sparsellm push`."""
     from .export import atomic_folder, check_output, copy_side_files, save_model
     from .loading import load_model
 
@@ -471,7 +472,7 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
         with atomic_folder(out, overwrite) as tmp:
             save_model(loaded.model, loaded.tokenizer, tmp, fmt)
             if loaded.source.kind == "local":
-                copy_side_files(Path(loaded.source.path), tmp)
+                copy_side_files(Path(loaded.source.path), tmp, out.name)  # the card and report, rewritten
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 
