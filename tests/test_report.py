@@ -347,6 +347,7 @@ def test_export_to_bitmask_carries_a_card_that_says_how_to_load_it(runs, tmp_pat
     assert "from_pretrained" not in card.text and "zeros stored in dense tensors" not in card.text
     assert card.data.eval_results  # the measured results stay in the model-index
     assert "pypi.org" not in card.text  # no link to a package page
+    assert "--output RUN` (a local model), then `sparsellm export RUN --format sparse-bitmask --output small`." in card.text
     # and back: a dense folder loads with from_pretrained again
     assert run("export", small, "--format", "dense", "-o", plain).exit_code == 0
     text = (plain / "README.md").read_text()

@@ -191,10 +191,13 @@ def render_card(report: dict, name: str, repo_id: str | None = None) -> str:
     body += ["", "## How to load", ""] + how_to_load(report, target)
     recipe = yaml.safe_dump(public_recipe(report["recipe"], m["kind"]), sort_keys=False).rstrip()
     model_arg = LOCAL_MODEL.get(m["kind"], m["spec"])
+    fmt, ran_as = export_format(report), (report["recipe"].get("export") or {}).get("format") or "dense"
+    run_name = name if fmt == ran_as else "RUN"
     body += ["", "## Recipe", "", "```yaml", recipe, "```", "", "## How it was made", "",
              f"With sparsellm {report['versions']['sparsellm']}: `sparsellm prune --model {model_arg} --recipe recipe.yaml "
-             f"--output {name}`" + (f" ({model_arg}: a local copy of `{m['base_model']}`)." if local and m.get("base_model")
-                                     else " (a local model)." if local else ".")]
+             f"--output {run_name}`" + (f" ({model_arg}: a local copy of `{m['base_model']}`)" if local and m.get("base_model")
+                                         else " (a local model)" if local else "")
+             + (f", then `sparsellm export RUN --format {fmt} --output {name}`." if fmt != ran_as else ".")]
     v = report["versions"]
     body += ["", ", ".join(f"{k} {val}" for k, val in v.items() if val), ""]
     return str(ModelCard(f"---\n{card_data(report, name).to_yaml()}\n---\n\n" + "\n".join(body)))
