@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""The quality benchmark of ../shared/BENCHMARK.md for the pruning methods of sparsellm.
+"""The quality benchmark of docs/benchmarks.md (its protocol) for the pruning methods of sparsellm.
 
 SmolLM2-135M-Instruct (GGUF, dequantized to fp32), 2 threads, 32 calibration windows of 512 tokens
 from lee_calib.txt (random.seed(0)), perplexity on non-overlapping 512-token chunks of lee_eval.txt.
 Each setting runs in a fresh worker process so its peak RSS is its own. Prints one markdown table.
 
-    .venv/bin/python scripts/benchmark.py [--data ../shared/data] [--only wanda-50,dense] [--json out.json]
+    .venv/bin/python scripts/benchmark.py [--data data] [--only wanda-50,dense] [--json out.json]
 """
 from __future__ import annotations
 
@@ -200,7 +200,8 @@ def export_check(model, tok, ids) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "data",
+                    help="folder of lee_calib.txt and lee_eval.txt (bash scripts/get_demo_data.sh writes them)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--only", help="comma-separated settings or groups (" + ", ".join(GROUPS) + "); settings: " + ", ".join(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")

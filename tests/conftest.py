@@ -9,7 +9,7 @@ import torch
 
 HERE = Path(__file__).parent
 TEXT = HERE / "data" / "tiny.txt"
-SHARED = HERE.parent.parent / "shared" / "data"
+SHARED = HERE.parent / "data"  # the demo text, when bash scripts/get_demo_data.sh has run
 ARCHS = ("llama", "qwen2", "mistral", "opt")
 
 

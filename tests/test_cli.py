@@ -192,3 +192,45 @@ def test_exit_codes_documented_in_help_and_readme():
     table = set(map(int, re.findall(r"^\| (\d+) \|", readme.split("### Exit codes")[1], re.M)))
     assert table == codes
     assert set(map(int, re.findall(r"(\d+) [a-zA-Z]", EXIT_CODES.split("Exit codes:")[1]))) == codes
+
+
+def test_device_defaults_to_the_gpu_when_there_is_one(monkeypatch):
+    from sparsellm.pipeline import resolve_device
+
+    for name in ("prune", "eval"):
+        assert {p.name: p.default for p in cli.commands[name].params}["device"] == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_omitted_model_says_the_demo_model_is_used(monkeypatch, caplog, model_dirs, tmp_path):
+    import sparsellm.loading
+    import sparsellm.pipeline
+    from sparsellm.errors import ModelLoadError
+
+    seen = []
+
+    def no_load(spec, *a, **k):
+        seen.append(spec)
+        raise ModelLoadError("stop here")
+
+    def no_compress(recipe, output, options, spec):
+        seen.append(spec or recipe.model)
+        raise ModelLoadError("stop here")
+
+    monkeypatch.setattr(sparsellm.loading, "load_model", no_load)
+    monkeypatch.setattr(sparsellm.pipeline, "compress", no_compress)
+    demo = "no --model given: using the demo model smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct"
+    for args in (["eval", "--ppl", TEXT], ["prune", "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "o"]):
+        caplog.clear()
+        assert run(*args).exit_code == 3 and seen[-1] is None
+        assert [r.levelname for r in caplog.records if r.getMessage().startswith(demo)] == ["WARNING"]
+    # a model named on the command line or in the recipe: nothing said
+    recipe = write_recipe(tmp_path / "r.yaml", [{"prune": {"method": "magnitude", "sparsity": 0.5}}],
+                          model=str(model_dirs["llama"]))
+    for args in (["eval", "--model", model_dirs["llama"], "--ppl", TEXT], ["prune", "--recipe", recipe, "-o", tmp_path / "o"]):
+        caplog.clear()
+        assert run(*args).exit_code == 3 and seen[-1] == str(model_dirs["llama"])
+        assert not any("demo model" in r.getMessage() for r in caplog.records)

@@ -295,6 +295,125 @@ def test_gguf_license_and_hub_base_model():
     assert info["source_disk_bytes"] > 50e6
 
 
+def test_lm_eval_keeps_every_metric_and_filter_and_its_results_json(runs):
+    """gsm8k-style results: metrics under several filters are all kept ("metric,filter" past "none"), and
+    lm-eval's own results JSON of each evaluation lies beside report.json."""
+    from sparsellm.evaluate.card import card_data
+    from sparsellm.evaluate.zeroshot import summarize
+
+    out = {"results": {"gsm8k": {"alias": "gsm8k", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+                                 "exact_match,flexible-extract": 0.375, "exact_match_stderr,flexible-extract": "N/A"}},
+           "n-samples": {"gsm8k": {"original": 1319, "effective": 8}}, "n-shot": {"gsm8k": 5},
+           "configs": {"gsm8k": {"dataset_path": "openai/gsm8k", "dataset_name": "main"}}}
+    row = summarize(out)["gsm8k"]
+    assert row == {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.1,
+                   "exact_match,flexible-extract": 0.375, "samples": 8,
+                   "dataset": {"path": "openai/gsm8k", "name": "main"}, "num_fewshot": 5}
+    report = load(runs["wanda-50"])
+    report["zeroshot"]["after"] = {"gsm8k": row}
+    entries = {(e.dataset_type, e.metric_type, e.metric_name): e.metric_value for e in card_data(report, "x").eval_results}
+    assert entries[("openai/gsm8k", "exact_match", "exact_match (strict-match)")] == 0.25
+    assert entries[("openai/gsm8k", "exact_match", "exact_match (flexible-extract)")] == 0.375
+    assert not any("stderr" in k[2] for k in entries)
+
+    folder = runs["wanda-50"]
+    for side in ("before", "after"):
+        raw = json.loads((folder / f"lm_eval_results_{side}.json").read_text())
+        acc = load(folder)["zeroshot"][side]["tiny_continuation"]["acc"]
+        assert raw["results"]["tiny_continuation"]["acc,none"] == acc
+        assert raw["n-samples"]["tiny_continuation"]["effective"] == 12 and "samples" not in raw
+    # a run without the "before" evaluation has only the "after" file
+    assert {p.name for p in runs["magnitude-30"].glob("lm_eval_results_*.json")} == {"lm_eval_results_after.json"}
+
+
+def test_export_to_bitmask_carries_a_card_that_says_how_to_load_it(runs, tmp_path):
+    """`sparsellm export` rewrites the report and the card for the new format: a bitmask folder's card
+    loads it with sparsellm (or exports it dense), not with plain from_pretrained."""
+    from huggingface_hub import ModelCard
+
+    small, plain = tmp_path / "small", tmp_path / "plain"
+    assert run("export", runs["wanda-50"], "--format", "sparse-bitmask", "-o", small).exit_code == 0
+    names = {p.name for p in small.iterdir()}
+    assert {"README.md", "report.json", "report.md", "report.html", "recipe.yaml", "lm_eval_results_before.json",
+            "lm_eval_results_after.json"} <= names
+    report = load(small)
+    validate(report)
+    weights = sum(p.stat().st_size for p in small.glob("*.safetensors"))
+    assert report["export"] == {"format": "sparse-bitmask", "weights_bytes": weights} and report["model"]["disk_bytes"] == weights
+    assert weights < load(runs["wanda-50"])["model"]["disk_bytes"]
+    card = ModelCard.load(small / "README.md")
+    assert "sparse-bitmask" in card.text and "model, tokenizer = sparsellm.load('small')" in card.text
+    assert "sparsellm export small --format dense --output plain/" in card.text
+    assert "from_pretrained" not in card.text and "zeros stored in dense tensors" not in card.text
+    assert card.data.eval_results  # the measured results stay in the model-index
+    assert "pypi.org" not in card.text  # no link to a package page
+    assert "--output RUN` (a local model), then `sparsellm export RUN --format sparse-bitmask --output small`." in card.text
+    # and back: a dense folder loads with from_pretrained again
+    assert run("export", small, "--format", "dense", "-o", plain).exit_code == 0
+    text = (plain / "README.md").read_text()
+    assert "from_pretrained('plain')" in text and "sparsellm.load" not in text
+    assert load(plain)["export"]["format"] == "dense"
+    assert run("push", small, "--repo-id", "me/small", "--dry-run").exit_code == 0
+
+
+def test_card_of_a_local_model_publishes_no_local_path(runs, model_dirs, tmp_path):
+    """base_model from the folder's config (_name_or_path as transformers 4 saved it) when it is a hub
+    id, else none; the reproduce line and the recipe show placeholders and file names, not paths."""
+    from huggingface_hub import ModelCard
+
+    from sparsellm.loading.models import resolve_model, source_info
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs["llama"], base)
+    cfg = json.loads((base / "config.json").read_text())
+    for name_or_path, expected in (("org/tiny-base", "org/tiny-base"), (str(tmp_path / "somewhere"), None),
+                                   ("../up/model", None), ("https://huggingface.co/org/x", "org/x")):
+        (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": name_or_path}))
+        assert source_info(resolve_model(str(base)))["base_model"] == expected
+    (base / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "org/tiny-base"}))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": str(base), "calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                      "evaluation": {"ppl": [str(TEXT)], "seqlen": 16, "limit": 1},
+                                      "stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}]}))
+    out = tmp_path / "out"
+    r = run("prune", "--recipe", recipe, "-o", out)
+    assert r.exit_code == 0, r.output
+    text = (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/tiny-base" and "`org/tiny-base` compressed with sparsellm" in text
+    assert "--model PATH/TO/BASE_MODEL --recipe recipe.yaml --output out` (PATH/TO/BASE_MODEL: a local copy of " \
+           "`org/tiny-base`)" in text
+    assert str(tmp_path) not in text and str(TEXT.parent) not in text and "tiny.txt" in text
+    # without a hub id anywhere: no base_model, still no path
+    (base / "config.json").write_text(json.dumps(cfg))
+    assert run("prune", "--recipe", recipe, "-o", out, "--overwrite").exit_code == 0
+    text = (out / "README.md").read_text()
+    assert ModelCard.load(out / "README.md").data.base_model is None
+    assert text.count("A local model compressed with sparsellm") == 1 and str(tmp_path) not in text
+
+
+def test_gguf_base_model_from_its_metadata_or_the_demo_file(tmp_path):
+    import gguf
+
+    from sparsellm.loading.models import DEMO_MODELS, resolve_model, source_info
+
+    demo = resolve_model("smollm2-135m")  # the same file given by its path
+    by_path = source_info(resolve_model(str(Path(demo.path) / DEMO_MODELS["smollm2-135m"][1])))
+    assert by_path["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and by_path["license"] == "apache-2.0"
+    for key, url, expected in (("general.base_model.0.repo_url", "https://huggingface.co/org/base-7b", "org/base-7b"),
+                               ("general.source.repo_url", "https://example.com/not/hub", None)):
+        path = tmp_path / f"{key}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_license("mit")
+        writer.add_string(key, url)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        info = source_info(resolve_model(str(path)))
+        assert info["base_model"] == expected and info["license"] == "mit"
+
+
 class FakeApi:
     calls: list = []
 

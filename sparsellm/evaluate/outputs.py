@@ -13,6 +13,10 @@ def write_report(folder: Path, report: dict, name: str | None = None) -> None:
     """report.json, then everything derived from it: report.md, report.html, README.md (model card)."""
     folder = Path(folder)
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    if report.get("zeroshot"):
+        from .zeroshot import write_lm_eval_results
+
+        write_lm_eval_results(folder, report)
     write_derived(folder, report, name or folder.name)
 
 

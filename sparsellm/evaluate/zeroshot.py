@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from ..errors import DataError, RecipeError
+from ..optional import require
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def _manager(paths: tuple[str, ...], defaults: bool):
 def task_manager(tasks: list[str], task_paths: list[str] = ()):
     """A TaskManager that knows every task in `tasks`, or a RecipeError naming the unknown ones.
     lm-eval's built-in index (thousands of YAMLs, ~10 s) is only built when a name needs it."""
+    require("lm_eval")  # before any model is loaded: the one-line install hint
     tasks = expand(tasks)
     paths = tuple(str(Path(p).resolve()) for p in task_paths)
     for p in paths:
@@ -67,35 +69,49 @@ def _is_yaml(name: str) -> bool:
     return name.endswith((".yaml", ".yml"))
 
 
+class TaskResults(dict):
+    """summarize()'s {task: {metric: value, ...}}, carrying lm-eval's own results object as `raw` (written
+    beside report.json by write_lm_eval_results)."""
+
+    raw: dict | None = None
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str], task_paths: list[str] = (), limit: int | None = None,
-                   num_fewshot: int | None = 0, batch_size: int = 8, seed: int = 0) -> dict:
-    """Accuracy of an in-memory model on lm-eval tasks: {task: {acc, acc_stderr, acc_norm, ..., samples}}."""
+                   num_fewshot: int | None = 0, batch_size: int = 8, seed: int = 0,
+                   apply_chat_template: bool = False) -> TaskResults:
+    """Accuracy of an in-memory model on lm-eval tasks: {task: {acc, acc_stderr, acc_norm, ..., samples}},
+    every metric and filter lm-eval reports. apply_chat_template: prompts through the tokenizer's chat
+    template (instruct models), as lm-eval's --apply_chat_template."""
+    tm, names = task_manager(tasks, task_paths)  # checks that lm-eval is installed first
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    tm, names = task_manager(tasks, task_paths)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot,
                                       task_manager=tm, log_samples=False, bootstrap_iters=1000,
                                       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+                                      fewshot_random_seed=seed, apply_chat_template=apply_chat_template)
     except (ConnectionError, OSError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot get the data of lm-eval task(s) {', '.join(names)} ({first}); the hub is needed for "
                         "built-in tasks: connect once so datasets caches them, or use a local task YAML") from e
-    return summarize(out, tm)
+    res = TaskResults(summarize(out, tm))
+    res.raw = {k: v for k, v in out.items() if k != "samples"}
+    return res
 
 
 def summarize(out: dict, tm=None) -> dict:
-    """lm-eval's results ("acc,none": ...) as {task: {"acc": .., "acc_stderr": .., "samples": n, "dataset": ..}}."""
+    """lm-eval's results as {task: {"acc": .., "acc_stderr": .., "samples": n, "dataset": ..}}: every metric
+    and filter, "metric" for lm-eval's "metric,none" and "metric,filter" for the others (gsm8k's
+    "exact_match,strict-match" and "exact_match,flexible-extract")."""
     res = {}
     for task, metrics in out["results"].items():
         row = {}
         for key, val in metrics.items():
             name, _, filt = key.partition(",")
-            if filt == "none" and isinstance(val, (int, float)):
-                row[name] = float(val)
+            if isinstance(val, (int, float)) and not isinstance(val, bool) and filt:
+                row[name if filt == "none" else f"{name},{filt}"] = float(val)
         n = out.get("n-samples", {}).get(task, {})
         row["samples"] = int(n.get("effective", n.get("original", 0)))
         cfg = out.get("configs", {}).get(task, {})
@@ -103,6 +119,24 @@ def summarize(out: dict, tm=None) -> dict:
         row["num_fewshot"] = out.get("n-shot", {}).get(task)
         res[task] = row
     return res
+
+
+LM_EVAL_FILES = {"before": "lm_eval_results_before.json", "after": "lm_eval_results_after.json"}
+
+
+def write_lm_eval_results(folder: Path, report: dict) -> list[str]:
+    """lm-eval's own results JSON (as simple_evaluate returned it, without per-sample logs) for the
+    before and after evaluations measured in this run; returns the file names written."""
+    from lm_eval.utils import handle_non_serializable
+
+    written = []
+    for side, name in LM_EVAL_FILES.items():
+        raw = getattr((report.get("zeroshot") or {}).get(side), "raw", None)
+        if raw is not None:
+            text = json.dumps(raw, indent=2, default=handle_non_serializable, ensure_ascii=False)
+            (Path(folder) / name).write_text(text + "\n", encoding="utf-8")
+            written.append(name)
+    return written
 
 
 def mean_accuracy(results: dict) -> float | None:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..formats import folder_format, read_state_dict
+from ..optional import require
 from .adapters import SUPPORTED_MODEL_TYPES
 
 log = logging.getLogger(__name__)
@@ -259,6 +262,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
         check_gguf(Path(source.path) / source.gguf_file, source.spec)
+        require("gguf", ModelLoadError)  # transformers dequantizes through it
     elif not allow_pickle:
         model_kwargs["use_safetensors"] = True
         if source.kind == "local":
@@ -291,13 +295,57 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     return LoadedModel(model, tokenizer, source)
 
 
-def _front_matter_license(readme: Path) -> str | None:
+def _front_matter(readme: Path) -> dict:
     from huggingface_hub import ModelCard
 
     try:
-        return ModelCard.load(readme).data.to_dict().get("license")
-    except Exception:  # no card, or front matter that does not parse: no license known
+        return ModelCard.load(readme).data.to_dict()
+    except Exception:  # no card, or front matter that does not parse: nothing known
+        return {}
+
+
+def _front_matter_license(readme: Path) -> str | None:
+    return _front_matter(readme).get("license")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def as_hub_id(value) -> str | None:
+    """value if it looks like a hub model id (org/name, or its huggingface.co URL), else None: local
+    paths are never published as a base model."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str):
         return None
+    value = value.strip().removeprefix("https://huggingface.co/").rstrip("/")
+    if not _HUB_ID.match(value) or ".." in value or Path(value).exists():
+        return None
+    return value
+
+
+GGUF_SOURCE_KEYS = (b"general.base_model.0.repo_url", b"general.source.repo_url", b"general.source.huggingface.repository")
+
+
+def _gguf_info(path: Path) -> tuple[str | None, str | None]:
+    """(license, base model hub id) from a GGUF header: general.license, and the repo URL of the model
+    it was converted from or fine-tuned on, where the converter recorded one."""
+    try:
+        meta = gguf_strings(path, (b"general.license", *GGUF_SOURCE_KEYS), stop_at_first=False)
+    except (OSError, ValueError, struct.error):
+        return None, None
+    base = next((as_hub_id(meta[k.decode()]) for k in GGUF_SOURCE_KEYS if as_hub_id(meta.get(k.decode()))), None)
+    return meta.get("general.license"), base
+
+
+def _demo_file(source: ModelSource) -> str | None:
+    """The demo alias of a GGUF source that is the demo package's own file (given by path or alias)."""
+    for alias, (package, filename) in DEMO_MODELS.items():
+        found = importlib.util.find_spec(package) if source.gguf_file == filename else None
+        if found is not None and found.submodule_search_locations and \
+                Path(list(found.submodule_search_locations)[0]).resolve() == Path(source.path).resolve():
+            return alias
+    return None
 
 
 def source_info(source: ModelSource) -> dict:
@@ -308,22 +356,21 @@ def source_info(source: ModelSource) -> dict:
     if source.gguf_file:
         gguf = path / source.gguf_file
         info["source_disk_bytes"] = gguf.stat().st_size
-        try:
-            info["license"] = gguf_strings(gguf, (b"general.license",)).get("general.license")
-        except (OSError, ValueError, struct.error):
-            pass
-        info["base_model"] = DEMO_HUB_IDS.get(source.spec)
+        info["license"], info["base_model"] = _gguf_info(gguf)
+        demo = DEMO_HUB_IDS.get(source.spec) or DEMO_HUB_IDS.get(_demo_file(source))
+        info["base_model"] = info["base_model"] or demo
     elif source.kind == "local":
         info["source_disk_bytes"] = sum(p.stat().st_size for p in path.glob("*.safetensors")) or None
-        if (path / "README.md").is_file():
-            info["license"] = _front_matter_license(path / "README.md")
-        if info["license"] is None:
-            import json
-
-            try:
-                info["license"] = json.loads((path / "config.json").read_text(encoding="utf-8")).get("license")
-            except (OSError, ValueError):
-                pass
+        card = _front_matter(path / "README.md") if (path / "README.md").is_file() else {}
+        info["license"] = card.get("license")
+        try:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cfg = {}
+        info["license"] = info["license"] or cfg.get("license")
+        # the card's base_model (a sparsellm output, a fine-tune), else the hub id the config was saved from
+        # (transformers 4 wrote it as _name_or_path); a local path is never taken
+        info["base_model"] = as_hub_id(card.get("base_model")) or as_hub_id(cfg.get("_name_or_path"))
     elif source.kind == "hub":
         info["base_model"] = source.spec
         try:

@@ -47,6 +47,9 @@ def block_ranks(rank: int, weights: list[float] | None, n_layers: int) -> list[i
 
 def attach(model: nn.Module, adapter: Adapter, spec, weights: list[float] | None):
     """Wrap `model` with LoRA adapters on every Linear of the decoder layers (peft)."""
+    from ..optional import require
+
+    require("peft")
     from peft import LoraConfig, get_peft_model
 
     layers = adapter.layers(model)
