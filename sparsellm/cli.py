@@ -484,7 +484,8 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
 
     From a sparsellm output folder, recipe.yaml is copied along and the report and model card are
     rewritten for the new folder (its format and size), ready for `sparsellm push`."""
-    from .export import atomic_folder, check_output, copy_side_files, save_model
+    from .evaluate.outputs import copy_side_files
+    from .export import atomic_folder, check_output, save_model
     from .loading import load_model
 
     def run():

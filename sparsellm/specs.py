@@ -5,7 +5,6 @@ there (stage.py); recipe.py assembles the schema from that registry."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -14,11 +13,11 @@ EXPORT_FORMATS = ("dense", "sparse-bitmask", "sparse-24-bitmask")
 
 
 def check_data_source(value: str) -> str:
-    if value in HUB_DATASETS:
-        return value
-    if not Path(value).is_file():
-        raise ValueError(f"not {' or '.join(HUB_DATASETS)}, and no such file")
-    return value
+    """wikitext2, c4, hf:ORG/NAME[:CONFIG[:SPLIT[:FIELD]]] or an existing file (ValueError: pydantic names
+    the field)."""
+    from .data import check_source
+
+    return check_source(value)
 
 
 class Strict(BaseModel):

@@ -344,7 +344,8 @@ def resume_without_checkpoint_dir(w):
 @case
 def calibration_file_missing(w):
     return Case(w.prune(*WANDA, "--calib", w.tmp / "nope.txt"), 2,
-                "invalid recipe (command line): calibration.dataset: not wikitext2 or c4, and no such file "
+                "invalid recipe (command line): calibration.dataset: not wikitext2, c4, hf:ORG/NAME[:CONFIG[:SPLIT[:FIELD]]], "
+                "or an existing file "
                 "(got '{tmp}/nope.txt'); fix that option (see sparsellm prune --help)")
 
 
