@@ -324,7 +324,7 @@ def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float,
 
 def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, device, batch_size: int) -> dict:
     """Rotate and slice `model` in place per `spec` (a SliceGPTSlice); returns the report details."""
-    adapter.check_sliceable(model)
+    adapter.check_sliceable(model, spec)
     names = adapter.slicing_names()
     device = torch.device(device)
     params_before = sum(p.numel() for p in model.parameters())
@@ -417,6 +417,9 @@ def to_stock(model: nn.Module, adapter: Adapter, fused: dict, width: int, final_
             layer._parameters.pop(attr, None)
         if hasattr(layer, "hidden_size"):
             layer.hidden_size = width
+        for n in adapter.config_eps_norms:  # they read the same config epsilon when the export is loaded
+            norm = _get(layer, n)
+            setattr(norm, "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps", eps)
     _replace(model, names["final_norm"], stock_norm(ones if final_scale is None else final_scale.cpu()))
     cfg = model.config
     if getattr(cfg, "head_dim", None) is None:
