@@ -108,14 +108,11 @@ def test_adapter_knows_every_linear_of_the_family(family):
     assert kinds == list(getattr(model.config, "layer_types", None) or ["full_attention"] * 3)[:3]
 
 
-def test_fused_parts_are_the_rows_phi3_splits():
-    """A Llama model holding Phi-3's fused rows as separate q/k/v and gate/up computes the same logits:
-    fused_parts names the right row ranges."""
+def _llama_twin(phi):
+    """A Llama model holding Phi-3's fused rows (per Adapter.fused_parts) as separate q/k/v and gate/up."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    phi = family_model("phi3")
-    adapter = get_adapter(phi)
-    cfg = phi.config
+    adapter, cfg = get_adapter(phi), phi.config
     llama = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=cfg.rms_norm_eps,
@@ -126,15 +123,49 @@ def test_fused_parts_are_the_rows_phi3_splits():
         stem, _, leaf = name.rpartition(".")
         rel = stem.split(".", 3)[-1] if stem.startswith("model.layers.") else None
         if rel is not None and adapter.fused_kind(rel):
-            prefix = stem.rpartition(".")[0]
             for part, rows in adapter.fused_parts(stem, cfg):
-                assert part.startswith(prefix)
+                assert part.startswith(stem.rpartition(".")[0])
                 sd[f"{part}.{leaf}"] = t[rows]
         else:
             sd[name] = t
     missing, unexpected = llama.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
-    assert torch.allclose(_logits(llama), _logits(phi), atol=1e-5)
+    return llama.requires_grad_(False)
+
+
+def test_fused_parts_are_the_rows_phi3_splits():
+    """The Llama twin computes Phi-3's logits: fused_parts names the right row ranges."""
+    phi = family_model("phi3")
+    assert torch.allclose(_logits(_llama_twin(phi)), _logits(phi), atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [{"method": "magnitude", "sparsity": 0.5, "scope": "layer"},
+                                   {"method": "sparsegpt", "sparsity": 0.5, "scope": "block", "blocksize": 16}])
+def test_fused_parts_compressed_as_views_match_separate_projections(stage):
+    """Rules that compare across rows (magnitude scope: layer, SparseGPT scope: block) pool q, k and v of a fused
+    matrix; compressing each part through a row view of the fused weight (what the engine can do with
+    fused_parts) gives exactly the result on separate projections."""
+    from sparsellm.calibrate.experts import ExpertMatrix
+    from sparsellm.calibrate.stats import InputStats
+    from sparsellm.compress.base import Target
+
+    phi = family_model("phi3")
+    llama = _llama_twin(phi)
+    adapter = get_adapter(phi)
+    spec = _spec({"prune": stage})
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(4))
+    stats = InputStats(64, frozenset({"sq_norm", "hessian"}))
+    stats.update(x)
+    for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+        lin = phi.model.layers[0].get_submodule(fused)
+        for part, rows in adapter.fused_parts(fused, phi.config):
+            build_method(spec).compress(Target(part, 0, ExpertMatrix(lin.weight.detach()[rows]), stats))
+            ref = llama.model.layers[0].get_submodule(part)
+            build_method(spec).compress(Target(part, 0, ref, stats))
+            assert torch.equal(lin.weight[rows], ref.weight), part
+        whole = family_model("phi3").model.layers[0].get_submodule(fused)
+        build_method(spec).compress(Target(fused, 0, whole, stats))
+        assert not torch.equal(whole.weight, lin.weight)  # pooled across parts: a different result
 
 
 @pytest.mark.parametrize("family", ["gemma2", "granite", "qwen3"])
