@@ -189,10 +189,29 @@ def test_head_logits_apply_the_family_transform(family):
         assert not torch.allclose(bare, ref, atol=1e-3)
 
 
-def test_gguf_architecture_names_map_to_model_types():
+def test_gguf_architecture_names_map_to_model_types(tmp_path):
+    """GGUF calls Gemma 3 `gemma3` (transformers: gemma3_text): the early GGUF check must accept it."""
+    import gguf
+    import numpy as np
+
+    from sparsellm.loading.models import check_gguf
+
     assert gguf_model_type("gemma3") == "gemma3_text" and gguf_model_type("gemma2") == "gemma2"
     assert gguf_model_type("phi3") == "phi3" and gguf_model_type("qwen3") == "qwen3"
     assert gguf_model_type("llama") == "llama" and gguf_model_type("rwkv6") is None
+    for arch, ok in (("gemma3", True), ("qwen3moe", False)):
+        path = tmp_path / f"{arch}.gguf"
+        writer = gguf.GGUFWriter(str(path), arch)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        if ok:
+            check_gguf(path, str(path))
+        else:
+            with pytest.raises(UnsupportedArchitectureError, match="'qwen3moe' model"):
+                check_gguf(path, str(path))
 
 
 def test_support_matrix_in_docs_is_the_adapters():
