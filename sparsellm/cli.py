@@ -344,7 +344,7 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
         n = default_seqlen(model, seqlen)
         results = {}
         for source in ppl:
-            results[source] = measure(evaluation_chunks(tokenizer, source, n, limit), "perplexity")
+            results[source] = measure(evaluation_chunks(tokenizer, source, n, limit, _bos(model, tokenizer)), "perplexity")
         accs = evaluate_tasks(model, tokenizer, task_names, task_path, limit, num_fewshot, batch_size) if task_names else {}
         if as_json:
             click.echo(json.dumps({"model": spec, "seqlen": n, "perplexity": results, "tasks": accs}))
@@ -500,6 +500,18 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
         click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 
     _guarded(ctx, run)
+
+
+def _bos(model, tokenizer) -> int | None:
+    """The BOS token id that starts every evaluation chunk of a model that expects it (Gemma), else None."""
+    from .errors import UnsupportedArchitectureError
+    from .loading import get_adapter
+
+    try:
+        needs = get_adapter(model).needs_bos
+    except UnsupportedArchitectureError:
+        needs = False
+    return tokenizer.bos_token_id if needs else None
 
 
 def _positive(*named) -> None:

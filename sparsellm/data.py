@@ -230,8 +230,13 @@ def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed
     return torch.stack([ids[s:s + seqlen] for s in starts])
 
 
-def evaluation_chunks(tokenizer, source: str, seqlen: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping seqlen-token chunks of the evaluation text (remainder dropped)."""
+def evaluation_chunks(tokenizer, source: str, seqlen: int, limit: int | None = None,
+                      bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping seqlen-token chunks of the evaluation text (remainder dropped). With `bos` (a token
+    id), each chunk is that token followed by seqlen - 1 tokens of text, for models that expect it."""
+    if bos is not None:
+        text = evaluation_chunks(tokenizer, source, seqlen - 1, limit)
+        return torch.cat([torch.full((text.shape[0], 1), bos, dtype=text.dtype), text], dim=1)
     if source.startswith(HUB_PREFIX):  # in order; with a limit only as many rows as its chunks need
         docs = hub_documents(source, "test", tokenizer, max_tokens=limit * seqlen + 1 if limit else None)
     else:

@@ -117,8 +117,9 @@ def evaluate_all(ctx: RunContext, seqlen: int, label: str, counts: dict | None =
     """Perplexity on each evaluation source; `counts` receives the number of chunks of each."""
     ev = ctx.recipe.evaluation
     out = {}
+    bos = ctx.tokenizer.bos_token_id if ctx.adapter.needs_bos else None
     for source in ev.ppl:
-        chunks = evaluation_chunks(ctx.tokenizer, source, seqlen, ev.limit)
+        chunks = evaluation_chunks(ctx.tokenizer, source, seqlen, ev.limit, bos)
         out[source] = ctx.handle.perplexity(chunks, ev.batch_size, ctx.device, f"ppl {label} {Path(source).name}")
         if counts is not None:
             counts[source] = int(chunks.shape[0])
@@ -231,6 +232,7 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
         "allocation": ctx.results.get("allocation"),
         "sparsity": after["sparsity"],
         "perplexity": {"seqlen": eval_seqlen, "limit": ev.limit, "chunks": after.get("chunks") or {},
+                       **({"bos": True} if ctx.adapter.needs_bos and ctx.tokenizer.bos_token_id is not None else {}),
                        "before": before.get("ppl") or {}, "after": after.get("ppl") or {}} if ev.ppl else None,
         "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
                      "batch_size": ev.task_batch_size, "before": tasks_before, "after": tasks_after,

@@ -39,9 +39,7 @@ class ECoFLaPAllocate(AllocateSpec):
 
 def _loss(model, adapter, hidden, labels) -> float:
     """The mean next-token loss of one batch from the last decoder layer's output."""
-    for m in adapter.head_modules(model):
-        hidden = m(hidden)
-    logits = hidden[:, :-1].float()
+    logits = adapter.head_logits(model, hidden)[:, :-1].float()
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)))
 
 

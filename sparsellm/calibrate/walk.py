@@ -2,7 +2,7 @@
 allocation, slicing, structured pruning, perplexity) captures the first layer's inputs once and then
 brings each layer in, uses it and releases it.
 
-`capture` runs the model up to its decoder layers with every layer replaced by a recording stub, so
+`capture` runs the model up to its decoder layers with every layer swapped for a recording stub, so
 each layer's own keyword arguments are kept (attention mask of its kind, sliding or full; its
 position embeddings), as the model itself would pass them, without running any layer. `walk_layers`
 yields the layers one at a time on the compute device, with their weights brought in by an `io`
@@ -81,18 +81,25 @@ def check_finite(hidden: list[torch.Tensor], where: str, module: nn.Module) -> N
         raise NumericalError(f"non-finite values (NaN/inf) in the calibration activations {where}; {_overflow_hint(module)}")
 
 
-def _recorder(index: int, last: int, hidden_out: list, kwargs_out: list[dict]):
-    def record(*args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in _DROPPED}
-        kwargs_out.append(kw)
-        if index == 0:
-            hidden_out.append(hidden)
-        if index == last:
-            raise _Captured
-        return hidden  # the layer is skipped: what it passes on is never used
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` during a capture: records what the model passes to it and hands
+    its input on unchanged (what it passes on is never used); the last one stops the forward. The layer's
+    own hooks do not fire, and its weights are never touched (a streamed layer may not even be loaded)."""
 
-    return record
+    def __init__(self, layer: nn.Module, index: int, last: int, hidden_out: list, kwargs_out: list[dict]):
+        super().__init__()
+        self.index, self.last, self.hidden_out, self.kwargs_out = index, last, hidden_out, kwargs_out
+        if hasattr(layer, "attention_type"):  # some models key the layer's mask by it
+            self.attention_type = layer.attention_type
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.kwargs_out.append({k: v for k, v in kwargs.items() if k not in _DROPPED})
+        if self.index == 0:
+            self.hidden_out.append(hidden)
+        if self.index == self.last:
+            raise _Captured
+        return hidden
 
 
 @torch.no_grad()
@@ -100,16 +107,16 @@ def capture(model: nn.Module, adapter: Adapter, windows: torch.Tensor, device, b
     """The first decoder layer's inputs for `windows` in batches of `batch_size`, and every layer's own
     keyword arguments. Only the modules before the layers run (on `device`); no layer computes."""
     device = torch.device(device)
-    layers = list(adapter.layers(model))
+    container = adapter.layers(model)
+    layers = list(container)
     pre = adapter.pre_layer_modules(model)
     homes = [module_device(m) for m in pre]
-    saved = [layer.__dict__.get("forward") for layer in layers]  # an instance forward (hooks, sliced runtime)
     acts = Activations(hidden=[], per_layer=[[] for _ in layers])
     try:
         for m in pre:
             m.to(device)
         for i, layer in enumerate(layers):
-            layer.forward = _recorder(i, len(layers) - 1, acts.hidden, acts.per_layer[i])
+            container[i] = _Recorder(layer, i, len(layers) - 1, acts.hidden, acts.per_layer[i])
         for batch in windows.split(batch_size):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
@@ -118,11 +125,8 @@ def capture(model: nn.Module, adapter: Adapter, windows: torch.Tensor, device, b
             else:
                 raise RuntimeError("the last decoder layer was never called")
     finally:
-        for layer, fwd in zip(layers, saved):
-            if fwd is None:
-                layer.__dict__.pop("forward", None)
-            else:
-                layer.forward = fwd
+        for i, layer in enumerate(layers):
+            container[i] = layer
         for m, home in zip(pre, homes):
             m.to(home)
     return acts

@@ -336,7 +336,7 @@ def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float,
 
 def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, device, batch_size: int) -> dict:
     """Rotate and slice `model` in place per `spec` (a SliceGPTSlice); returns the report details."""
-    adapter.check_sliceable(model)
+    adapter.check_sliceable(model, spec)
     names = adapter.slicing_names()
     device = torch.device(device)
     params_before = sum(p.numel() for p in model.parameters())
@@ -429,6 +429,9 @@ def to_stock(model: nn.Module, adapter: Adapter, fused: dict, width: int, final_
             layer._parameters.pop(attr, None)
         if hasattr(layer, "hidden_size"):
             layer.hidden_size = width
+        for n in adapter.config_eps_norms:  # they read the same config epsilon when the export is loaded
+            norm = _get(layer, n)
+            setattr(norm, "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps", eps)
     _replace(model, names["final_norm"], stock_norm(ones if final_scale is None else final_scale.cpu()))
     cfg = model.config
     if getattr(cfg, "head_dim", None) is None:
@@ -446,7 +449,7 @@ class SliceStage(Stage):
                 f"needs the whole model; run it without {flag}")
 
     def check(self, ctx) -> None:
-        ctx.adapter.check_sliceable(ctx.model)
+        ctx.adapter.check_sliceable(ctx.model, self.spec)
 
     def run(self, ctx) -> list[dict]:
         return self.timed(ctx, lambda: slicegpt(ctx.model, ctx.adapter, ctx.windows, self.spec, ctx.device, ctx.batch_size))

@@ -151,10 +151,27 @@ def _keep(lin: nn.Linear, idx: torch.Tensor, dim: int) -> None:
     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def fused_rows(idx: torch.Tensor, parts: int, width: int) -> torch.Tensor:
+    """Rows of a Linear stacking `parts` projections of `width` rows each (Phi-3's gate_up_proj: gate | up)
+    that hold units `idx` of every part."""
+    return torch.cat([idx + p * width for p in range(parts)])
+
+
+def in_parts(layer: nn.Module, names: dict, name: str) -> list[torch.Tensor]:
+    """The weights of the projections a Linear stands for: its own, or the row blocks of a fused one."""
+    w = _get(layer, name).weight
+    parts = names.get("fused", {}).get(name, 1)
+    return list(w.chunk(parts, 0)) if parts > 1 else [w]
+
+
 def keep_channels(layer: nn.Module, names: dict, idx: torch.Tensor) -> None:
-    """Keep FFN channels `idx`: rows of gate/up (or fc1, bias included), columns of down (or fc2)."""
+    """Keep FFN channels `idx`: rows of gate/up (or fc1, bias included; both halves of a fused gate_up_proj),
+    columns of down (or fc2)."""
+    fused = names.get("fused", {})
     for n in names["ffn_in"]:
-        _keep(_get(layer, n), idx, 0)
+        lin = _get(layer, n)
+        parts = fused.get(n, 1)
+        _keep(lin, fused_rows(idx, parts, lin.out_features // parts) if parts > 1 else idx, 0)
     _keep(_get(layer, names["down"]), idx, 1)
     parent = names["down"].rpartition(".")[0]
     mlp = _get(layer, parent) if parent else layer
@@ -178,6 +195,11 @@ def keep_groups(layer: nn.Module, names: dict, groups: torch.Tensor) -> None:
     attn = _get(layer, names["attn"])
     for attr in names["head_count_attrs"]:
         setattr(attn, attr, len(groups) * rep)
+    # norms over a whole projection's output (OLMo-2 q_norm/k_norm) lose the entries of the removed heads
+    for n, which in names.get("projection_norms", {}).items():
+        norm = _get(layer, n)
+        idx = (q_idx if which == "q" else kv_idx).to(norm.weight.device)
+        norm.weight = nn.Parameter(norm.weight.detach()[idx].contiguous(), requires_grad=False)
 
 
 # ---- the stage ---------------------------------------------------------------------------------
@@ -246,6 +268,7 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
               io=None) -> dict:
     """Remove FFN channels and KV groups of `model` in place per `spec`; returns the report details. Layer by
     layer: with an `io` (a streamed or offloaded model) each layer is brought in, pruned and written out."""
+    adapter.check_structure(model, spec)  # refusals of this family (fused heads, per-layer widths) before any work
     names = adapter.structure_names(model)
     device = torch.device(device)
     layers = adapter.layers(model)
@@ -268,7 +291,7 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
         sq = {n: s.sq_norm for n, s in stats.items()}
         if names["down"] in want:
             cols = method.column_scores(_get(layer, names["down"]).weight,
-                                        [_get(layer, n).weight for n in names["ffn_in"]],
+                                        [w for n in names["ffn_in"] for w in in_parts(layer, names, n)],
                                         sq.get(names["down"]))
             keep_channels(layer, names, top_units(cols, ffn[i]))
         if names["o"] in want:
@@ -316,7 +339,7 @@ class StructureStage(Stage):
         return None  # layer by layer: the widths come from a read-only pass, then each layer is pruned in turn
 
     def check(self, ctx) -> None:
-        ctx.adapter.structure_names(ctx.model)  # unsupported architectures fail before calibration
+        ctx.adapter.check_structure(ctx.model, self.spec)  # unsupported architectures fail before calibration
 
     def run(self, ctx) -> list[dict]:
         method = implementation("structure", self.spec.method)(self.spec)

@@ -88,6 +88,8 @@ class Perplexity(_M):
     seqlen: int = Field(description="tokens per evaluation chunk")
     limit: int | None = None
     chunks: dict[str, int] = Field(default_factory=dict, description="chunks evaluated per dataset")
+    bos: bool | None = Field(None, description="true: each chunk starts with the BOS token, then seqlen - 1 tokens "
+                             "of text (models that expect it, e.g. Gemma, as lm-eval does); absent: plain text chunks")
     before: dict[str, float]
     after: dict[str, float]
 

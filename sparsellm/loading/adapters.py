@@ -1,9 +1,15 @@
 """Per-architecture knowledge: where the decoder layers live, what runs before them, and the order
-of the Linear layers inside a decoder layer. Methods never name architecture modules themselves."""
+of the Linear layers inside a decoder layer. Methods never name architecture modules themselves.
+
+An adapter is mostly a record; where a record is not enough it holds code (norm conventions, fused
+projections, per-layer attention kinds, the head's logit transform, which methods apply and why not).
+Everything a method needs to know about a family is asked of its adapter, so the family × method
+support table (`support_matrix`) and the refusals come from the same place."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -16,6 +22,13 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         if mod is None:
             return None
     return mod
+
+
+# architectures the runtime for per-layer shapes (modeling_sliced.py) builds on; imported lazily there
+def _runtime_types() -> tuple[str, ...]:
+    from .modeling_sliced import BASE_MODEL_TYPES
+
+    return BASE_MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,37 @@ class Adapter:
     ffn_width_key: str = "intermediate_size"
     head_count_attrs: tuple[str, ...] = ()
     config_head_dim: bool = True  # the stock config states head_dim apart from hidden_size / heads
+    # ---- added with the families of issue 17 (all optional: the Llama and OPT records are unchanged) ----
+    # GGUF `general.architecture` names of this family where they differ from the model types
+    gguf_architectures: tuple[str, ...] = ()
+    # RMSNorm scale convention: y = x̂ · (norm_offset + weight); Gemma stores weight - 1 (offset 1)
+    norm_offset: float = 0.0
+    # norms on a block's output before it joins the residual (Gemma: post-attention/post-feedforward,
+    # OLMo-2: its only norms); a residual stream with these is not rotation invariant
+    post_norms: tuple[str, ...] = ()
+    # Linears whose output rows stack several projections: (layer-relative name, "qkv" or "gate_up")
+    fused: tuple[tuple[str, str], ...] = ()
+    # norms over a whole projection's output, all heads at once (OLMo-2 q_norm/k_norm): (name, "q" or "k");
+    # removing KV groups removes their entries
+    projection_norms: tuple[tuple[str, str], ...] = ()
+    # norms outside the residual stream whose epsilon is config.rms_norm_eps too (Qwen3 q_norm/k_norm): a
+    # stock export after SliceGPT's uniform slicing, which rescales that epsilon, gives them the new one
+    config_eps_norms: tuple[str, ...] = ()
+    # the config key listing each layer's attention kind ("full_attention", "sliding_attention")
+    layer_types_key: str = ""
+    # rotary tables differ between attention kinds (Gemma 3: local and global RoPE bases)
+    rotary_per_kind: bool = False
+    # the model expects a BOS token at the start of every sequence (perplexity chunks must start with it)
+    needs_bos: bool = False
+    # logits = cap · tanh(logits / cap) with cap = config[logit_softcap_key] (Gemma 2)
+    logit_softcap_key: str = ""
+    # logits = logits / config[logits_divisor_key] (Granite)
+    logits_divisor_key: str = ""
+    # Linears inside the decoder layers that no method may touch (router and shared-expert gates)
+    dense_linears: tuple[str, ...] = ()
+    # one-line reasons a method family does not apply (empty: it does)
+    slice_refusal: str = ""
+    heads_refusal: str = ""
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
@@ -61,6 +105,59 @@ class Adapter:
     def head_modules(self, model: nn.Module) -> list[nn.Module]:
         return [m for p in self.head_paths if (m := _get(model, p)) is not None]
 
+    # ---- per-layer forward arguments -----------------------------------------------------------
+
+    def attention_kinds(self, config) -> list[str]:
+        """Each decoder layer's attention kind as the model's forward keys its masks (and, with
+        rotary_per_kind, its position embeddings): layers of one kind take the same keyword arguments."""
+        n = config.num_hidden_layers
+        kinds = list(getattr(config, self.layer_types_key, None) or []) if self.layer_types_key else []
+        return kinds[:n] if len(kinds) >= n else ["full_attention"] * n
+
+    # ---- the head ------------------------------------------------------------------------------
+
+    def head_logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the last decoder layer's output as the causal-LM forward computes them: the head
+        modules in order, then the family's logit transform (Gemma 2 soft-capping, Granite scaling)."""
+        for m in self.head_modules(model):
+            hidden = m(hidden)
+        cfg = model.config
+        if self.logits_divisor_key:
+            hidden = hidden / getattr(cfg, self.logits_divisor_key)
+        cap = getattr(cfg, self.logit_softcap_key, None) if self.logit_softcap_key else None
+        if cap is not None:
+            hidden = torch.tanh(hidden / cap) * cap
+        return hidden
+
+    # ---- fused projections ---------------------------------------------------------------------
+
+    def fused_kind(self, name: str) -> str | None:
+        """"qkv" or "gate_up" for a fused Linear (layer-relative or full name), else None."""
+        for n, kind in self.fused:
+            if name == n or name.endswith("." + n):
+                return kind
+        return None
+
+    def fused_parts(self, name: str, config) -> list[tuple[str, slice]]:
+        """The projections a Linear's output rows stack, as (part name, row range); one part spanning
+        every row for a Linear that is not fused. Row ranges follow the family's forward (Phi-3 splits
+        qkv_proj as q | k | v and gate_up_proj as gate | up)."""
+        kind = self.fused_kind(name)
+        if kind is None:
+            return [(name, slice(None))]
+        stem = name.rpartition(".")[0]
+        join = (lambda p: f"{stem}.{p}") if stem else (lambda p: p)
+        if kind == "gate_up":
+            i = getattr(config, self.ffn_width_key)
+            return [(join("gate_proj"), slice(0, i)), (join("up_proj"), slice(i, 2 * i))]
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+        q, k = heads * hd, kv * hd
+        return [(join("q_proj"), slice(0, q)), (join("k_proj"), slice(q, q + k)), (join("v_proj"), slice(q + k, q + 2 * k))]
+
+    # ---- what applies ----------------------------------------------------------------------------
+
     def slicing_names(self) -> dict:
         """Module names for the sliced runtime (written to config.json, see modeling_sliced.py)."""
         attn_in, (attn_out,), mlp_in, (mlp_out,) = self.sequential_groups
@@ -69,29 +166,58 @@ class Adapter:
                 "mlp_out": mlp_out, "embeddings": list(self.embedding_paths), "final_norm": self.final_norm,
                 "lm_head": self.lm_head}
 
-    def check_sliceable(self, model: nn.Module) -> None:
-        """SliceGPT needs pre-norm blocks whose residual stream is the embeddings' sum."""
+    def per_layer_runtime(self) -> bool:
+        """Whether per-layer shapes (SliceGPT per-layer rotation, structured per-layer widths) can be
+        written: the runtime file (modeling_sliced.py) knows every model type of this family."""
+        return all(t in _runtime_types() for t in self.model_types)
+
+    def _runtime_refusal(self, what: str, fix: str) -> str:
+        return (f"{what} needs sparsellm's runtime for per-layer shapes (modeling_sliced.py), which covers only "
+                f"{', '.join(_runtime_types())} so far; use {fix}")
+
+    def check_sliceable(self, model: nn.Module, spec=None) -> None:
+        """SliceGPT needs pre-norm blocks whose residual stream is the embeddings' sum. With the stage's
+        `spec`, also whether its rotation can be written for this family."""
         cfg = model.config
+        if self.slice_refusal:
+            raise UnsupportedArchitectureError(self.slice_refusal)
         if getattr(cfg, "do_layer_norm_before", True) is False:
             raise UnsupportedArchitectureError(f"SliceGPT needs pre-norm blocks; this {cfg.model_type} model normalizes "
                                                "after each block (e.g. opt-350m)")
         if any(_get(model, p) is not None for p in ("model.decoder.project_in", "model.decoder.project_out")):
             raise UnsupportedArchitectureError("SliceGPT: models with project_in/project_out (word_embed_proj_dim != "
                                                "hidden_size) are not supported")
+        if spec is not None and spec.rotation != "uniform" and not self.per_layer_runtime():
+            raise UnsupportedArchitectureError(self._runtime_refusal("SliceGPT rotation: per-layer",
+                                                                     "rotation: uniform (a stock architecture)"))
 
     def structure_names(self, model: nn.Module) -> dict:
-        """Module names and head geometry for structured pruning (FFN channels, whole KV groups)."""
+        """Module names and head geometry for structured pruning (FFN channels, whole KV groups).
+        A fused Linear appears under each name it stands for (Phi-3: q, k and v are all qkv_proj);
+        names["fused"] maps it to its part count."""
         cfg = model.config
         if not self.ffn_in:
             raise UnsupportedArchitectureError(f"structured pruning does not support {cfg.model_type} models yet")
-        (q, k, v), (o,), _, (down,) = self.sequential_groups
+        attn_in, (o,), _, (down,) = self.sequential_groups
+        q, k, v = attn_in if len(attn_in) == 3 else attn_in * 3
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return {"q": q, "k": k, "v": v, "o": o, "ffn_in": list(self.ffn_in), "down": down, "attn": self.attention,
                 "heads": heads, "kv_heads": kv, "head_dim": head_dim, "intermediate": getattr(cfg, self.ffn_width_key),
                 "width_key": self.ffn_width_key, "head_count_attrs": list(self.head_count_attrs),
-                "config_head_dim": self.config_head_dim}
+                "config_head_dim": self.config_head_dim,
+                "fused": {n: (2 if kind == "gate_up" else 3) for n, kind in self.fused},
+                "projection_norms": {n: which for n, which in self.projection_norms}}
+
+    def check_structure(self, model: nn.Module, spec) -> None:
+        """Refuse, before any work, a structure stage whose surgery this family cannot take."""
+        self.structure_names(model)
+        if spec.heads and self.heads_refusal:
+            raise UnsupportedArchitectureError(self.heads_refusal)
+        if not spec.uniform and not self.per_layer_runtime():
+            raise UnsupportedArchitectureError(self._runtime_refusal("structure with uniform: false",
+                                                                     "uniform: true (a stock architecture)"))
 
     def groups_for(self, names: list[str]) -> list[list[str]]:
         """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
@@ -145,8 +271,75 @@ OPT = Adapter(
     config_head_dim=False,  # head_dim = hidden_size / heads: fewer heads need the runtime file
 )
 
-ADAPTERS = (LLAMA, OPT)
+# Qwen3: per-head RMS norms on q and k (q_norm/k_norm over head_dim) inside attention; otherwise Llama
+QWEN3 = replace(LLAMA, name="qwen3", model_types=("qwen3",), layer_types_key="layer_types",
+                config_eps_norms=("self_attn.q_norm", "self_attn.k_norm"))
+
+# SmolLM3: some layers skip rotary embeddings (config.no_rope_layers, read by the attention module itself)
+SMOLLM3 = replace(LLAMA, name="smollm3", model_types=("smollm3",), layer_types_key="layer_types")
+
+_GEMMA_SLICE = ("SliceGPT needs one normalised residual stream: {family} also normalises each block's output "
+                "(post-attention/post-feedforward norms), which no rotation of the residual passes through "
+                "exactly; use structured pruning (structure: cfsp/wanda-sp/magnitude) or unstructured/N:M pruning")
+
+# Gemma 2 / Gemma 3: four norms per layer, scale 1 + weight, embeddings scaled by sqrt(hidden) inside the
+# embedding module, alternating sliding-window and global attention (config.layer_types); Gemma 2 soft-caps
+# attention scores (inside attention) and the final logits (after lm_head); Gemma 3 has per-head q/k norms and
+# separate RoPE bases for local and global layers
+GEMMA2 = replace(LLAMA, name="gemma2", model_types=("gemma2",), gguf_architectures=("gemma2",), norm_offset=1.0,
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+                 norms=("input_layernorm", "pre_feedforward_layernorm"), layer_types_key="layer_types",
+                 needs_bos=True, logit_softcap_key="final_logit_softcapping",
+                 slice_refusal=_GEMMA_SLICE.format(family="Gemma 2"))
+GEMMA3 = replace(GEMMA2, name="gemma3", model_types=("gemma3_text",), gguf_architectures=("gemma3",),
+                 rotary_per_kind=True, logit_softcap_key="final_logit_softcapping",
+                 slice_refusal=_GEMMA_SLICE.format(family="Gemma 3"))
+
+# Phi-3 / Phi-4: q, k, v fused in qkv_proj (rows q | k | v), gate and up fused in gate_up_proj (rows gate | up)
+PHI3 = replace(LLAMA, name="phi3", model_types=("phi3",), gguf_architectures=("phi3",),
+               sequential_groups=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                                  ("mlp.down_proj",)),
+               ffn_in=("mlp.gate_up_proj",), fused=(("self_attn.qkv_proj", "qkv"), ("mlp.gate_up_proj", "gate_up")),
+               heads_refusal="structured heads: Phi-3 splits its fused qkv_proj by config.num_attention_heads in every "
+                             "forward, so KV groups cannot be removed layer by layer; use heads: 0 (FFN channels only)")
+
+# OLMo-2: no pre-norms; RMS norms after attention and after the MLP, and q_norm/k_norm over the whole q/k
+# projection (all heads together)
+OLMO2 = replace(LLAMA, name="olmo2", model_types=("olmo2",), post_norms=("post_attention_layernorm",
+                                                                      "post_feedforward_layernorm"),
+                norms=("", ""), projection_norms=(("self_attn.q_norm", "q"), ("self_attn.k_norm", "k")),
+                slice_refusal="SliceGPT needs one normalised residual stream: OLMo-2 normalises each block's output "
+                              "(norms after attention and after the MLP) instead of its input, which no rotation of "
+                              "the residual passes through exactly; use structured pruning (structure: cfsp/wanda-sp/"
+                              "magnitude) or unstructured/N:M pruning")
+
+# Granite: embedding_multiplier (in the model's forward, before layer 0), attention_multiplier (attention
+# scale), residual_multiplier (each block's output), logits divided by logits_scaling
+GRANITE = replace(LLAMA, name="granite", model_types=("granite",), logits_divisor_key="logits_scaling",
+                  slice_refusal="SliceGPT: Granite scales each block's output by residual_multiplier, which SliceGPT's "
+                                "rotated block walk does not model; use structured pruning (structure: cfsp/wanda-sp/"
+                                "magnitude) or unstructured/N:M pruning")
+
+ADAPTERS = (LLAMA, OPT, QWEN3, SMOLLM3, GEMMA2, GEMMA3, PHI3, OLMO2, GRANITE)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
+
+# mixture-of-experts families: experts are 3-D parameters, not Linears; see docs/moe-design.md
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_REASON = ("sparsellm cannot prune expert weights yet: they are 3-D parameters, not Linear layers "
+              "(see docs/moe-design.md)")
+MOE_REFUSAL = "mixture-of-experts model {model_type!r}: " + MOE_REASON + "; use a dense model of a supported " \
+              "architecture: {supported}"
+
+
+def gguf_model_type(architecture: str) -> str | None:
+    """The supported model type of a GGUF `general.architecture` name, or None."""
+    for a in ADAPTERS:
+        if architecture in a.model_types:
+            return architecture
+        if architecture in a.gguf_architectures:
+            i = a.gguf_architectures.index(architecture)
+            return a.model_types[min(i, len(a.model_types) - 1)]
+    return None
 
 
 def get_adapter(model_or_type) -> Adapter:
@@ -154,7 +347,80 @@ def get_adapter(model_or_type) -> Adapter:
     for a in ADAPTERS:
         if model_type in a.model_types:
             return a
+    if model_type in MOE_MODEL_TYPES:
+        raise UnsupportedArchitectureError(MOE_REFUSAL.format(model_type=model_type,
+                                                              supported=", ".join(SUPPORTED_MODEL_TYPES)))
     raise UnsupportedArchitectureError(
         f"unsupported architecture {model_type!r}; use a model of a supported architecture: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+# ---- the support matrix ----------------------------------------------------------------------------
+
+# (column, what it covers); the per-Linear methods apply to every Linear of every family (fused ones
+# included: their rows are their parts' rows), so only SliceGPT and structured pruning can be refused
+MATRIX_COLUMNS = (
+    ("magnitude", "unstructured and N:M (a fused Linear's rows are its parts' rows)"),
+    ("Wanda", "unstructured and N:M"),
+    ("SparseGPT", "unstructured and N:M"),
+    ("DSnoT", "refines any of the above"),
+    ("OWL", "per-layer sparsity allocation"),
+    ("SliceGPT uniform", "one rotation: stock architecture"),
+    ("SliceGPT per-layer", "per-layer rotations: runtime file"),
+    ("structure FFN", "FFN channels, uniform: stock architecture"),
+    ("structure heads", "whole KV groups, uniform: stock architecture"),
+    ("structure per-layer", "uniform: false: runtime file"),
+)
+
+
+class _Spec:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _refusal(fn) -> str | None:
+    try:
+        fn()
+    except UnsupportedArchitectureError as e:
+        return str(e)
+    return None
+
+
+def method_support(adapter: Adapter) -> dict[str, str | None]:
+    """Column -> None (applies) or the one-line refusal this family's adapter raises for it."""
+    slice_probe = type("M", (), {"config": _Spec(do_layer_norm_before=True, model_type=adapter.model_types[0])})()
+    structure_ok = bool(adapter.ffn_in)
+    out: dict[str, str | None] = {c: None for c, _ in MATRIX_COLUMNS[:5]}
+    out["SliceGPT uniform"] = adapter.slice_refusal or None
+    out["SliceGPT per-layer"] = out["SliceGPT uniform"] or _refusal(
+        lambda: adapter.check_sliceable(slice_probe, _Spec(rotation="per-layer")))
+    no_structure = None if structure_ok else f"structured pruning does not support {adapter.name} models yet"
+    out["structure FFN"] = no_structure
+    out["structure heads"] = no_structure or adapter.heads_refusal or None
+    out["structure per-layer"] = no_structure or (None if adapter.per_layer_runtime() else adapter._runtime_refusal(
+        "structure with uniform: false", "uniform: true (a stock architecture)"))
+    return out
+
+
+def support_matrix() -> str:
+    """The family × method table (markdown) from the adapters, with each refusal's reason as a note."""
+    head = "| family (model types) | " + " | ".join(c for c, _ in MATRIX_COLUMNS) + " |"
+    rule = "| --- |" + " --- |" * len(MATRIX_COLUMNS)
+    rows, notes = [head, rule], []
+    for a in ADAPTERS:
+        cells = []
+        for column, _ in MATRIX_COLUMNS:
+            reason = method_support(a)[column]
+            if reason is None:
+                cells.append("yes")
+            else:
+                if reason not in notes:
+                    notes.append(reason)
+                cells.append(f"no [{notes.index(reason) + 1}]")
+        rows.append(f"| {a.name} ({', '.join(a.model_types)}) | " + " | ".join(cells) + " |")
+    notes.append(MOE_REASON)
+    rows.append(f"| mixture of experts ({', '.join(MOE_MODEL_TYPES)}) | "
+                + " | ".join([f"no [{len(notes)}]"] * len(MATRIX_COLUMNS)) + " |")
+    legend = [f"- {c}: {what}" for c, what in MATRIX_COLUMNS]
+    return "\n".join(rows + [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)] + ["", "Columns:"] + legend) + "\n"

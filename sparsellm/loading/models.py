@@ -15,7 +15,7 @@ import torch
 from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..formats import folder_format, read_state_dict
 from ..optional import require
-from .adapters import SUPPORTED_MODEL_TYPES
+from .adapters import SUPPORTED_MODEL_TYPES, get_adapter, gguf_model_type
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,22 @@ def check_gguf(path: Path, spec: str) -> None:
         arch = gguf_architecture(path)
     except (OSError, ValueError, struct.error) as e:
         raise ModelLoadError(f"{spec} is not a valid GGUF file ({e}); re-download or re-convert it") from None
-    if arch not in SUPPORTED_MODEL_TYPES:
+    if gguf_model_type(arch) is None:
         raise UnsupportedArchitectureError(
             f"GGUF file {spec} holds a {arch!r} model, an architecture sparsellm does not support; "
             f"use a model of a supported architecture: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def check_config(cfg: dict) -> None:
+    """Refuse an architecture sparsellm cannot compress from config.json alone, before any weight is read
+    (for a hub id only the config has been downloaded at this point)."""
+    model_type = cfg.get("model_type")
+    if str(model_type).startswith("sparsellm_sliced_") and (cfg.get("sparsellm_slicing") or cfg.get("sparsellm_structure")):
+        from .modeling_sliced import base_model_type
+
+        model_type = base_model_type(cfg)
+    if model_type is not None:
+        get_adapter(model_type)  # raises the one-line refusal naming the supported architectures
 
 
 def resolve_dtype(name: str, source: ModelSource) -> torch.dtype | str:
@@ -270,6 +282,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     log.info("loading %s (%s)", source.spec, source.kind)
     try:
         cfg = {} if source.gguf_file else PretrainedConfig.get_config_dict(source.path)[0]
+        check_config(cfg)
         model_cls = _sliced_class(cfg) or AutoModelForCausalLM
         fmt = folder_format(cfg)
         if fmt != "dense":

@@ -14,7 +14,7 @@ from .. import memory
 from ..errors import ModelLoadError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
-from ..calibrate.walk import capture, walk_layers
+from ..calibrate.walk import capture, head_on, walk_layers
 from ..evaluate.perplexity import nll_sum
 from ..measure import layer_zeros
 from ..loading.adapters import Adapter, _get
@@ -140,19 +140,11 @@ def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: i
     for index, layer in walk_layers(model, adapter, device, stream, desc, leave=False):
         acts.hidden = acts.outputs(layer)  # no finiteness check: perplexity reports what the model computes
         acts.index += 1
-    heads = [p for p in adapter.head_paths if _get(model, p) is not None]
-    for p in heads:
-        stream.load_module(p)
     nll, count = 0.0, 0
-    try:
+    with head_on(model, adapter, device, stream):
         for hidden, batch in zip(acts.hidden, chunks.split(batch_size)):
-            for p in heads:
-                hidden = model.get_submodule(p).to(device)(hidden)
-            n, c = nll_sum(hidden[:, :-1], batch.to(device))
+            n, c = nll_sum(adapter.head_logits(model, hidden)[:, :-1], batch.to(device))
             nll, count = nll + n, count + c
-    finally:
-        for p in heads:
-            stream.release_module(p)
     return math.exp(nll / count)
 
 
