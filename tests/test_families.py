@@ -226,6 +226,14 @@ def test_support_matrix_in_docs_is_the_adapters():
     assert all(t in text for t in MOE_MODEL_TYPES)
 
 
+def test_readme_support_table_is_the_adapters():
+    """README's family x method table is the table part of support_matrix(), verbatim."""
+    readme = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    start = "<!-- support table: generated from sparsellm/loading/adapters.py (tests/test_families.py keeps it current) -->\n"
+    block = readme.split(start, 1)[1].split("<!-- end of support table -->", 1)[0]
+    assert block.strip("\n") == support_matrix().split("\n\n")[0].strip("\n")
+
+
 # ---- per-Linear methods: exact counts ----------------------------------------------------------------
 
 def _prune(model, windows, stages: list[dict]):
