@@ -21,10 +21,12 @@ from . import memory
 # the recipe's stage keys in the schema's order
 KINDS = ("slice", "learn", "structure", "recover", "allocate", "prune", "refine")
 # modules whose import registers the built-in methods and stage kinds
+# (in this order: the schema and the CLI list a kind's methods by their module's place here, whatever
+# order the imports happen to run in)
 BUILTIN = ("sparsellm.compress.prune", "sparsellm.compress.magnitude", "sparsellm.compress.wanda",
            "sparsellm.compress.sparsegpt", "sparsellm.compress.dsnot", "sparsellm.allocate.owl",
-           "sparsellm.allocate.ecoflap", "sparsellm.compress.slicegpt", "sparsellm.compress.structured",
-           "sparsellm.compress.cfsp", "sparsellm.recover.lora", "sparsellm.compress.maskllm")
+           "sparsellm.allocate.ecoflap", "sparsellm.compress.slicegpt", "sparsellm.compress.cfsp",
+           "sparsellm.compress.structured", "sparsellm.recover.lora", "sparsellm.compress.maskllm")
 
 _methods: dict[str, dict[str, tuple[type, Any]]] = {k: {} for k in KINDS}
 _kinds: dict[str, type["Stage"]] = {}
@@ -32,15 +34,17 @@ _loaded = False
 version = 0  # bumped by every registration: the recipe schema is rebuilt when it changes
 
 
-def register(kind: str, spec: type, impl: Any, first: bool = False) -> None:
-    """Make `spec` (its `method` literal names it) a recipe option of stage kind `kind`, run by `impl`
-    (`first`: listed before the methods registered earlier, e.g. the recommended one)."""
+def register(kind: str, spec: type, impl: Any) -> None:
+    """Make `spec` (its `method` literal names it) a recipe option of stage kind `kind`, run by `impl`."""
     global version
     if kind not in _methods:
         raise ValueError(f"unknown stage kind {kind!r}; one of {', '.join(KINDS)}")
     name = spec.model_fields["method"].annotation.__args__[0]
-    entry = {name: (spec, impl)}
-    _methods[kind] = {**entry, **_methods[kind]} if first else {**_methods[kind], **entry}
+    _methods[kind][name] = (spec, impl)
+    place = {m: i for i, m in enumerate(BUILTIN)}
+    # built-in methods in BUILTIN's order (stable within a module), others after them as registered
+    ordered = sorted(_methods[kind].items(), key=lambda kv: place.get(kv[1][0].__module__, len(BUILTIN)))
+    _methods[kind] = dict(ordered)
     version += 1
 
 

@@ -109,4 +109,4 @@ class CFSP(StructuredMethod):
         return keep, {"block_distance": self.distances, "block_weight": (w / w.mean()).tolist()}
 
 
-register("structure", CFSPStructure, CFSP, first=True)
+register("structure", CFSPStructure, CFSP)
