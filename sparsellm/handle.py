@@ -122,6 +122,9 @@ class StreamedHandle(OffloadedHandle):
     kind = "stream"
 
     def __init__(self, stream, tokenizer, source, reason: str):
+        from . import memory
+
+        memory.map_large_allocations()  # a streamed run's peak is one layer: keep freed layers out of the heap
         ModelHandle.__init__(self, stream.model, tokenizer, stream.adapter, source)
         self.stream, self._io, self.reason = stream, stream, reason
         self.n_layers = len(self.adapter.layers(self.model))

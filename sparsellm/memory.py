@@ -75,3 +75,16 @@ def release_freed() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve every allocation of at least `threshold` bytes with its own mmap, returned to the system on
+    free. glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB), and later
+    layer-sized tensors (a structurally cut weight, a serialized shard) come from the heap, whose holes
+    stay resident: measured ~20 MB more per decoder layer streamed."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)

@@ -119,9 +119,9 @@ class LayerStream:
             self.zeros[index] = layer_zeros(layer)
         self.release_module(prefix)
         memory.release_freed()
-        log.debug("decoder layer %d released (%s); resident %.0f MiB, peak %.0f MiB", index,
-                  "written" if self.writer is not None else "read", memory.current_rss_bytes() / 2**20,
-                  memory.peak_rss_bytes() / 2**20)
+        log.debug("decoder layer %d released (%s); resident %.0f MiB (anonymous %s KiB, file %s KiB), peak %.0f MiB",
+                  index, "written" if self.writer is not None else "read", memory.current_rss_bytes() / 2**20,
+                  memory._status_kib("RssAnon"), memory._status_kib("RssFile"), memory.peak_rss_bytes() / 2**20)
 
     def copy_rest(self) -> None:
         """Shard 1: every saved tensor outside the decoder layers (embeddings, final norm, head), as read."""
