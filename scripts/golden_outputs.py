@@ -496,7 +496,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", help="comma-separated case names or patterns such as 'cli-*' (with --record: update just these)")
     ap.add_argument("--skip", help="comma-separated case names or patterns to leave out, e.g. '*smollm2*,recipe-demo'")
     ap.add_argument("--keep", type=Path, help="scratch folder to keep (inputs, out/CASE); must not exist")
-    ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the runs (default: the recorded, else 1)")
+    ap.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of the runs (default: --check and partial --record the recorded "
+                    "count, a full --record 2)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per case")
     ap.add_argument("--jobs", type=int, default=1, help="cases run at the same time (default 1; each child uses --threads)")
     args = ap.parse_args(argv)
@@ -521,7 +522,9 @@ def main(argv=None) -> int:
         for n, cmd in cases.items():
             print(f"{n}: sparsellm " + " ".join(map(_quote, cmd)))
         return 0
-    threads = args.threads or (golden or {}).get("threads") or 1
+    partial = bool(args.only or args.skip)
+    # a check, or a record of some cases, runs with the recorded thread count (float reductions depend on it)
+    threads = args.threads or ((golden or {}).get("threads") if (args.check or partial) else None) or 2
 
     models = {c[c.index("--model") + 1].split("/", 1)[1] for c in cases.values() if c[c.index("--model") + 1].startswith("models/")}
     smollm2 = any(c[c.index("--model") + 1] == "smollm2-135m" for c in cases.values())
@@ -577,6 +580,9 @@ def main(argv=None) -> int:
             for k, v in environment().items():
                 if golden["environment"].get(k) != v:
                     notes.append(f"environment: {k} {golden['environment'].get(k)} -> {v}")
+            tree = _git("rev-parse", "HEAD:sparsellm")
+            print(f"\nsparsellm/ under test: tree {tree}{' (modified)' if _git('status', '--porcelain', '--', 'sparsellm') else ''}"
+                  f"; recorded on tree {golden.get('sparsellm_tree')} (commit {golden.get('recorded_at_commit')})")
             for note in notes:
                 print("note: " + note)
         for n, problems, r in failed:
@@ -590,13 +596,19 @@ def main(argv=None) -> int:
             if failed:
                 print(f"\nnot recorded: {len(failed)} case(s) failed")
                 return 1
-            prior = golden if (golden and (args.only or args.skip)) else {"cases": {}, "inputs": {}}
+            prior = golden if (golden and partial) else {"cases": {}, "inputs": {}}
+            if golden and partial and golden.get("threads") != threads:
+                print(f"\nnot recorded: the other cases were recorded with {golden.get('threads')} threads, these with {threads}")
+                return 1
             data = {
                 "format": FORMAT_VERSION,
                 "description": "scripts/golden_outputs.py: normalized SHA-256 of every output file of `sparsellm prune` "
                                "per case (see the script's docstring for what is normalized); commands run in a scratch "
                                "folder holding data/, models/ (built by the script) and recipes/ (the texts below)",
-                "recorded_at_commit": _git_head(),
+                "recorded_at_commit": _git("rev-parse", "HEAD"),
+                # the git tree of sparsellm/ (the code under test) and whether the work tree had changes in it
+                "sparsellm_tree": _git("rev-parse", "HEAD:sparsellm"),
+                "sparsellm_modified": bool(_git("status", "--porcelain", "--", "sparsellm")),
                 "threads": threads,
                 "environment": environment(),
                 "models": {k: {"arch": a, "config": {**TINY, **o}, "max_shard_size": s, "seed": SEED, "std": STD}
@@ -634,10 +646,9 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
-def _git_head() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
