@@ -520,7 +520,7 @@ def main(argv=None) -> int:
             cases = {n: c for n, c in cases.items() if any(fnmatch.fnmatchcase(n, p) for p in patterns) == keep}
     if args.list:
         for n, cmd in cases.items():
-            print(f"{n}: sparsellm " + " ".join(map(_quote, cmd)))
+            print(f"{n}: {shell(cmd)}")
         return 0
     partial = bool(args.only or args.skip)
     # a check, or a record of some cases, runs with the recorded thread count (float reductions depend on it)
@@ -616,8 +616,8 @@ def main(argv=None) -> int:
                 "recipe_edits": {k: [list(e) for e in v] for k, v in RECIPE_EDITS.items()},
                 "recipes": {**(prior.get("recipes") or {}), **{k: v for k, v in recipes.items()}},
                 "inputs": {**prior["inputs"], **inputs},
-                "cases": {**prior["cases"], **{n: {"command": cases[n], "exit_code": r["exit_code"], "stdout": r["stdout"],
-                                                   "files": r["files"]} for n, r in results.items()}},
+                "cases": {**prior["cases"], **{n: {"command": cases[n], "shell": shell(cases[n]), "exit_code": r["exit_code"],
+                                                   "stdout": r["stdout"], "files": r["files"]} for n, r in results.items()}},
             }
             data["cases"] = {n: data["cases"][n] for n in CASES if n in data["cases"]}
             REPORTS.mkdir(parents=True, exist_ok=True)
@@ -640,10 +640,11 @@ def main(argv=None) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _quote(s: str) -> str:
+def shell(cmd: list[str]) -> str:
+    """The command as typed in the scratch folder (with this checkout on PYTHONPATH)."""
     import shlex
 
-    return shlex.quote(s)
+    return "python -m sparsellm " + " ".join(map(shlex.quote, cmd))
 
 
 def _git(*args: str) -> str | None:
