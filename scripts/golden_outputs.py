@@ -267,8 +267,8 @@ def shipped_recipes() -> dict[str, str]:
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         for old, new in RECIPE_EDITS.get(path.name, []):
-            if old not in text:
-                raise SystemExit(f"recipes/{path.name}: the edit {old!r} -> {new!r} does not apply")
+            # an edit the shipped text no longer needs (e.g. ../shared/data/ -> data/ once the recipe says
+            # data/) is skipped: --check runs the recorded texts anyway and notes when the shipped one differs
             text = text.replace(old, new)
         out[path.name] = text
     return out
