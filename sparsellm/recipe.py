@@ -19,8 +19,11 @@ from .specs import EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_s
 __all__ = ["EXPORT_FORMATS", "HUB_DATASETS", "recipe_from_dict", "load_recipe", "recipe_model"]
 
 class Calibration(_Strict):
-    dataset: str = "wikitext2"
-    nsamples: int = Field(128, gt=0)
+    """The text the stages calibrate on: nsamples windows of seqlen tokens."""
+
+    dataset: str = Field("wikitext2", description="wikitext2, c4, hf:ORG/NAME[:CONFIG[:SPLIT[:FIELD]]] (a text field or "
+                         "chat messages) or a local .txt / .jsonl / .json / .parquet file (see data.md)")
+    nsamples: int = Field(128, gt=0, description="calibration windows drawn at random (seeded) from the text")
     seqlen: int | None = Field(None, gt=0, description="default: min(2048, model context)")
     batch_size: int = Field(8, gt=0, description="windows per layer forward")
 
@@ -40,9 +43,11 @@ class Speed(_Strict):
 
 
 class Evaluation(_Strict):
+    """What is measured before and after the stages and written to the report."""
+
     ppl: list[str] = Field(default_factory=list, description="datasets to report perplexity on")
     seqlen: int | None = Field(None, gt=0, description="default: the calibration seqlen")
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, description="chunks per forward pass of the perplexity")
     limit: int | None = Field(None, gt=0, description="evaluate at most this many chunks")
     before: bool = Field(True, description="also evaluate the uncompressed model")
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (names, 'suite' for the papers' "
@@ -90,6 +95,8 @@ def _union(kind: str):
 
 
 class Export(_Strict):
+    """How the compressed weights are written to the output folder."""
+
     format: Literal[EXPORT_FORMATS] = Field(
         "dense", description="on-disk weights: dense (zeros stored; loads anywhere, servable by vLLM), or the "
         "compressed-tensors bitmask formats for storage and transfer (sparse-24-bitmask: 2:4 weights only)")
@@ -97,9 +104,9 @@ class Export(_Strict):
 
 class _RecipeBase(_Strict):
     model: str | None = Field(None, description="hub id, local folder, .gguf file or smollm2-135m")
-    seed: int = 0
-    calibration: Calibration = Field(default_factory=Calibration)
-    evaluation: Evaluation = Field(default_factory=Evaluation)
+    seed: int = Field(0, description="seed of the window sampling and of anything random in the stages")
+    calibration: Calibration = Field(default_factory=Calibration, description="the calibration data (below)")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="what is measured before and after (below)")
 
     @model_validator(mode="after")
     def _stage_order(self):
@@ -131,8 +138,10 @@ def recipe_model() -> type:
         stage = create_model("Stage", __base__=_StageBase, __module__=__name__,
                              **{k: (Optional[_union(k)], None) for k in registry.KINDS})
         recipe = create_model("Recipe", __base__=_RecipeBase, __module__=__name__,
-                              stages=(list[stage], Field(min_length=1)),
-                              export=(Export, Field(default_factory=Export)))
+                              stages=(list[stage], Field(min_length=1, description="the compression stages, run "
+                                                         "in the order written (below)")),
+                              export=(Export, Field(default_factory=Export, description="how the weights are "
+                                                    "written (below)")))
         _built = (registry.version, stage, recipe)
     return _built[2]
 
