@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
+from .specs import EXPORT_DTYPES
 from .specs import EXPORT_FORMATS as FORMATS
 
 log = logging.getLogger("sparsellm")
@@ -153,8 +154,12 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help=FORMAT_HELP + " Default: the recipe's export.format, dense.")
+@click.option("--export-dtype", type=click.Choice(EXPORT_DTYPES), help="dtype of the written weights, cast only when "
+              "they are saved (calibration and evaluation run in --dtype). auto: bfloat16 for a GGUF source "
+              "(dequantized to float32), else the model's dtype. Default: the recipe's export.dtype, auto.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="dtype the model is loaded and compressed in (auto: the checkpoint's; float32 for GGUF).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
@@ -171,7 +176,7 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, structure, ffn, heads, round_to, uniform,
           recover_steps, allocate, refine, steps, prior, calib, nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot,
-          limit, speed, output, overwrite, fmt, device, dtype,
+          limit, speed, output, overwrite, fmt, export_dtype, device, dtype,
           trust_remote_code, allow_pickle, checkpoint_dir, resume, low_memory, device_map, offload_folder):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
@@ -261,8 +266,9 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
                 ev[key] = val
         if speed:
             ev.setdefault("speed", {})
-        if fmt:
-            data["export"] = {"format": fmt}
+        for key, val in (("format", fmt), ("dtype", export_dtype)):
+            if val:
+                data.setdefault("export", {})[key] = val
         recipe = recipe_from_dict(data, recipe_path or "command line")
         _say_if_demo(model_spec or recipe.model)
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
@@ -468,7 +474,7 @@ def apply_masks_cmd(ctx, masks, model_spec, output, overwrite, dtype, trust_remo
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Convert the weights to this dtype (auto: keep them).")
+              help="Convert the weights to this dtype (auto: keep them; bfloat16 for a GGUF file, dequantized).")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.pass_context
@@ -485,17 +491,18 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
     From a sparsellm output folder, recipe.yaml is copied along and the report and model card are
     rewritten for the new folder (its format and size), ready for `sparsellm push`."""
     from .evaluate.outputs import copy_side_files
-    from .export import atomic_folder, check_output, save_model
+    from .export import atomic_folder, check_output, export_dtype, save_model
     from .loading import load_model
 
     def run():
         out = Path(output)
         check_output(out, overwrite)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+        cast = export_dtype("auto", loaded.model.dtype, bool(loaded.source.gguf_file)) if dtype == "auto" else None
         with atomic_folder(out, overwrite) as tmp:
-            save_model(loaded.model, loaded.tokenizer, tmp, fmt)
+            dense = save_model(loaded.model, loaded.tokenizer, tmp, fmt, cast)
             if loaded.source.kind == "local":
-                copy_side_files(Path(loaded.source.path), tmp, out.name)  # the card and report, rewritten
+                copy_side_files(Path(loaded.source.path), tmp, out.name, dense)  # the card and report, rewritten
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 

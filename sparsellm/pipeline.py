@@ -223,7 +223,7 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
                   "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
                   "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None,
                   "disk_bytes": None, **source_info(source)},
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.dump(),
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
             "seqlen": ctx.seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
@@ -249,11 +249,14 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
     }
 
 
-def write_extras(folder: Path, recipe, report: dict, name: str, artifacts: dict | None = None) -> None:
-    """Everything in the output besides the model weights (already written): their size and format in the
-    report, the recipe, the stages' files, the report and card."""
+def write_extras(folder: Path, recipe, report: dict, name: str, artifacts: dict | None = None,
+                 dtype: torch.dtype | None = None, dense_bytes: int | None = None) -> None:
+    """Everything in the output besides the model weights (already written): their size, format and dtype
+    in the report (with the size of a dense export of that dtype), the recipe, the stages' files, the
+    report and card."""
     report["model"]["disk_bytes"] = disk_bytes(folder)
-    report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"]}
+    report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"],
+                        "dtype": None if dtype is None else str(dtype).removeprefix("torch."), "dense_bytes": dense_bytes}
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     for file, write in (artifacts or {}).items():
         write(folder / file)
@@ -343,9 +346,10 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
                               load_memory=load_memory, params_before=params_before, nonzero_before=nonzero_before)
         if not main:
             return report
+        dtype = handle.export_dtype(recipe.export.dtype)
         with timer("export"):
-            handle.save(tmp, recipe.export.format)
-        write_extras(tmp, recipe, report, out.name, ctx.artifacts)
+            dense_bytes = handle.save(tmp, recipe.export.format, dtype)
+        write_extras(tmp, recipe, report, out.name, ctx.artifacts, dtype, dense_bytes)
     if ctx.checkpoint is not None:
         ctx.checkpoint.remove()  # the output is complete: nothing left to resume
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])

@@ -14,7 +14,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from . import stage as registry
 from .errors import RecipeError
-from .specs import EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source
+from .specs import EXPORT_DTYPES, EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source
 
 __all__ = ["EXPORT_FORMATS", "HUB_DATASETS", "recipe_from_dict", "load_recipe", "recipe_model"]
 
@@ -100,6 +100,10 @@ class Export(_Strict):
     format: Literal[EXPORT_FORMATS] = Field(
         "dense", description="on-disk weights: dense (zeros stored; loads anywhere, servable by vLLM), or the "
         "compressed-tensors bitmask formats for storage and transfer (sparse-24-bitmask: 2:4 weights only)")
+    dtype: Literal[EXPORT_DTYPES] = Field(
+        "auto", description="dtype of the written weights, cast when they are saved (calibration and evaluation run "
+        "in the dtype the model was loaded in); auto: bfloat16 for a GGUF source dequantized to float32, else the "
+        "model's dtype")
 
 
 class _RecipeBase(_Strict):
@@ -123,8 +127,16 @@ class _RecipeBase(_Strict):
                                  f"pattern {spec.pattern}; use pattern 2:4 or export as sparse-bitmask")
         return self
 
+    def dump(self, **options) -> dict:
+        """model_dump(mode="json", **options) without export.dtype when it is `auto`: the recipe as written
+        before the field existed (recipe.yaml, the report's recipe and the card stay as they were)."""
+        data = self.model_dump(mode="json", **options)
+        if data["export"].get("dtype") == "auto":
+            del data["export"]["dtype"]
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True, by_alias=True), sort_keys=False)
+        return yaml.safe_dump(self.dump(exclude_none=True, by_alias=True), sort_keys=False)
 
 
 _built: tuple[int, type, type] | None = None

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 HUB_DATASETS = ("wikitext2", "c4")
 EXPORT_FORMATS = ("dense", "sparse-bitmask", "sparse-24-bitmask")
+EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def check_data_source(value: str) -> str:

@@ -339,7 +339,9 @@ def test_export_to_bitmask_carries_a_card_that_says_how_to_load_it(runs, tmp_pat
     report = load(small)
     validate(report)
     weights = sum(p.stat().st_size for p in small.glob("*.safetensors"))
-    assert report["export"] == {"format": "sparse-bitmask", "weights_bytes": weights} and report["model"]["disk_bytes"] == weights
+    dense = report["export"].pop("dense_bytes")  # what a dense float32 export took: that of the run exported
+    assert report["export"] == {"format": "sparse-bitmask", "weights_bytes": weights, "dtype": "float32"}
+    assert report["model"]["disk_bytes"] == weights and dense == load(runs["wanda-50"])["export"]["weights_bytes"]
     assert weights < load(runs["wanda-50"])["model"]["disk_bytes"]
     card = ModelCard.load(small / "README.md")
     assert "sparse-bitmask" in card.text and "model, tokenizer = sparsellm.load('small')" in card.text

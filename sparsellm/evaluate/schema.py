@@ -142,6 +142,10 @@ class Memory(_M):
 class Export(_M):
     format: Literal["dense", "sparse-bitmask", "sparse-24-bitmask"] = Field(description="on-disk weight format")
     weights_bytes: int = Field(description="bytes of the safetensors files written")
+    dtype: str | None = Field(None, description="dtype of the written weights (export.dtype: auto is bfloat16 for a "
+                              "GGUF source dequantized to float32, else model.dtype, the dtype the run computed in)")
+    dense_bytes: int | None = Field(None, description="bytes a dense export in the same dtype takes (equal to "
+                                    "weights_bytes for the dense format); null where not measured")
 
 
 class Report(_M):
