@@ -1,8 +1,10 @@
 """The documentation and the shipped files of a fresh checkout: every relative link in README.md and
 docs/ leads to a file (and heading) that exists, nothing refers to files outside the repository, and
-every shipped recipe validates once the demo data step has written data/."""
+every shipped recipe validates and runs (small) once the demo data step has written data/, and the
+recipe reference in docs/recipes.md is the one generated from the schema."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -142,3 +144,76 @@ def test_reference_type_and_bound_words():
     assert bounds(Field(0, ge=0).metadata) == "≥ 0"
     assert bounds(Field(0.1, le=0.5).metadata) == "≤ 0.5"
     assert bounds(Field(0).metadata) == ""
+
+
+# ---- every shipped recipe runs, small, from a fresh checkout ---------------------------------------------
+
+# training lengths that the command line does not override (recipe, entry, field: value), shortened in the copy
+TRAINING_STEPS = {"cfsp-20-lora.yaml": (1, "steps", 3), "maskllm-sparsegpt-2of4.yaml": (0, "steps", 3)}
+
+
+@pytest.fixture(scope="module")
+def fresh_checkout(tmp_path_factory, tokenizer):
+    """What a user has after cloning and `bash scripts/get_demo_data.sh`: recipes/ and data/ (here the test
+    text under the demo's file names), and a tiny random Llama (context 1024: the demo and MaskLLM recipes
+    evaluate 512-token chunks) standing in for the model. The two recipes that train run 3 steps."""
+    import yaml
+
+    from conftest import tiny_model
+
+    root = tmp_path_factory.mktemp("checkout")
+    (root / "data").mkdir()
+    for name in ("lee_calib.txt", "lee_eval.txt"):
+        shutil.copyfile(TEXT, root / "data" / name)
+    shutil.copytree(ROOT / "recipes", root / "recipes")
+    for name, (entry, key, value) in TRAINING_STEPS.items():
+        path = root / "recipes" / name
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        next(iter(data["stages"][entry].values()))[key] = value
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    tiny_model("llama", max_position_embeddings=1024).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    return root
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipe_runs_small_in_a_fresh_checkout(recipe, fresh_checkout, monkeypatch):
+    """Each shipped recipe through `sparsellm prune --recipe`, as written (its stages, their settings, its data
+    files), made seconds-long on the command line: the tiny model, 2 windows of 32 tokens, one evaluation chunk,
+    and the demo text instead of the hub's wikitext2 / c4 (no network in tests); training recipes run 3 steps
+    (TRAINING_STEPS). Exit 0 and a complete folder."""
+    from click.testing import CliRunner
+
+    from sparsellm import load
+    from sparsellm.cli import cli
+    from sparsellm.evaluate.schema import validate
+
+    monkeypatch.chdir(fresh_checkout)
+    shipped = load_recipe(recipe)  # the file in the repository
+    expected = [st.spec.model_dump(mode="json", by_alias=True) for st in shipped.stages]
+    if recipe.name in TRAINING_STEPS:
+        entry, key, value = TRAINING_STEPS[recipe.name]
+        expected[entry][key] = value
+    args = ["prune", "--recipe", f"recipes/{recipe.name}", "--model", "tiny", "--nsamples", 2, "--seqlen", 32,
+            "--limit", 1, "--device", "cpu", "--output", f"out/{recipe.stem}"]
+    if shipped.calibration.dataset in ("wikitext2", "c4"):
+        args += ["--calib", "data/lee_calib.txt"]
+    if any(s in ("wikitext2", "c4") for s in shipped.evaluation.ppl):
+        args += ["--ppl", "data/lee_eval.txt"]
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    out = fresh_checkout / "out" / recipe.stem
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "report.json", "report.md",
+            "report.html", "README.md"} <= files, files
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    validate(report)
+    # the recipe's own stages ran, with its settings; the command line changed only the data and sizes
+    assert [s["kind"] for s in report["stages"]] == [st.kind for st in shipped.stages]
+    assert [s["settings"] for s in report["stages"]] == expected
+    assert report["export"]["format"] == shipped.export.format
+    assert bool(report["perplexity"]) == bool(shipped.evaluation.ppl)
+    m = report["model"]
+    assert report["sparsity"]["overall"] > 0.1 or m["parameters"] < 0.95 * m["parameters_before"]
+    model, _ = load(str(out))  # and the folder loads back
+    assert model.config.num_hidden_layers == 2
