@@ -23,7 +23,7 @@ from .errors import RecipeError
 from .evaluate import write_report
 from .evaluate.schema import SCHEMA_VERSION
 from .evaluate.speed import compare_speed
-from .evaluate.zeroshot import evaluate_tasks, mean_accuracy, task_manager
+from .evaluate.zeroshot import check_chat_template, evaluate_tasks, mean_accuracy, task_manager
 from .export import atomic_folder, check_output, disk_bytes
 from .faults import fault_point
 from .handle import ModelHandle, OffloadedHandle, StreamedHandle
@@ -131,7 +131,7 @@ def evaluate_tasks_of(ctx: RunContext, label: str) -> dict:
     ev = ctx.recipe.evaluation
     log.info("lm-eval %s: %s", label, ", ".join(ev.tasks))
     res = evaluate_tasks(ctx.model, ctx.tokenizer, ev.tasks, ev.task_paths, ev.task_limit, ev.num_fewshot,
-                         ev.task_batch_size, ctx.seed)
+                         ev.task_batch_size, ctx.seed, apply_chat_template=ev.apply_chat_template)
     for task, r in res.items():
         log.info("%s %s: acc %s", label, task, r.get("acc"))
     return res
@@ -235,7 +235,8 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
                        **({"bos": True} if ctx.adapter.needs_bos and ctx.tokenizer.bos_token_id is not None else {}),
                        "before": before.get("ppl") or {}, "after": after.get("ppl") or {}} if ev.ppl else None,
         "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
-                     "batch_size": ev.task_batch_size, "before": tasks_before, "after": tasks_after,
+                     "batch_size": ev.task_batch_size, "apply_chat_template": ev.apply_chat_template,
+                     "before": tasks_before, "after": tasks_after,
                      "mean_acc_before": mean_accuracy(tasks_before), "mean_acc_after": mean_accuracy(tasks_after)}
                     if ev.tasks else None,
         "speed": after.get("speed"),
@@ -306,6 +307,8 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
     ctx = RunContext(handle=handle, adapter=handle.adapter, tokenizer=handle.tokenizer, recipe=recipe, device=device,
                      timer=timer)
     check_stages(stages, ctx)
+    if ev.tasks and ev.apply_chat_template:
+        check_chat_template(handle.tokenizer, handle.source.spec)
     load_memory = memory.current_rss_bytes(), memory.peak_rss_bytes()
     ctx.seqlen = default_seqlen(ctx.model, recipe.calibration.seqlen)
     eval_seqlen = default_seqlen(ctx.model, ev.seqlen or ctx.seqlen)

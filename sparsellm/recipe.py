@@ -56,6 +56,8 @@ class Evaluation(_Strict):
     task_limit: int | None = Field(None, gt=0, description="at most this many examples per task")
     num_fewshot: int | None = Field(0, ge=0, description="few-shot examples (null: each task's default)")
     task_batch_size: int = Field(8, gt=0, description="lm-eval batch size")
+    apply_chat_template: bool = Field(False, description="render the lm-eval tasks' prompts with the tokenizer's chat "
+                                      "template (instruct models), as lm-eval's --apply_chat_template")
     speed: Speed | None = Field(None, description="measure prefill/decode tokens/s of dense vs compressed "
                                 "(true for the defaults)")
 
@@ -68,6 +70,13 @@ class Evaluation(_Strict):
     @classmethod
     def _speed_flag(cls, v):
         return {} if v is True else None if v is False else v
+
+    @model_validator(mode="after")
+    def _chat_template_needs_tasks(self):
+        if self.apply_chat_template and not self.tasks:
+            raise ValueError("apply_chat_template renders the prompts of lm-eval tasks, but no tasks are given; "
+                             "add tasks (--tasks) or drop it")
+        return self
 
 
 class _StageBase(_Strict):
@@ -106,6 +115,10 @@ class Export(_Strict):
         "model's dtype")
 
 
+# fields added to a section after recipes were first written, with their defaults (see _RecipeBase.dump)
+LATER_FIELDS = {("export", "dtype"): "auto", ("evaluation", "apply_chat_template"): False}
+
+
 class _RecipeBase(_Strict):
     model: str | None = Field(None, description="hub id, local folder, .gguf file or smollm2-135m")
     seed: int = Field(0, description="seed of the window sampling and of anything random in the stages")
@@ -128,11 +141,13 @@ class _RecipeBase(_Strict):
         return self
 
     def dump(self, **options) -> dict:
-        """model_dump(mode="json", **options) without export.dtype when it is `auto`: the recipe as written
-        before the field existed (recipe.yaml, the report's recipe and the card stay as they were)."""
+        """model_dump(mode="json", **options) without the fields added later (LATER_FIELDS) where they hold
+        their defaults: recipe.yaml, the report's recipe and the card of a recipe that does not use them
+        stay as they were before those fields existed."""
         data = self.model_dump(mode="json", **options)
-        if data["export"].get("dtype") == "auto":
-            del data["export"]["dtype"]
+        for (section, key), default in LATER_FIELDS.items():
+            if key in data[section] and data[section][key] == default:
+                del data[section][key]
         return data
 
     def to_yaml(self) -> str:

@@ -71,7 +71,8 @@ def metric_rows(r: dict) -> list[tuple[str, str, str, str]]:
     zs = r.get("zeroshot") or {}
     for task, res in (zs.get("after") or {}).items():
         before = (zs.get("before") or {}).get(task, {}).get("acc")
-        rows.append((f"accuracy {task} (n={res['samples']})", _num(before, ".4f"), _num(res.get("acc"), ".4f"), ""))
+        chat = ", chat template" if zs.get("apply_chat_template") else ""
+        rows.append((f"accuracy {task} (n={res['samples']}{chat})", _num(before, ".4f"), _num(res.get("acc"), ".4f"), ""))
     if zs.get("after") and len(zs["after"]) > 1:
         rows.append(("mean accuracy", _num(zs.get("mean_acc_before"), ".4f"), _num(zs.get("mean_acc_after"), ".4f"), ""))
     sp = r.get("speed")

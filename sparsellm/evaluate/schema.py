@@ -108,6 +108,7 @@ class ZeroShot(_M):
     limit: int | None
     num_fewshot: int | None
     batch_size: int
+    apply_chat_template: bool = Field(False, description="prompts rendered with the tokenizer's chat template")
     before: dict[str, TaskResult]
     after: dict[str, TaskResult]
     mean_acc_before: float | None
