@@ -49,7 +49,7 @@ def _sha256_tensors(tensors) -> str:
 def fingerprint(model, recipe, windows: torch.Tensor | None) -> dict:
     """What makes two runs the same: the dense weights as loaded (whatever their source), the recipe
     (without its `model` field: the weights say which model), the calibration tokens, the version."""
-    recipe_json = json.dumps({k: v for k, v in recipe.model_dump(mode="json").items() if k != "model"}, sort_keys=True)
+    recipe_json = json.dumps({k: v for k, v in recipe.dump().items() if k != "model"}, sort_keys=True)
     return {
         "sparsellm": __version__,
         "model": _sha256_tensors(sorted(model.state_dict().items())),

@@ -10,6 +10,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_INTERRUPTED, RecipeError, SparseLLMError
+from .specs import EXPORT_DTYPES
 from .specs import EXPORT_FORMATS as FORMATS
 
 log = logging.getLogger("sparsellm")
@@ -98,6 +99,8 @@ DATA_HELP = ("wikitext2, c4, any hub dataset as hf:ORG/NAME[:CONFIG[:SPLIT[:FIEL
 TASKS_HELP = ("lm-eval tasks for accuracy (repeatable or comma-separated): names such as boolq, arc_easy; 'suite' = "
               "boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, piqa; or a task YAML file.")
 TASK_PATH_HELP = "Folder of lm-eval task YAML files (e.g. local tasks with data_files), repeatable."
+CHAT_HELP = ("Render the lm-eval tasks' prompts with the tokenizer's chat template (instruct models), as lm-eval's "
+             "--apply_chat_template.")
 DEVICE_HELP = "Compute device for calibration and evaluation: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N."
 LIMIT_HELP = "Evaluate at most this many perplexity chunks and this many examples per lm-eval task."
 
@@ -148,13 +151,18 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.option("--tasks", multiple=True, help=TASKS_HELP)
 @click.option("--task-path", multiple=True, help=TASK_PATH_HELP)
 @click.option("--num-fewshot", type=int, help="Few-shot examples for the lm-eval tasks (default 0).")
+@click.option("--apply-chat-template", is_flag=True, default=None, help=CHAT_HELP)
 @click.option("--limit", type=int, help=LIMIT_HELP)
 @click.option("--speed", is_flag=True, help="Also measure prefill/decode tokens/s, dense vs compressed, interleaved.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help=FORMAT_HELP + " Default: the recipe's export.format, dense.")
+@click.option("--export-dtype", type=click.Choice(EXPORT_DTYPES), help="dtype of the written weights, cast only when "
+              "they are saved (calibration and evaluation run in --dtype). auto: bfloat16 for a GGUF source "
+              "(dequantized to float32), else the model's dtype. Default: the recipe's export.dtype, auto.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="dtype the model is loaded and compressed in (auto: the checkpoint's; float32 for GGUF).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the checkpoint (off by default).")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.option("--checkpoint-dir", type=click.Path(), help="Save progress after every decoder layer to this folder (removed when the run succeeds).")
@@ -171,7 +179,7 @@ FORMAT_HELP = ("Weights on disk: dense (zeros stored; loads anywhere, vLLM serve
 @click.pass_context
 def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rotation, structure, ffn, heads, round_to, uniform,
           recover_steps, allocate, refine, steps, prior, calib, nsamples, seqlen, seed, ppl, tasks, task_path, num_fewshot,
-          limit, speed, output, overwrite, fmt, device, dtype,
+          apply_chat_template, limit, speed, output, overwrite, fmt, export_dtype, device, dtype,
           trust_remote_code, allow_pickle, checkpoint_dir, resume, low_memory, device_map, offload_folder):
     """Compress a model with a recipe and write a safetensors model folder plus report.json/report.md.
 
@@ -256,13 +264,15 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
         for key, val in (("ppl", list(ppl)), ("tasks", _task_list(tasks)), ("task_paths", list(task_path))):
             if val:
                 ev[key] = val
-        for key, val in (("num_fewshot", num_fewshot), ("limit", limit), ("task_limit", limit)):
+        for key, val in (("num_fewshot", num_fewshot), ("limit", limit), ("task_limit", limit),
+                         ("apply_chat_template", apply_chat_template)):
             if val is not None:
                 ev[key] = val
         if speed:
             ev.setdefault("speed", {})
-        if fmt:
-            data["export"] = {"format": fmt}
+        for key, val in (("format", fmt), ("dtype", export_dtype)):
+            if val:
+                data.setdefault("export", {})[key] = val
         recipe = recipe_from_dict(data, recipe_path or "command line")
         _say_if_demo(model_spec or recipe.model)
         options = RunOptions(device, dtype, trust_remote_code, overwrite, allow_pickle, checkpoint_dir, resume, low_memory,
@@ -286,6 +296,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--tasks", multiple=True, help=TASKS_HELP)
 @click.option("--task-path", multiple=True, help=TASK_PATH_HELP)
 @click.option("--num-fewshot", type=int, default=0, show_default=True, help="Few-shot examples for the lm-eval tasks.")
+@click.option("--apply-chat-template", is_flag=True, help=CHAT_HELP)
 @click.option("--seqlen", type=int, default=None, help="Tokens per chunk (default min(2048, context)).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--limit", type=int, default=None, help=LIMIT_HELP)
@@ -299,7 +310,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
 @click.option("--low-memory", is_flag=True, help="Read the model one decoder layer at a time from its safetensors "
               "(a local folder) instead of loading it whole; the same numbers.")
 @click.pass_context
-def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_size, limit, device, dtype,
+def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, apply_chat_template, seqlen, batch_size, limit, device, dtype,
              trust_remote_code, allow_pickle, semi_structured, as_json, low_memory):
     """Perplexity (exp of the mean next-token NLL over non-overlapping chunks) and lm-eval accuracy of a model,
     in any export format (its config.json says which).
@@ -311,7 +322,7 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
       sparsellm eval --model out/ --tasks my_task --task-path tasks/   # local task YAML (dataset_path: json)"""
     from .data import evaluation_chunks
     from .evaluate import perplexity
-    from .evaluate.zeroshot import evaluate_tasks, task_manager
+    from .evaluate.zeroshot import check_chat_template, evaluate_tasks, task_manager
     from .loading import load_model
     from .loading.semi_structured import accelerate_24, check_cuda
     from .pipeline import default_seqlen, resolve_device
@@ -323,6 +334,8 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
             raise RecipeError("nothing to evaluate: give --ppl DATA and/or --tasks NAMES (see sparsellm eval --help)")
         if task_names:  # unknown task names fail before the model is loaded
             task_manager(task_names, task_path)
+        elif apply_chat_template:
+            raise RecipeError("--apply-chat-template applies to lm-eval tasks; add --tasks NAMES")
         dev = resolve_device(device)
         if low_memory and (task_names or semi_structured):
             raise RecipeError("--low-memory measures perplexity only (layer by layer); drop --tasks/--semi-structured")
@@ -336,6 +349,8 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
         else:
             loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
             spec, model, tokenizer = loaded.source.spec, loaded.model.to(dev), loaded.tokenizer
+            if apply_chat_template:
+                check_chat_template(tokenizer, spec)
             if semi_structured:
                 accelerate_24(model)
 
@@ -345,7 +360,8 @@ def evaluate(ctx, model_spec, ppl, tasks, task_path, num_fewshot, seqlen, batch_
         results = {}
         for source in ppl:
             results[source] = measure(evaluation_chunks(tokenizer, source, n, limit, _bos(model, tokenizer)), "perplexity")
-        accs = evaluate_tasks(model, tokenizer, task_names, task_path, limit, num_fewshot, batch_size) if task_names else {}
+        accs = evaluate_tasks(model, tokenizer, task_names, task_path, limit, num_fewshot, batch_size,
+                              apply_chat_template=apply_chat_template) if task_names else {}
         if as_json:
             click.echo(json.dumps({"model": spec, "seqlen": n, "perplexity": results, "tasks": accs}))
         else:
@@ -468,7 +484,7 @@ def apply_masks_cmd(ctx, masks, model_spec, output, overwrite, dtype, trust_remo
 @click.option("--output", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="Convert the weights to this dtype (auto: keep them).")
+              help="Convert the weights to this dtype (auto: keep them; bfloat16 for a GGUF file, dequantized).")
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 @click.pass_context
@@ -485,17 +501,18 @@ def export(ctx, model_spec, fmt, output, overwrite, dtype, trust_remote_code, al
     From a sparsellm output folder, recipe.yaml is copied along and the report and model card are
     rewritten for the new folder (its format and size), ready for `sparsellm push`."""
     from .evaluate.outputs import copy_side_files
-    from .export import atomic_folder, check_output, save_model
+    from .export import atomic_folder, check_output, export_dtype, save_model
     from .loading import load_model
 
     def run():
         out = Path(output)
         check_output(out, overwrite)
         loaded = load_model(model_spec, dtype, trust_remote_code, allow_pickle)
+        cast = export_dtype("auto", loaded.model.dtype, bool(loaded.source.gguf_file)) if dtype == "auto" else None
         with atomic_folder(out, overwrite) as tmp:
-            save_model(loaded.model, loaded.tokenizer, tmp, fmt)
+            dense = save_model(loaded.model, loaded.tokenizer, tmp, fmt, cast)
             if loaded.source.kind == "local":
-                copy_side_files(Path(loaded.source.path), tmp, out.name)  # the card and report, rewritten
+                copy_side_files(Path(loaded.source.path), tmp, out.name, dense)  # the card and report, rewritten
         size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         click.echo(f"{output}: format {fmt}, weights {size:,} bytes")
 

@@ -77,17 +77,34 @@ def atomic_folder(out: Path, overwrite: bool):
         raise
 
 
-def save_model(model, tokenizer, folder: Path, fmt: str = "dense") -> None:
-    """save_pretrained, then the weights rewritten in `fmt` (see formats.py; dense: left as they are)."""
-    from .formats import compress_folder
+def export_dtype(name: str, model_dtype, gguf: bool):
+    """The torch dtype the weights are written in: `name`, or for `auto` bfloat16 when the model is a GGUF
+    source dequantized to float32 (half the bytes; the quantized source holds far less precision than
+    bfloat16), else the model's own dtype."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if gguf and model_dtype == torch.float32 else model_dtype
+    return getattr(torch, name)
+
+
+def save_model(model, tokenizer, folder: Path, fmt: str = "dense", dtype=None) -> int:
+    """save_pretrained, then the weights cast to `dtype` (None: the model's) and rewritten in `fmt` (see
+    formats.py; dense: left as they are). Returns the bytes of the dense safetensors in that dtype, before
+    `fmt` rewrote them (what a dense export of the same dtype takes)."""
+    from .formats import cast_folder, compress_folder
 
     model.save_pretrained(folder, safe_serialization=True)
     if any(getattr(model.config, k, None) is not None for k in ("sparsellm_slicing", "sparsellm_structure")):
         declare_runtime(Path(folder))
+    if dtype is not None:
+        cast_folder(Path(folder), model.dtype, dtype)
+    dense = disk_bytes(folder)
     compress_folder(Path(folder), model, fmt)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     make_readable(folder)
+    return dense
 
 
 def make_readable(folder: Path) -> None:

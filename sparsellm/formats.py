@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,9 +156,7 @@ def compress_folder(folder: Path, model, fmt: str, sparse: set[str] | None = Non
     elif not sparse:
         raise _none_pruned(fmt)
     folder = Path(folder)
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else None
-    shards = sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+    index_path, index, shards = _shards(folder)
     compress, zeros, total, weight_map, nbytes, all_24 = COMPRESS[fmt], 0, 0, {}, 0, True
     for shard in shards:
         with safe_open(folder / shard, framework="pt") as f:
@@ -192,6 +191,43 @@ def compress_folder(folder: Path, model, fmt: str, sparse: set[str] | None = Non
                                                                      round(zeros / total, 6))}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("wrote %d Linear weights as %s", len(sparse), fmt)
+
+
+def _shards(folder: Path) -> tuple[Path, dict | None, list[str]]:
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.exists() else None
+    return index_path, index, sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
+
+
+def cast_folder(folder: Path, source: torch.dtype, dtype: torch.dtype) -> None:
+    """Rewrite the dense safetensors in `folder` with every tensor of dtype `source` cast to `dtype` (tensors
+    kept in another dtype stay as they are), one shard in memory at a time, and record `dtype` in
+    config.json: the export dtype is applied to the files, never to the model being measured."""
+    if source == dtype:
+        return
+    folder = Path(folder)
+    index_path, index, shards = _shards(folder)
+    nbytes = 0
+    for shard in shards:
+        with safe_open(folder / shard, framework="pt") as f:  # one tensor at a time in the source dtype
+            metadata = f.metadata()
+            out = {k: t.to(dtype) if (t := f.get_tensor(k)).dtype == source else t for k in f.keys()}
+        tmp = folder / f".{shard}.tmp"
+        save_file(out, tmp, metadata=metadata)
+        os.replace(tmp, folder / shard)
+        nbytes += sum(v.nbytes for v in out.values())
+        del out
+    if index:
+        index.setdefault("metadata", {})["total_size"] = nbytes
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg or key == "dtype":
+            cfg[key] = name
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("weights written in %s (the model ran in %s)", name, str(source).removeprefix("torch."))
 
 
 def folder_format(config: dict) -> str:

@@ -17,8 +17,8 @@ import torch
 
 from . import measure
 from .evaluate.perplexity import perplexity
-from .export import declare_runtime, make_readable, save_model
-from .formats import compress_folder, is_pruned
+from .export import declare_runtime, disk_bytes, export_dtype, make_readable, save_model
+from .formats import cast_folder, compress_folder, is_pruned
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,14 @@ class ModelHandle:
     def begin(self, folder: Path) -> None:
         """The output folder (its temporary name) is ready: a streamed model writes its layers there."""
 
-    def save(self, folder: Path, fmt: str) -> None:
-        save_model(self.model, self.tokenizer, folder, fmt)
+    def export_dtype(self, name: str):
+        """The dtype the weights are written in for the recipe's export.dtype `name` (see export.export_dtype)."""
+        return export_dtype(name, self.model.dtype, bool(getattr(self.source, "gguf_file", None)))
+
+    def save(self, folder: Path, fmt: str, dtype=None) -> int:
+        """Write the model into `folder` in format `fmt`, its weights cast to `dtype` (None: as they are);
+        returns the bytes a dense export of that dtype takes."""
+        return save_model(self.model, self.tokenizer, folder, fmt, dtype)
 
     def report_block(self) -> dict | None:
         """What the report says of a run that read and wrote the model layer by layer (None otherwise)."""
@@ -141,7 +147,7 @@ class StreamedHandle(OffloadedHandle):
         # the passes that change layers write each finished one to its shard; later passes read it from there
         self.stream.writer = ShardWriter(folder, self.n_layers + 1)
 
-    def save(self, folder: Path, fmt: str) -> None:
+    def save(self, folder: Path, fmt: str, dtype=None) -> int:
         model = self.model
         self.stream.copy_rest()
         model.config.architectures = [type(model).__name__]  # as save_pretrained records it
@@ -151,9 +157,13 @@ class StreamedHandle(OffloadedHandle):
         if any(getattr(model.config, k, None) is not None for k in ("sparsellm_slicing", "sparsellm_structure")):
             declare_runtime(folder)  # per-layer shapes: the runtime modeling file, as save_model writes it
         self.tokenizer.save_pretrained(folder)
+        if dtype is not None:  # the shards were written in the model's dtype, which the passes read back
+            cast_folder(folder, model.dtype, dtype)
+        dense = disk_bytes(folder)
         make_readable(folder)
         if fmt != "dense":
             compress_folder(folder, model, fmt, self.pruned_linears())
+        return dense
 
     def pruned_linears(self) -> set[str]:
         """The decoder Linears that the bitmask formats compress, from the zero counts taken as each layer

@@ -23,7 +23,7 @@ from .errors import RecipeError
 from .evaluate import write_report
 from .evaluate.schema import SCHEMA_VERSION
 from .evaluate.speed import compare_speed
-from .evaluate.zeroshot import evaluate_tasks, mean_accuracy, task_manager
+from .evaluate.zeroshot import check_chat_template, evaluate_tasks, mean_accuracy, task_manager
 from .export import atomic_folder, check_output, disk_bytes
 from .faults import fault_point
 from .handle import ModelHandle, OffloadedHandle, StreamedHandle
@@ -131,7 +131,7 @@ def evaluate_tasks_of(ctx: RunContext, label: str) -> dict:
     ev = ctx.recipe.evaluation
     log.info("lm-eval %s: %s", label, ", ".join(ev.tasks))
     res = evaluate_tasks(ctx.model, ctx.tokenizer, ev.tasks, ev.task_paths, ev.task_limit, ev.num_fewshot,
-                         ev.task_batch_size, ctx.seed)
+                         ev.task_batch_size, ctx.seed, apply_chat_template=ev.apply_chat_template)
     for task, r in res.items():
         log.info("%s %s: acc %s", label, task, r.get("acc"))
     return res
@@ -223,7 +223,7 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
                   "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
                   "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None,
                   "disk_bytes": None, **source_info(source)},
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.dump(),
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
             "seqlen": ctx.seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
@@ -235,7 +235,8 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
                        **({"bos": True} if ctx.adapter.needs_bos and ctx.tokenizer.bos_token_id is not None else {}),
                        "before": before.get("ppl") or {}, "after": after.get("ppl") or {}} if ev.ppl else None,
         "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
-                     "batch_size": ev.task_batch_size, "before": tasks_before, "after": tasks_after,
+                     "batch_size": ev.task_batch_size, "apply_chat_template": ev.apply_chat_template,
+                     "before": tasks_before, "after": tasks_after,
                      "mean_acc_before": mean_accuracy(tasks_before), "mean_acc_after": mean_accuracy(tasks_after)}
                     if ev.tasks else None,
         "speed": after.get("speed"),
@@ -249,11 +250,14 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
     }
 
 
-def write_extras(folder: Path, recipe, report: dict, name: str, artifacts: dict | None = None) -> None:
-    """Everything in the output besides the model weights (already written): their size and format in the
-    report, the recipe, the stages' files, the report and card."""
+def write_extras(folder: Path, recipe, report: dict, name: str, artifacts: dict | None = None,
+                 dtype: torch.dtype | None = None, dense_bytes: int | None = None) -> None:
+    """Everything in the output besides the model weights (already written): their size, format and dtype
+    in the report (with the size of a dense export of that dtype), the recipe, the stages' files, the
+    report and card."""
     report["model"]["disk_bytes"] = disk_bytes(folder)
-    report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"]}
+    report["export"] = {"format": recipe.export.format, "weights_bytes": report["model"]["disk_bytes"],
+                        "dtype": None if dtype is None else str(dtype).removeprefix("torch."), "dense_bytes": dense_bytes}
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     for file, write in (artifacts or {}).items():
         write(folder / file)
@@ -303,6 +307,8 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
     ctx = RunContext(handle=handle, adapter=handle.adapter, tokenizer=handle.tokenizer, recipe=recipe, device=device,
                      timer=timer)
     check_stages(stages, ctx)
+    if ev.tasks and ev.apply_chat_template:
+        check_chat_template(handle.tokenizer, handle.source.spec)
     load_memory = memory.current_rss_bytes(), memory.peak_rss_bytes()
     ctx.seqlen = default_seqlen(ctx.model, recipe.calibration.seqlen)
     eval_seqlen = default_seqlen(ctx.model, ev.seqlen or ctx.seqlen)
@@ -343,9 +349,10 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
                               load_memory=load_memory, params_before=params_before, nonzero_before=nonzero_before)
         if not main:
             return report
+        dtype = handle.export_dtype(recipe.export.dtype)
         with timer("export"):
-            handle.save(tmp, recipe.export.format)
-        write_extras(tmp, recipe, report, out.name, ctx.artifacts)
+            dense_bytes = handle.save(tmp, recipe.export.format, dtype)
+        write_extras(tmp, recipe, report, out.name, ctx.artifacts, dtype, dense_bytes)
     if ctx.checkpoint is not None:
         ctx.checkpoint.remove()  # the output is complete: nothing left to resume
     log.info("wrote %s (sparsity %.4f)", out, report["sparsity"]["overall"])

@@ -14,13 +14,16 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from . import stage as registry
 from .errors import RecipeError
-from .specs import EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source
+from .specs import EXPORT_DTYPES, EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source
 
 __all__ = ["EXPORT_FORMATS", "HUB_DATASETS", "recipe_from_dict", "load_recipe", "recipe_model"]
 
 class Calibration(_Strict):
-    dataset: str = "wikitext2"
-    nsamples: int = Field(128, gt=0)
+    """The text the stages calibrate on: nsamples windows of seqlen tokens."""
+
+    dataset: str = Field("wikitext2", description="wikitext2, c4, hf:ORG/NAME[:CONFIG[:SPLIT[:FIELD]]] (a text field or "
+                         "chat messages) or a local .txt / .jsonl / .json / .parquet file (see data.md)")
+    nsamples: int = Field(128, gt=0, description="calibration windows drawn at random (seeded) from the text")
     seqlen: int | None = Field(None, gt=0, description="default: min(2048, model context)")
     batch_size: int = Field(8, gt=0, description="windows per layer forward")
 
@@ -40,9 +43,11 @@ class Speed(_Strict):
 
 
 class Evaluation(_Strict):
+    """What is measured before and after the stages and written to the report."""
+
     ppl: list[str] = Field(default_factory=list, description="datasets to report perplexity on")
     seqlen: int | None = Field(None, gt=0, description="default: the calibration seqlen")
-    batch_size: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, description="chunks per forward pass of the perplexity")
     limit: int | None = Field(None, gt=0, description="evaluate at most this many chunks")
     before: bool = Field(True, description="also evaluate the uncompressed model")
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks (names, 'suite' for the papers' "
@@ -51,6 +56,8 @@ class Evaluation(_Strict):
     task_limit: int | None = Field(None, gt=0, description="at most this many examples per task")
     num_fewshot: int | None = Field(0, ge=0, description="few-shot examples (null: each task's default)")
     task_batch_size: int = Field(8, gt=0, description="lm-eval batch size")
+    apply_chat_template: bool = Field(False, description="render the lm-eval tasks' prompts with the tokenizer's chat "
+                                      "template (instruct models), as lm-eval's --apply_chat_template")
     speed: Speed | None = Field(None, description="measure prefill/decode tokens/s of dense vs compressed "
                                 "(true for the defaults)")
 
@@ -63,6 +70,13 @@ class Evaluation(_Strict):
     @classmethod
     def _speed_flag(cls, v):
         return {} if v is True else None if v is False else v
+
+    @model_validator(mode="after")
+    def _chat_template_needs_tasks(self):
+        if self.apply_chat_template and not self.tasks:
+            raise ValueError("apply_chat_template renders the prompts of lm-eval tasks, but no tasks are given; "
+                             "add tasks (--tasks) or drop it")
+        return self
 
 
 class _StageBase(_Strict):
@@ -90,16 +104,26 @@ def _union(kind: str):
 
 
 class Export(_Strict):
+    """How the compressed weights are written to the output folder."""
+
     format: Literal[EXPORT_FORMATS] = Field(
         "dense", description="on-disk weights: dense (zeros stored; loads anywhere, servable by vLLM), or the "
         "compressed-tensors bitmask formats for storage and transfer (sparse-24-bitmask: 2:4 weights only)")
+    dtype: Literal[EXPORT_DTYPES] = Field(
+        "auto", description="dtype of the written weights, cast when they are saved (calibration and evaluation run "
+        "in the dtype the model was loaded in); auto: bfloat16 for a GGUF source dequantized to float32, else the "
+        "model's dtype")
+
+
+# fields added to a section after recipes were first written, with their defaults (see _RecipeBase.dump)
+LATER_FIELDS = {("export", "dtype"): "auto", ("evaluation", "apply_chat_template"): False}
 
 
 class _RecipeBase(_Strict):
     model: str | None = Field(None, description="hub id, local folder, .gguf file or smollm2-135m")
-    seed: int = 0
-    calibration: Calibration = Field(default_factory=Calibration)
-    evaluation: Evaluation = Field(default_factory=Evaluation)
+    seed: int = Field(0, description="seed of the window sampling and of anything random in the stages")
+    calibration: Calibration = Field(default_factory=Calibration, description="the calibration data (below)")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="what is measured before and after (below)")
 
     @model_validator(mode="after")
     def _stage_order(self):
@@ -116,8 +140,18 @@ class _RecipeBase(_Strict):
                                  f"pattern {spec.pattern}; use pattern 2:4 or export as sparse-bitmask")
         return self
 
+    def dump(self, **options) -> dict:
+        """model_dump(mode="json", **options) without the fields added later (LATER_FIELDS) where they hold
+        their defaults: recipe.yaml, the report's recipe and the card of a recipe that does not use them
+        stay as they were before those fields existed."""
+        data = self.model_dump(mode="json", **options)
+        for (section, key), default in LATER_FIELDS.items():
+            if key in data[section] and data[section][key] == default:
+                del data[section][key]
+        return data
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True, by_alias=True), sort_keys=False)
+        return yaml.safe_dump(self.dump(exclude_none=True, by_alias=True), sort_keys=False)
 
 
 _built: tuple[int, type, type] | None = None
@@ -131,8 +165,10 @@ def recipe_model() -> type:
         stage = create_model("Stage", __base__=_StageBase, __module__=__name__,
                              **{k: (Optional[_union(k)], None) for k in registry.KINDS})
         recipe = create_model("Recipe", __base__=_RecipeBase, __module__=__name__,
-                              stages=(list[stage], Field(min_length=1)),
-                              export=(Export, Field(default_factory=Export)))
+                              stages=(list[stage], Field(min_length=1, description="the compression stages, run "
+                                                         "in the order written (below)")),
+                              export=(Export, Field(default_factory=Export, description="how the weights are "
+                                                    "written (below)")))
         _built = (registry.version, stage, recipe)
     return _built[2]
 

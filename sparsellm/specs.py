@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 HUB_DATASETS = ("wikitext2", "c4")
 EXPORT_FORMATS = ("dense", "sparse-bitmask", "sparse-24-bitmask")
+EXPORT_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def check_data_source(value: str) -> str:
@@ -30,7 +31,7 @@ PATTERN = re.compile(r"^(\d+):(\d+)$")
 class PruneSpec(Strict):
     """What every prune method's spec has: a sparsity or N:M pattern, and which Linears."""
 
-    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero")
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of weights set to zero; required unless an N:M pattern implies it")
     pattern: str = Field("unstructured", description='"unstructured" or "N:M" (N zeros in every M inputs)')
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names; default: every Linear in the decoder layers")
     ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave untouched")

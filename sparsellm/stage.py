@@ -20,6 +20,16 @@ from . import memory
 
 # the recipe's stage keys in the schema's order
 KINDS = ("slice", "learn", "structure", "recover", "allocate", "prune", "refine")
+# what an entry of each kind does, for the recipe reference (docs/recipes.md)
+KIND_HELP = {
+    "slice": "make the hidden dimension smaller (a smaller dense model)",
+    "learn": "learn N:M masks by training (the weights stay frozen)",
+    "structure": "remove whole FFN channels and attention heads (a smaller dense model)",
+    "recover": "fine-tune after structure or slice, merged into the weights",
+    "allocate": "per-layer sparsities for the prune entry right after it (same overall target)",
+    "prune": "set weights to zero, unstructured or N:M",
+    "refine": "change the mask of the prune entry right before it, same sparsity",
+}
 # modules whose import registers the built-in methods and stage kinds
 # (in this order: the schema and the CLI list a kind's methods by their module's place here, whatever
 # order the imports happen to run in)

@@ -304,3 +304,52 @@ def test_sliced_model_in_bitmask_format(model_dirs, tmp_path):
     r = run("export", out, "--format", "dense", "-o", tmp_path / "d")
     assert r.exit_code == 0, r.output
     assert same_weights(load(str(out))[0], load(str(tmp_path / "d"))[0])
+
+
+# ---- export dtype ---------------------------------------------------------------------------------
+
+def test_export_dtype_auto_halves_a_dequantized_gguf_only():
+    from types import SimpleNamespace
+
+    from sparsellm.export import export_dtype
+    from sparsellm.handle import ModelHandle
+
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    assert export_dtype("auto", f32, gguf=True) == bf16  # a GGUF source dequantized to float32
+    assert export_dtype("auto", f16, gguf=True) == f16  # loaded with --dtype float16: kept
+    assert export_dtype("auto", f32, gguf=False) == f32 and export_dtype("auto", bf16, gguf=False) == bf16
+    assert export_dtype("float16", f32, gguf=True) == f16 and export_dtype("float32", bf16, gguf=False) == f32
+    model = tiny_model("llama")
+    gguf = ModelHandle(model, None, None, SimpleNamespace(gguf_file="m.gguf"))
+    folder = ModelHandle(model, None, None, SimpleNamespace(gguf_file=None))
+    assert gguf.export_dtype("auto") == bf16 and folder.export_dtype("auto") == f32
+
+
+def test_cli_export_dtype_with_a_bitmask_format(model_dirs, tmp_path):
+    """--export-dtype bfloat16 with sparse-24-bitmask: the compressed values are the float32 run's cast, the report
+    says the dtype and compares with a dense bfloat16 export (that of the dense run); a recipe's export.dtype
+    is kept when --format is given on the command line."""
+    common = ("prune", "--model", model_dirs["llama"], "--method", "wanda", "--pattern", "2:4", "--calib", TEXT,
+              "--nsamples", 4, "--seqlen", 32, "--ppl", TEXT, "--limit", 2)
+    f32, dense, small = tmp_path / "f32", tmp_path / "dense", tmp_path / "small"
+    assert run(*common, "-o", f32).exit_code == 0
+    r = run(*common, "--export-dtype", "bfloat16", "-o", dense)
+    assert r.exit_code == 0, r.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((dense / "recipe.yaml").read_text())
+    assert "dtype: bfloat16" in recipe.read_text()
+    r = run("prune", "--model", model_dirs["llama"], "--recipe", recipe, "--format", "sparse-24-bitmask", "-o", small)
+    assert r.exit_code == 0, r.output
+    a, b, c = (json.loads((d / "report.json").read_text()) for d in (f32, dense, small))
+    assert a["perplexity"] == b["perplexity"] == c["perplexity"]  # evaluated in float32 each time
+    assert c["export"] == {"format": "sparse-24-bitmask", "weights_bytes": (small / "model.safetensors").stat().st_size,
+                           "dtype": "bfloat16", "dense_bytes": b["export"]["weights_bytes"]}
+    assert c["export"]["weights_bytes"] < c["export"]["dense_bytes"] < 0.55 * a["export"]["weights_bytes"]
+    assert all(t.dtype == torch.bfloat16 for k, t in tensors(small / "model.safetensors").items() if "compressed" in k)
+    assert same_weights(load(str(small))[0], AutoModelForCausalLM.from_pretrained(f32).to(torch.bfloat16))
+    ratio = c["export"]["weights_bytes"] / c["export"]["dense_bytes"]
+    assert f"(sparse-24-bitmask, bfloat16: {ratio:.2f}× a dense bfloat16 export)" in (small / "report.md").read_text()
+    assert "(bfloat16) |" in (dense / "report.md").read_text()
+    assert "MiB |  |" in next(ln for ln in (f32 / "report.md").read_text().splitlines() if "weights on disk" in ln)
+    r = run(*common, "--export-dtype", "int8", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--export-dtype" in r.output

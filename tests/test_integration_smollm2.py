@@ -134,3 +134,25 @@ def test_cfsp_structured_pruning_on_smollm2(smollm_dir, tmp_path):
     assert before < after < 3 * before
     model, _ = sparsellm.load(str(tmp_path / "cfsp"))
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == d["intermediate_size"]
+
+
+def test_gguf_source_is_exported_in_bfloat16(tmp_path):
+    """The demo GGUF is dequantized to float32 and computed in it; its output is written in bfloat16 (export.dtype
+    auto): half the bytes of the float32 export (513 MiB), which the report compares with the source's size."""
+    from safetensors import safe_open
+
+    out = tmp_path / "mag"
+    r = CliRunner().invoke(cli, ["prune", "--model", "smollm2-135m", "--method", "magnitude", "--sparsity", "0.5",
+                                 "--device", "cpu", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["kind"] == "demo" and report["model"]["dtype"] == "float32"
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"BF16"}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    params = report["model"]["parameters"]  # the tied head counted once, as it is stored
+    weights = report["export"]["weights_bytes"]
+    assert report["export"]["dtype"] == "bfloat16" and report["export"]["dense_bytes"] == weights
+    assert 2 * params < weights < 2 * params + 2**20
+    assert "| weights on disk | 94 MiB (source) | 257 MiB (bfloat16) |" in (out / "report.md").read_text()

@@ -55,11 +55,12 @@ def sharded(tmp_path_factory, tokenizer):
     return out
 
 
-def run(model: Path, stages, out: Path, low_memory: bool | None, ppl: bool = True, fmt: str = "dense") -> dict:
+def run(model: Path, stages, out: Path, low_memory: bool | None, ppl: bool = True, fmt: str = "dense",
+        dtype: str = "auto", **options) -> dict:
     recipe = recipe_from_dict({"calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 32},
                                "evaluation": {"ppl": [str(TEXT)] if ppl else [], "limit": 4}, "stages": stages,
-                               "export": {"format": fmt}})
-    return compress(recipe, out, RunOptions(low_memory=low_memory), str(model))
+                               "export": {"format": fmt, "dtype": dtype}})
+    return compress(recipe, out, RunOptions(low_memory=low_memory, **options), str(model))
 
 
 def assert_same_output(a: Path, b: Path) -> None:
@@ -103,7 +104,10 @@ def test_streamed_bitmask_export_equals_in_memory(fmt, stage, sharded, tmp_path)
     low = run(sharded["llama-tied"], [{"prune": stage}], tmp_path / "low", low_memory=True, fmt=fmt)
     assert_same_output(tmp_path / "whole", tmp_path / "low")
     assert any(k.endswith(".bitmask") for k in tensors(tmp_path / "low"))
-    assert low["export"] == {"format": fmt, "weights_bytes": low["model"]["disk_bytes"]}
+    dense = low["export"].pop("dense_bytes")
+    assert low["export"] == {"format": fmt, "weights_bytes": low["model"]["disk_bytes"], "dtype": "float32"}
+    nbytes = sum(t.nbytes for t in tensors(sharded["llama-tied"]).values())  # the dense float32 tensors, headers aside
+    assert nbytes < dense < nbytes + 2**16 and dense > low["export"]["weights_bytes"]
     assert low["perplexity"] == whole["perplexity"]
     a, b = (load(str(tmp_path / d))[0].state_dict() for d in ("whole", "low"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -184,3 +188,34 @@ def test_eval_low_memory_gives_the_same_perplexity(sharded):
     assert whole.exit_code == low.exit_code == 0, whole.output + low.output
     last = [json.loads(r.output.strip().splitlines()[-1]) for r in (whole, low)]
     assert last[0] == last[1] and last[0]["perplexity"][str(TEXT)] > 1
+
+
+def test_export_dtype_is_applied_when_saving_in_every_memory_mode(sharded, tmp_path):
+    """export.dtype bfloat16: in memory, streamed and offloaded, the same bfloat16 files, which are the float32
+    run's weights cast; calibration and evaluation ran in float32 (the float32 run's perplexity and sparsity)."""
+    model, stages = sharded["llama-tied"], [{"prune": {"method": "wanda", "sparsity": 0.5}}]
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    ref = run(model, stages, tmp_path / "f32", low_memory=False)
+    runs = {"whole": run(model, stages, tmp_path / "whole", low_memory=False, dtype="bfloat16"),
+            "low": run(model, stages, tmp_path / "low", low_memory=True, dtype="bfloat16"),
+            "offloaded": run(model, stages, tmp_path / "offloaded", low_memory=False, dtype="bfloat16",
+                             device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"))}
+    assert_same_output(tmp_path / "whole", tmp_path / "low")
+    assert_same_output(tmp_path / "whole", tmp_path / "offloaded")
+    t32, t16 = tensors(tmp_path / "f32"), tensors(tmp_path / "whole")
+    assert sorted(t32) == sorted(t16)
+    for name, t in t32.items():
+        assert t16[name].dtype == torch.bfloat16 and torch.equal(t16[name], t.to(torch.bfloat16)), name
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    index = json.loads((tmp_path / "low" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in t16.values())
+    assert ref["export"]["dtype"] == "float32" and ref["export"]["dense_bytes"] == ref["export"]["weights_bytes"]
+    assert "dtype" not in (tmp_path / "f32" / "recipe.yaml").read_text()  # auto, the default, is not written
+    assert "dtype: bfloat16" in (tmp_path / "whole" / "recipe.yaml").read_text()
+    for name, r in runs.items():
+        assert r["perplexity"] == ref["perplexity"] and r["sparsity"] == ref["sparsity"], name
+        assert r["model"]["dtype"] == "float32", name  # what the run computed in
+        assert r["export"]["dtype"] == "bfloat16" and r["export"]["dense_bytes"] == r["export"]["weights_bytes"], name
+        assert r["export"]["weights_bytes"] < 0.55 * ref["export"]["weights_bytes"], name

@@ -339,7 +339,9 @@ def test_export_to_bitmask_carries_a_card_that_says_how_to_load_it(runs, tmp_pat
     report = load(small)
     validate(report)
     weights = sum(p.stat().st_size for p in small.glob("*.safetensors"))
-    assert report["export"] == {"format": "sparse-bitmask", "weights_bytes": weights} and report["model"]["disk_bytes"] == weights
+    dense = report["export"].pop("dense_bytes")  # what a dense float32 export took: that of the run exported
+    assert report["export"] == {"format": "sparse-bitmask", "weights_bytes": weights, "dtype": "float32"}
+    assert report["model"]["disk_bytes"] == weights and dense == load(runs["wanda-50"])["export"]["weights_bytes"]
     assert weights < load(runs["wanda-50"])["model"]["disk_bytes"]
     card = ModelCard.load(small / "README.md")
     assert "sparse-bitmask" in card.text and "model, tokenizer = sparsellm.load('small')" in card.text
@@ -466,3 +468,71 @@ def test_push_dry_run_lists_files_and_uploads_nothing(runs, monkeypatch):
     assert "token found" in r.output
     for name in ("model.safetensors", "README.md", "report.html", "report.json", "config.json"):
         assert f"  {name}  " in r.output
+
+
+# ---- lm-eval with the chat template --------------------------------------------------------------------
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture
+def rendered_chats(monkeypatch):
+    """Every conversation a tokenizer renders through its chat template (transformers' apply_chat_template)."""
+    from transformers import PreTrainedTokenizerBase
+
+    calls, original = [], PreTrainedTokenizerBase.apply_chat_template
+
+    def spy(self, conversation, *args, **kwargs):
+        calls.append(conversation)
+        return original(self, conversation, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "apply_chat_template", spy)
+    return calls
+
+
+def test_apply_chat_template_reaches_lm_eval(model_dirs, task_dir, tokenizer, rendered_chats, tmp_path):
+    """--apply-chat-template (prune and eval): lm-eval renders each example's passage as a user turn through the
+    tokenizer's chat template; the report and recipe say so. Without the flag nothing is rendered; a tokenizer
+    without a chat template, or the flag without tasks, is refused with one line before any work."""
+    import copy
+
+    chat_model = tmp_path / "chat-model"
+    shutil.copytree(model_dirs["llama"], chat_model)
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(chat_model)
+    contexts = {json.loads(ln)["context"] for ln in (task_dir / "tiny_continuation.jsonl").read_text().splitlines()}
+    task = ("--tasks", "tiny_continuation", "--task-path", task_dir, "--limit", 3)
+
+    r = run("prune", "--model", chat_model, "--method", "magnitude", "--sparsity", 0.3, *task, "-o", tmp_path / "plain")
+    assert r.exit_code == 0, r.output
+    assert rendered_chats == [] and load(tmp_path / "plain")["zeroshot"]["apply_chat_template"] is False
+    assert "apply_chat_template" not in (tmp_path / "plain" / "recipe.yaml").read_text()  # the default is not written
+
+    out = tmp_path / "chat"
+    r = run("prune", "--model", chat_model, "--method", "magnitude", "--sparsity", 0.3, *task, "--apply-chat-template",
+            "-o", out)
+    assert r.exit_code == 0, r.output
+    users = [turn["content"] for chat in rendered_chats for turn in chat if turn["role"] == "user"]
+    assert len(users) == len(rendered_chats) and len(set(users)) == 3 and set(users) <= contexts  # 3 examples, before and after
+    report = load(out)
+    validate(report)
+    assert report["zeroshot"]["apply_chat_template"] is True and report["zeroshot"]["after"]["tiny_continuation"]["samples"] == 3
+    assert "apply_chat_template: true" in (out / "recipe.yaml").read_text()
+    assert "| accuracy tiny_continuation (n=3, chat template) |" in (out / "report.md").read_text()
+
+    rendered_chats.clear()
+    r = run("eval", "--model", chat_model, *task, "--apply-chat-template", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(rendered_chats) >= 3 and {t["content"] for c in rendered_chats for t in c} <= contexts
+
+    r = run("prune", "--model", model_dirs["llama"], "--method", "magnitude", "--sparsity", 0.3, *task,
+            "--apply-chat-template", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "evaluation.apply_chat_template: the tokenizer of" in r.output
+    assert "has no chat template; evaluate without --apply-chat-template" in r.output and not (tmp_path / "x").exists()
+    r = run("eval", "--model", model_dirs["llama"], *task, "--apply-chat-template")
+    assert r.exit_code == 2 and "has no chat template" in r.output
+    r = run("prune", "--model", chat_model, "--method", "magnitude", "--sparsity", 0.3, "--apply-chat-template",
+            "-o", tmp_path / "y")
+    assert r.exit_code == 2 and "apply_chat_template renders the prompts of lm-eval tasks, but no tasks are given" in r.output

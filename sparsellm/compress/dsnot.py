@@ -39,11 +39,11 @@ class DSnoTRefine(Strict):
     same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
     criterion: Literal["mean", "mse"] = Field("mse", description="take a swap when it shrinks |mean error| (the paper), "
                                               "or only when it also lowers the row's expected squared error (default: "
-                                              "measured better, see README)")
+                                              "measured better, see methods.md)")
     verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
                          "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
     modules: Literal["attention", "mlp", "all"] = Field("all", description="which pruned Linear layers to refine "
-                                                         "(default all: measured best with verify; see README)")
+                                                         "(default all: measured best with verify; see methods.md)")
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names, within `modules`")
     ignore: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names to leave as pruned")
 

@@ -12,6 +12,8 @@ from .masks import layer_mask, nm_mask, row_mask
 
 
 class MagnitudePrune(PruneSpec):
+    """Zero the weights of smallest magnitude |W| (the data-free baseline)."""
+
     method: Literal["magnitude"]
     scope: Literal["layer", "row"] = Field("layer", description="compare |W| across the whole matrix (classic) or per output row")
 

@@ -55,7 +55,7 @@ class MaskLLMLearn(Strict):
                                  "micro-batch entry, steps × batch_size × accumulate")
     seqlen: int | None = Field(None, gt=0, description="tokens per training window; default: the calibration seqlen")
     lr: float = Field(5e-4, gt=0.0, description="peak learning rate of the logits (cosine decay to min_lr)")
-    min_lr: float = Field(5e-5, ge=0.0)
+    min_lr: float = Field(5e-5, ge=0.0, description="learning rate at the last step (at most lr)")
     tau: tuple[float, float] = Field((4.0, 0.05), description="Gumbel-softmax temperature, first → last step")
     kappa: tuple[float, float] = Field((100.0, 500.0), description="logit scale, first → last step")
     weight_reg: float = Field(1e-5, ge=0.0, description="weight of −‖W ⊙ mask‖² (keeps kept weights large), "

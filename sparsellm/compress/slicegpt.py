@@ -47,7 +47,7 @@ class SliceGPTSlice(Strict):
     damp: float = Field(0.01, ge=0.0, description="PCA damping, fraction of the covariance's mean diagonal")
     keep_tied: bool = Field(False, description="uniform, tied embeddings: keep the head tied to the embeddings (smaller) "
                             "with the final norm scale fitted by least squares in the rotated basis; only exact when "
-                            "that scale is constant, measured costly on SmolLM2 (see README). Default: a separate head")
+                            "that scale is constant, measured costly on SmolLM2 (see methods.md). Default: a separate head")
 
 
 # ---- pure math ---------------------------------------------------------------------------------

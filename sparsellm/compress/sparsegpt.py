@@ -15,6 +15,9 @@ from .masks import _lowest, count_to_prune
 
 
 class SparseGPTPrune(PruneSpec):
+    """Prune with the inverse Hessian of the calibration inputs and update the kept weights to compensate
+    (Frantar and Alistarh, 2023)."""
+
     method: Literal["sparsegpt"]
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
     percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of its mean diagonal")

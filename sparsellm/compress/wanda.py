@@ -11,6 +11,8 @@ from .masks import nm_mask, row_mask
 
 
 class WandaPrune(PruneSpec):
+    """Zero the weights of smallest |W|·‖x‖ in each output row (or N:M group), x the calibration inputs (Sun et al., 2024)."""
+
     method: Literal["wanda"]
 
 

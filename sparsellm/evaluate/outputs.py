@@ -36,7 +36,7 @@ def write_derived(folder: Path, report: dict, name: str, repo_id: str | None = N
 SIDE_FILES = ("recipe.yaml", "masks.safetensors", "lm_eval_results_before.json", "lm_eval_results_after.json")
 
 
-def copy_side_files(src: Path, dst: Path, name: str | None = None) -> None:
+def copy_side_files(src: Path, dst: Path, name: str | None = None, dense_bytes: int | None = None) -> None:
     """What a sparsellm output folder holds beside the model: it still describes the re-exported weights.
     The recipe and run artifacts are copied; the report and the model card are rewritten for the new
     folder (its format, weight bytes and dtype), so that a later `sparsellm push` uploads them."""
@@ -45,19 +45,21 @@ def copy_side_files(src: Path, dst: Path, name: str | None = None) -> None:
         if (src / file).is_file() and not (dst / file).exists():
             shutil.copyfile(src / file, dst / file)
     if (src / "report.json").is_file():
-        carry_report(json.loads((src / "report.json").read_text(encoding="utf-8")), dst, name or dst.name)
+        carry_report(json.loads((src / "report.json").read_text(encoding="utf-8")), dst, name or dst.name, dense_bytes)
 
 
-def carry_report(report: dict, folder: Path, name: str) -> dict:
+def carry_report(report: dict, folder: Path, name: str, dense_bytes: int | None = None) -> dict:
     """The report of the run that made the weights, its export section set to what `folder` now holds;
     writes report.json, report.md, report.html and the model card."""
     from ..formats import folder_format
 
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     weights = disk_bytes(folder)
-    report["export"] = {"format": folder_format(cfg), "weights_bytes": weights}
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype") or report["model"]["dtype"]
+    report["export"] = {"format": folder_format(cfg), "weights_bytes": weights, "dtype": dtype,
+                        "dense_bytes": dense_bytes}
     report["model"]["disk_bytes"] = weights
-    report["model"]["dtype"] = cfg.get("dtype") or cfg.get("torch_dtype") or report["model"]["dtype"]
+    report["model"]["dtype"] = dtype
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     write_derived(folder, report, name)
     make_readable(folder)

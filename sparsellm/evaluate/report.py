@@ -42,6 +42,18 @@ def describe(r: dict, amounts: bool = True) -> str:
     return " + ".join(parts)
 
 
+def export_note(r: dict) -> str:
+    """What the weights' size means, where it is not a plain dense export in the dtype the run computed in:
+    ' (bfloat16)', ' (sparse-bitmask, float32: 0.62× a dense float32 export)'."""
+    ex, m = r.get("export") or {}, r["model"]
+    dtype, fmt, dense = ex.get("dtype"), ex.get("format") or "dense", ex.get("dense_bytes")
+    if dtype is None or (dtype == m["dtype"] and fmt == "dense"):
+        return ""
+    if fmt == "dense" or not dense:
+        return f" ({dtype})" if fmt == "dense" else f" ({fmt}, {dtype})"
+    return f" ({fmt}, {dtype}: {ex['weights_bytes'] / dense:.2f}× a dense {dtype} export)"
+
+
 def metric_rows(r: dict) -> list[tuple[str, str, str, str]]:
     """(metric, before, after, after/before) for the before/after table."""
     m = r["model"]
@@ -51,7 +63,7 @@ def metric_rows(r: dict) -> list[tuple[str, str, str, str]]:
             ("decoder Linear sparsity", _num(r["sparsity"].get("overall_before"), ".4f"), f"{r['sparsity']['overall']:.4f}", "")]
     if m.get("disk_bytes") is not None:
         rows.append(("weights on disk", _mib(m.get("source_disk_bytes")) + (" (source)" if m.get("source_disk_bytes") else ""),
-                     _mib(m["disk_bytes"]), ""))
+                     _mib(m["disk_bytes"]) + export_note(r), ""))
     ppl = r.get("perplexity") or {}
     for ds, after in (ppl.get("after") or {}).items():
         before = (ppl.get("before") or {}).get(ds)
@@ -59,7 +71,8 @@ def metric_rows(r: dict) -> list[tuple[str, str, str, str]]:
     zs = r.get("zeroshot") or {}
     for task, res in (zs.get("after") or {}).items():
         before = (zs.get("before") or {}).get(task, {}).get("acc")
-        rows.append((f"accuracy {task} (n={res['samples']})", _num(before, ".4f"), _num(res.get("acc"), ".4f"), ""))
+        chat = ", chat template" if zs.get("apply_chat_template") else ""
+        rows.append((f"accuracy {task} (n={res['samples']}{chat})", _num(before, ".4f"), _num(res.get("acc"), ".4f"), ""))
     if zs.get("after") and len(zs["after"]) > 1:
         rows.append(("mean accuracy", _num(zs.get("mean_acc_before"), ".4f"), _num(zs.get("mean_acc_after"), ".4f"), ""))
     sp = r.get("speed")

@@ -108,6 +108,7 @@ class ZeroShot(_M):
     limit: int | None
     num_fewshot: int | None
     batch_size: int
+    apply_chat_template: bool = Field(False, description="prompts rendered with the tokenizer's chat template")
     before: dict[str, TaskResult]
     after: dict[str, TaskResult]
     mean_acc_before: float | None
@@ -142,6 +143,10 @@ class Memory(_M):
 class Export(_M):
     format: Literal["dense", "sparse-bitmask", "sparse-24-bitmask"] = Field(description="on-disk weight format")
     weights_bytes: int = Field(description="bytes of the safetensors files written")
+    dtype: str | None = Field(None, description="dtype of the written weights (export.dtype: auto is bfloat16 for a "
+                              "GGUF source dequantized to float32, else model.dtype, the dtype the run computed in)")
+    dense_bytes: int | None = Field(None, description="bytes a dense export in the same dtype takes (equal to "
+                                    "weights_bytes for the dense format); null where not measured")
 
 
 class Report(_M):

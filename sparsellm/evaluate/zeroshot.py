@@ -69,6 +69,13 @@ def _is_yaml(name: str) -> bool:
     return name.endswith((".yaml", ".yml"))
 
 
+def check_chat_template(tokenizer, model: str) -> None:
+    """Refuse apply_chat_template for a tokenizer without a chat template, before any model work."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(f"evaluation.apply_chat_template: the tokenizer of {model} has no chat template; "
+                          "evaluate without --apply-chat-template (base models), or use the instruct model's tokenizer")
+
+
 class TaskResults(dict):
     """summarize()'s {task: {metric: value, ...}}, carrying lm-eval's own results object as `raw` (written
     beside report.json by write_lm_eval_results)."""

@@ -32,7 +32,7 @@ class LoRARecover(Strict):
     lr: float = Field(2e-4, gt=0.0, description="peak learning rate (linear warm-up over 10 % of the steps, cosine decay)")
     rank: int = Field(8, gt=0, description="LoRA rank (the mean over blocks when importance_guided)")
     alpha: float = Field(16.0, gt=0.0, description="LoRA scale numerator: the update is (alpha / rank)·B·A")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
     importance_guided: bool = Field(True, description="after CFSP: each block's rank in proportion to its coarse "
                                     "importance (the paper's IG-LoRA); otherwise the same rank everywhere")
 
