@@ -6,7 +6,7 @@ Small settings keep each run to minutes on 2 shared cores: 8 calibration windows
 8 evaluation chunks of 256 tokens, 20 task examples (80 log-likelihoods); the dense model is evaluated
 ("before") in one run only, whose report is looked at (the dense values are the same in every run).
 
-    python scripts/demo_report.py [--out runs] [--data ../shared/data] [--only NAME,NAME]"""
+    python scripts/demo_report.py [--out runs] [--data data] [--only NAME,NAME]"""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +40,7 @@ def shot(html: Path, png: Path, size: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "runs"))
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap.add_argument("--data", default=str(ROOT / "data"))  # bash scripts/get_demo_data.sh
     ap.add_argument("--only", help="comma-separated run names (default: all)")
     args = ap.parse_args()
     out, data = Path(args.out), Path(args.data)

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Disk size of the export formats on SmolLM2-135M-Instruct pruned by Wanda (50 % unstructured and 2:4,
-calibration of ../shared/BENCHMARK.md: 32 windows of 512 tokens from lee_calib.txt, seed 0), saved in
+calibration of the benchmark protocol: 32 windows of 512 tokens from lee_calib.txt, seed 0), saved in
 bfloat16 and float16. For each, model.safetensors in every format against the dense file of the same
 dtype, for the whole file and for the pruned Linear weights alone (embeddings and norms stay dense).
 Every compressed folder is loaded back and must give the dense weights bit for bit.
 
-    .venv/bin/python scripts/format_sizes.py [--data ../shared/data] [--json out.json]
+    .venv/bin/python scripts/format_sizes.py [--data data] [--json out.json]
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def linear_bytes(sizes: dict[str, int], modules: set[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--data", type=Path, default=ROOT / "data")  # bash scripts/get_demo_data.sh
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="keep the pruned fp32 folders here, and reuse them on the next run")
