@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import safe_yaml
 from .errors import RecipeError
 
 HUB_DATASETS = ("wikitext2", "c4")
@@ -449,7 +450,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read recipe {path}: {e}; give a readable UTF-8 YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)  # refuses alias bombs and over-deep nesting (bounded memory)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -18,7 +18,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import TEXT, cli_process, tiny_model
+from conftest import TEXT, cli_process, tiny_model, write_gguf
 from sparsellm.cli import cli
 
 SUPPORTED = "llama, mistral, qwen2, opt"
@@ -171,28 +171,10 @@ def corrupt_config(w):
                 "config.json of {tmp}/model is not valid JSON; fix or re-download the file")
 
 
-def _write_gguf(path: Path, arch: str) -> Path:
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny-{arch}")
-    writer.add_block_count(2)
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_token_list(["<s>", "</s>", "a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @case
 def gguf_unsupported_architecture(w):
     # RWKV-6: a real llama.cpp architecture that transformers cannot read from GGUF, nor we prune
-    path = _write_gguf(w.tmp / "tiny-rwkv6.gguf", "rwkv6")
+    path = write_gguf(w.tmp / "tiny-rwkv6.gguf", "rwkv6")
     return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 4,
                 "GGUF file {tmp}/tiny-rwkv6.gguf holds a 'rwkv6' model, an architecture sparsellm does not support; "
                 f"use a model of a supported architecture: {SUPPORTED}")
@@ -200,10 +182,94 @@ def gguf_unsupported_architecture(w):
 
 @case
 def gguf_truncated(w):
-    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    path = write_gguf(w.tmp / "tiny.gguf", "llama")
     path.write_bytes(path.read_bytes()[:20])
     return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
                 "{tmp}/tiny.gguf is not a valid GGUF file (file ends inside the header); re-download or re-convert it")
+
+
+@case
+def gguf_random_bytes_after_magic(w):
+    import random
+
+    path = w.tmp / "noise.gguf"
+    path.write_bytes(b"GGUF" + random.Random(0).randbytes(4096))
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/noise.gguf is not a valid GGUF file (unknown GGUF version 3626764237); re-download or re-convert it")
+
+
+@case
+def gguf_random_bytes_after_version(w):
+    import random
+    import struct
+
+    path = w.tmp / "noise.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + random.Random(0).randbytes(4096))
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/noise.gguf is not a valid GGUF file (16,422,101,724,900,707,500 metadata entries and "
+                "7,106,521,602,475,165,645 tensors cannot fit in 4,104 bytes); re-download or re-convert it")
+
+
+@case
+def gguf_key_length_2_to_the_40(w):
+    import struct
+
+    path = write_gguf(w.tmp / "tiny.gguf", "llama")
+    data = path.read_bytes()  # magic, version, tensor count, metadata count, then the first key's length
+    path.write_bytes(data[:24] + struct.pack("<Q", 2**40) + data[32:])
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/tiny.gguf is not a valid GGUF file (key of 1,099,511,627,776 bytes runs past the end of the "
+                "file); re-download or re-convert it")
+
+
+@case
+def missing_tensor_in_memory(w):
+    # transformers would fill the missing weight with random values and only warn
+    from safetensors.torch import load_file, save_file
+
+    d = w.model()
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "tensor model.layers.1.mlp.up_proj.weight is missing from the weights of {tmp}/model; the checkpoint "
+                "is incomplete: re-download or re-export it")
+
+
+@case
+def config_layer_count_beyond_the_weights(w):
+    import json
+
+    d = w.model()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2 * 10**8}))
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "config.json of {tmp}/model has num_hidden_layers 200000000, but its weights hold only 21 tensors; "
+                "fix config.json or re-download the model")
+
+
+@case
+def config_zero_heads(w):
+    import json
+
+    d = w.model()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "config.json of {tmp}/model is invalid (ZeroDivisionError: integer modulo by zero); fix it or "
+                "re-download the model")
+
+
+@case
+def config_sizes_not_those_of_the_weights(w):
+    import json
+
+    d = w.model()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 10**9}))  # 256 GB if it were allocated
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "the weights of {tmp}/model do not have the shapes its config says; fix config.json or re-download "
+                "or re-export the model")
 
 
 @case
@@ -227,6 +293,24 @@ def recipe_yaml_syntax_error(w):
     return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
                 "recipe {tmp}/r.yaml is not valid YAML at line 3, column 1: expected ',' or '}', but got "
                 "'<stream end>'; fix the syntax there")
+
+
+@case
+def recipe_alias_bomb(w):
+    # "billion laughs": 9 levels of 9 aliases each, 9^9 values once expanded, from 600 bytes
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (w.tmp / "r.yaml").write_text("\n".join(lines + ["stages: *a9"]) + "\n")
+    return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
+                "recipe {tmp}/r.yaml is not valid YAML: its anchors and aliases expand to more than 100,000 values; "
+                "fix the syntax there")
+
+
+@case
+def recipe_nested_too_deep(w):
+    (w.tmp / "r.yaml").write_text("stages: " + "[" * 5000 + "]" * 5000 + "\n")
+    return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
+                "recipe {tmp}/r.yaml is not valid YAML: it nests brackets more than 64 levels deep; fix the syntax there")
 
 
 @case
@@ -572,7 +656,7 @@ def low_memory_with_checkpoint(w):
 
 @case
 def low_memory_gguf(w):
-    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    path = write_gguf(w.tmp / "tiny.gguf", "llama")
     return Case(["prune", "--model", path, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
                 "--low-memory: {tmp}/tiny.gguf is a GGUF file, which is dequantized whole; convert it to a "
                 "safetensors folder first, or run without --low-memory")
