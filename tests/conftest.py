@@ -142,6 +142,26 @@ def windows(tokenizer):
     return calibration_windows(tokenizer, str(TEXT), nsamples=8, seqlen=32, seed=0)
 
 
+def independent_perplexity(model_dir, text: Path, seqlen: int, limit: int | None = None, model=None) -> float:
+    """Perplexity as the README defines it, computed without sparsellm: the text file's non-empty lines
+    joined with "\n\n", tokenized once, cut into non-overlapping seqlen-token chunks (remainder
+    dropped, at most `limit`), exp of the mean of transformers' own causal-LM loss per chunk (every chunk
+    predicts seqlen - 1 tokens, so the mean of the chunk means is the mean over all tokens)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    docs = [line for line in Path(text).read_text(encoding="utf-8").split("\n") if line.strip()]
+    ids = tok("\n\n".join(docs), return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen if limit is None else min(limit, ids.numel() // seqlen)
+    with torch.no_grad():
+        losses = [float(model(input_ids=ids[i * seqlen:(i + 1) * seqlen][None], labels=ids[i * seqlen:(i + 1) * seqlen][None],
+                              use_cache=False).loss) for i in range(n)]
+    return math.exp(sum(losses) / n)
+
+
 def cli_process(*args, env: dict | None = None, timeout: int = 300):
     """`python -m sparsellm ARGS` in a real child process (for signals), this checkout first on the path;
     `env` adds variables (e.g. the SPARSELLM_TEST_KILL_AT fault hook)."""
