@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, OutputError, RecipeError
 from .faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,15 @@ def fingerprint(model, recipe, windows: torch.Tensor | None) -> dict:
     }
 
 
-def check_folder(folder: Path, resume: bool) -> None:
-    """Cheap checks before the model is loaded."""
+def check_folder(folder: Path, resume: bool, output: Path | None = None) -> None:
+    """Cheap checks before the model is loaded. `output`: the run's output folder, which must not be the
+    checkpoint folder or hold it, nor lie inside it (the output replaces its folder when the run ends, and
+    the checkpoint is deleted then)."""
+    if output is not None:
+        ck, out = Path(folder).resolve(), Path(output).resolve()
+        if ck == out or out in ck.parents or ck in out.parents:
+            raise RecipeError(f"--checkpoint-dir {folder} and --output {output} overlap; give the checkpoint a "
+                              "folder of its own, outside the output folder")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"checkpoint path {folder} is a file; give a folder to --checkpoint-dir")
     if (folder / STATE).exists() and not resume:
@@ -134,7 +142,7 @@ class Checkpoint:
                     raise ValueError("no RNG state")
                 layers[i].load_state_dict(tensors)  # strict: every tensor of the layer, each of its shape
             except (RuntimeError, ValueError) as e:
-                raise self._damaged(f"{path.name}: {str(e).strip().splitlines()[0]}") from None
+                raise self._damaged(f"{path.name}: {' '.join(str(e).split())[:400]}") from None
         if done:
             try:
                 torch.set_rng_state(rng)
@@ -170,8 +178,9 @@ class Checkpoint:
         """After a successful run: nothing is left to resume. The commit record goes first, so a kill
         while deleting leaves no checkpoint that looks resumable."""
         (self.folder / STATE).unlink(missing_ok=True)
-        for f in self.folder.glob("*.safetensors"):
-            f.unlink(missing_ok=True)
+        for f in self.folder.glob("*.safetensors"):  # only the files a checkpoint writes, whatever else is there
+            if f.stem in self.state["results"] or re.fullmatch(r".+-(layer|inputs)\d+", f.stem):
+                f.unlink(missing_ok=True)
         self._sweep()
         try:
             self.folder.rmdir()

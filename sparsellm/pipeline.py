@@ -383,7 +383,7 @@ def compress(recipe: Recipe, output: str | Path, options: RunOptions, model_spec
     if device_map is not None and (problem := recipe_problem(recipe, options, "--device-map")):
         raise RecipeError(f"--device-map: {problem}")
     if options.checkpoint_dir:
-        check_folder(Path(options.checkpoint_dir), options.resume)
+        check_folder(Path(options.checkpoint_dir), options.resume, out)
     timer = Timer()
     memory.reset_peak()
 

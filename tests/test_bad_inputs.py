@@ -560,6 +560,143 @@ def checkpoint_of_another_run(w):
                 "and data, or another --checkpoint-dir")
 
 
+@case
+def checkpoint_layer_file_damaged(w):
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    layer = ckpt / "stage0-layer0.safetensors"
+    layer.write_bytes(layer.read_bytes()[:100])  # bit rot, a copy cut short
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is damaged (stage0-layer0.safetensors: Error while "
+                "deserializing header: invalid header length); delete the folder to start over")
+
+
+@case
+def checkpoint_layer_file_of_another_shape(w):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    tensors = load_file(ckpt / "stage0-layer0.safetensors")
+    tensors["mlp.up_proj.weight"] = tensors["mlp.up_proj.weight"][:8]
+    save_file(tensors, ckpt / "stage0-layer0.safetensors")
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is damaged (stage0-layer0.safetensors: Error(s) in loading "
+                "state_dict for LlamaDecoderLayer: size mismatch for mlp.up_proj.weight: copying a param with shape "
+                "torch.Size([8, 64]) from checkpoint, the shape in current model is torch.Size([128, 64]).); delete the "
+                "folder to start over")
+
+
+@case
+def checkpoint_state_not_json(w):
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    (ckpt / "state.json").write_text('{"format": 1, "fingerprint": ')
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is unreadable (JSONDecodeError: Expecting value: line 1 "
+                "column 30 (char 29)); delete the folder to start over")
+
+
+@case
+def checkpoint_state_malformed(w):
+    import json
+
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["passes"]["stage0"]["layers_done"] = "2"
+    (ckpt / "state.json").write_text(json.dumps(state))
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is unreadable (state.json: pass stage0 is malformed); "
+                "delete the folder to start over")
+
+
+@case
+def checkpoint_path_is_a_file(w):
+    (w.tmp / "ckpt").write_text("notes")
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt"), 6, "checkpoint path {tmp}/ckpt is a file; give a folder to --checkpoint-dir")
+
+
+@case
+def checkpoint_folder_cannot_be_created(w):
+    (w.tmp / "f").write_text("notes")
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "f" / "ckpt"), 6, "cannot create the checkpoint folder {tmp}/f/ckpt: Not a directory; choose another "
+                "--checkpoint-dir")
+
+
+@case
+def checkpoint_write_refused(w):
+    import sparsellm.checkpoint as checkpoint
+
+    def refused(tensors, path):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    w.monkeypatch.setattr(checkpoint, "save_file", refused)
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt"), 6, "cannot write the checkpoint in {tmp}/ckpt: Permission denied; choose another "
+                "--checkpoint-dir", keeps=["ckpt", "ckpt/state.json"])
+
+
+@case
+def checkpoint_inside_the_output(w):
+    # the output replaces its folder at the end, and a finished run deletes its checkpoint: never nest them
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.out / "ckpt"), 2, "--checkpoint-dir {tmp}/out/ckpt and --output {tmp}/out overlap; give the checkpoint a "
+                "folder of its own, outside the output folder")
+
+
+@case
+def sparsegpt_hessian_not_factorable(w):
+    # no damping, and 16 calibration tokens for 64 inputs: X^T X is singular
+    return Case(w.prune("--recipe", w.recipe({"method": "sparsegpt", "sparsity": 0.5, "percdamp": 0.0},
+                                             calibration={"dataset": str(TEXT), "nsamples": 1, "seqlen": 16})), 8, "model.layers.0.self_attn.q_proj: linalg.cholesky: The factorization could not be completed "
+                "because the input is not positive-definite (the leading minor of order 17 is not positive-definite).; "
+                "raise the damping (percdamp, e.g. 0.1) or calibrate on more data")
+
+
+@case
+def maskllm_loss_not_finite(w):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # not a masked Linear: only the loss sees it
+    d = w.tmp / "nan"
+    model.save_pretrained(d)
+    w.tokenizer.save_pretrained(d)
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"learn": {"method": "maskllm", "prior": "none", "steps": 2}}]}))
+    return Case(["prune", "--model", d, "--recipe", path, "-o", w.out], 8, "maskllm: the loss became nan at step 0; lower lr or use mixed_precision: no")
+
+
+@case
+def slicegpt_opt_with_project_in_out(w):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("opt")
+    cfg.word_embed_proj_dim = 32  # opt-350m's layout: embeddings narrower than the hidden size
+    d = w.tmp / "opt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    w.tokenizer.save_pretrained(d)
+    return Case(["prune", "--model", d, "--slicing", "0.25", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16, "-o", w.out],
+                4, "SliceGPT: models with project_in/project_out (word_embed_proj_dim != hidden_size) are not "
+                "supported; prune this model with a method that keeps its shapes (e.g. --method wanda) instead")
+
+
+@case
+def slicegpt_slicing_leaves_no_dimension(w):
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"slice": {"method": "slicegpt", "slicing": 0.9, "round_to": 64}}]}))
+    return Case(w.prune("--recipe", path), 7, "SliceGPT: slicing 0.9 with round_to 64 leaves no dimension of 64; slice less, or use a "
+                "smaller round_to")
+
+
+@case
+def slicegpt_uniform_narrower_than_the_heads(w):
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"slice": {"method": "slicegpt", "slicing": 0.95, "rotation": "uniform",
+                                                          "round_to": 1}}]}))
+    return Case(w.prune("--recipe", path), 7, "SliceGPT uniform: hidden size 3 must be a multiple of 4 for a stock llama config; slice less")
+
+
+@case
+def output_is_the_input(w):
+    d = w.model()
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", d], 6, "output folder {tmp}/model already exists; pass --overwrite to replace it")
+
+
 # -- evaluation and publishing --------------------------------------------------------------------------
 TASK_FIX = ("use a task name lm-eval knows (lm-eval ls tasks), 'suite' for boolq, rte, hellaswag, winogrande, "
             "arc_easy, arc_challenge, openbookqa, piqa, or a task YAML file / --task-path folder")
@@ -570,6 +707,25 @@ def unknown_lm_eval_task(w):
     # refused before the model is loaded: the model path does not even exist
     return Case(["prune", "--model", w.tmp / "nothing", *MAGNITUDE, "--tasks", "zzzz_unknown", "-o", w.out], 2,
                 "unknown lm-eval task 'zzzz_unknown'; " + TASK_FIX)
+
+
+@case
+def lm_eval_dataset_download_fails(w):
+    # a task whose dataset is on the hub, not in the cache, with the hub unreachable
+    import huggingface_hub.constants
+
+    w.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w.monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    w.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (w.tmp / "tasks").mkdir()
+    (w.tmp / "tasks" / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: sparsellm-tests/no-such-dataset\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{endings}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    return Case(["eval", "--model", w.models["llama"], "--tasks", "hub_task", "--task-path", w.tmp / "tasks"], 5,
+                "cannot get the data of lm-eval task(s) hub_task (Couldn't reach 'sparsellm-tests/no-such-dataset' on the "
+                "Hub (OfflineModeIsEnabled)); the hub is needed for built-in tasks: connect once so datasets caches them, "
+                "or use a local task YAML")
 
 
 @case

@@ -77,7 +77,8 @@ class Adapter:
                                                "after each block (e.g. opt-350m)")
         if any(_get(model, p) is not None for p in ("model.decoder.project_in", "model.decoder.project_out")):
             raise UnsupportedArchitectureError("SliceGPT: models with project_in/project_out (word_embed_proj_dim != "
-                                               "hidden_size) are not supported")
+                                               "hidden_size) are not supported; prune this model with a method "
+                                               "that keeps its shapes (e.g. --method wanda) instead")
 
     def structure_names(self, model: nn.Module) -> dict:
         """Module names and head geometry for structured pruning (FFN channels, whole KV groups)."""
