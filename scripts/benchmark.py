@@ -6,6 +6,9 @@ from lee_calib.txt (random.seed(0)), perplexity on non-overlapping 512-token chu
 Each setting runs in a fresh worker process so its peak RSS is its own. Prints one markdown table.
 
     .venv/bin/python scripts/benchmark.py [--data data] [--only wanda-50,dense] [--json out.json]
+
+Every results row of the README and docs/benchmarks.md names the setting (or group) that produced it;
+tests/test_benchmark_settings.py checks that each name exists here.
 """
 from __future__ import annotations
 
@@ -37,17 +40,24 @@ for _s in (0.6, 0.7, "2:4"):
     SETTINGS[f"owl+wanda+dsnot-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot"}}]
     # 4 windows x 2 directions per layer (the recipe default is 8 x 2): the estimate is the costly part on CPU
     SETTINGS[f"ecoflap+wanda-{tag}"] = [{"allocate": {"method": "ecoflap", "nsamples": 4}}, {"prune": _p("wanda", _s)}]
-# which layers DSnoT should refine (the reference skips the MLP by default)
-SETTINGS["wanda+dsnot(attn)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "attention"}}]
-SETTINGS["wanda+dsnot(mlp)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "mlp"}}]
-SETTINGS["wanda+dsnot(all)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "all"}}]
+# How the DSnoT defaults were chosen (README, "How the DSnoT defaults were chosen"): the variants ran before
+# `verify` became the default, so every variant without "verify" in its name says verify: false.
+def _dsnot(criterion: str, modules: str, verify: bool = False, **kw) -> dict:
+    return {"refine": {"method": "dsnot", "criterion": criterion, "modules": modules, "verify": verify, **kw}}
+
+
+# which layers DSnoT should refine (the reference skips the MLP by default); the paper's rule ("mean")
+SETTINGS["wanda+dsnot(attn)-60"] = [{"prune": _p("wanda", 0.6)}, _dsnot("mean", "attention")]
+SETTINGS["wanda+dsnot(mlp)-60"] = [{"prune": _p("wanda", 0.6)}, _dsnot("mean", "mlp")]
+SETTINGS["wanda+dsnot(all)-60"] = [{"prune": _p("wanda", 0.6)}, _dsnot("mean", "all")]
 for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
-    SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mean", "modules": "all"}}]
-    SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "all"}}]
-SETTINGS["wanda+dsnot(attn-mse)-60"] = [{"prune": _p("wanda", 0.6)}, {"refine": {"method": "dsnot", "criterion": "mse", "modules": "attention"}}]
-for _s in (0.6, 0.7):
-    SETTINGS[f"wanda+dsnot(all)-{int(_s * 100)}-verify"] = [{"prune": _p("wanda", _s)}, {"refine": {"method": "dsnot", "modules": "all"}}]
+    SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mean", "all")]
+    SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mse", "all")]
+    SETTINGS[f"wanda+dsnot(attn-mse)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mse", "attention")]
+    SETTINGS[f"wanda+dsnot(attn-mse-verify)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mse", "attention", verify=True)]
+for _s in (0.6, 0.7):  # = the defaults (mse, verify, all), spelled out
+    SETTINGS[f"wanda+dsnot(all)-{int(_s * 100)}-verify"] = [{"prune": _p("wanda", _s)}, _dsnot("mse", "all", verify=True)]
 # the reference code's effective settings: paper rule, attention only, sign check on (its N:M path)
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
@@ -56,6 +66,8 @@ for _s in (0.1, 0.2, 0.3):
     SETTINGS[f"slicegpt-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s}}]
     # round_to 1: the stock LlamaConfig needs a multiple of SmolLM2's 9 heads; lcm(8, 9) = 72 would be too coarse
     SETTINGS[f"slicegpt-uniform-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s, "rotation": "uniform", "round_to": 1}}]
+# the uniform width with the default round_to 8: a multiple of lcm(8, 9 heads) = 72
+SETTINGS["slicegpt-uniform-20-r8"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform"}}]
 SETTINGS["slicegpt-headsliced-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "slice_head": True}}]
 SETTINGS["slicegpt-uniform-tied-20"] = [{"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform", "keep_tied": True, "round_to": 1}}]
 SETTINGS["slicegpt-uniform-tied-0"] = [{"slice": {"method": "slicegpt", "slicing": 0.0, "rotation": "uniform", "keep_tied": True}}]
@@ -93,7 +105,9 @@ GROUPS = {
     "issue3": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
                ("wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "owl+wanda", "owl+wanda+dsnot", "ecoflap+wanda")],
     "issue4": ["slicegpt-0", "slicegpt-uniform-0"] + [f"slicegpt{m}-{t}" for t in ("10", "20", "30") for m in ("", "-uniform")]
-              + ["slicegpt-headsliced-20", "slicegpt-uniform-tied-0", "slicegpt-uniform-tied-20"],
+              + ["slicegpt-uniform-20-r8", "slicegpt-headsliced-20", "slicegpt-uniform-tied-0", "slicegpt-uniform-tied-20"],
+    "dsnot-variants": [f"wanda+dsnot({v})-{t}" for v in ("mean", "mse", "attn-mse", "attn-mse-verify") for t in ("60", "70", "2:4")]
+                      + ["wanda+dsnot(attn)-60", "wanda+dsnot(mlp)-60", "wanda+dsnot(ref)-2:4"],
     "issue6": ["sparsegpt-2:4", "wanda-2:4", "maskllm-prior-sparsegpt-2:4", "maskllm-prior-wanda-2:4",
                "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
     "issue5": [f"{m}-ffn{t}" for t in ("20", "50") for m in ("cfsp", "wanda-sp", "magnitude")]

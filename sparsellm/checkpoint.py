@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .errors import CheckpointError, OutputError
+from .errors import CheckpointError, OutputError, RecipeError
 from .faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,15 @@ def fingerprint(model, recipe, windows: torch.Tensor | None) -> dict:
     }
 
 
-def check_folder(folder: Path, resume: bool) -> None:
-    """Cheap checks before the model is loaded."""
+def check_folder(folder: Path, resume: bool, output: Path | None = None) -> None:
+    """Cheap checks before the model is loaded. `output`: the run's output folder, which must not be the
+    checkpoint folder or hold it, nor lie inside it (the output replaces its folder when the run ends, and
+    the checkpoint is deleted then)."""
+    if output is not None:
+        ck, out = Path(folder).resolve(), Path(output).resolve()
+        if ck == out or out in ck.parents or ck in out.parents:
+            raise RecipeError(f"--checkpoint-dir {folder} and --output {output} overlap; give the checkpoint a "
+                              "folder of its own, outside the output folder")
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"checkpoint path {folder} is a file; give a folder to --checkpoint-dir")
     if (folder / STATE).exists() and not resume:
@@ -120,21 +128,38 @@ class Checkpoint:
     def restore(self, pass_key: str, layers, methods) -> int:
         """Put back the layers a pass finished and the methods' state; returns how many."""
         done = self.layers_done(pass_key)
+        if done > len(layers):
+            raise self._damaged(f"{pass_key} claims {done} decoder layers done, the model has {len(layers)}")
+        saved = self.state["passes"].get(pass_key, {}).get("methods", [])
+        if done and len(saved) != len(methods):
+            raise self._damaged(f"{pass_key} holds the state of {len(saved)} methods, the recipe has {len(methods)}")
         for i in range(done):
-            tensors = self._load(self._layer_file(pass_key, i))
-            rng = tensors.pop(RNG_KEY)
-            layers[i].load_state_dict(tensors)
+            path = self._layer_file(pass_key, i)
+            tensors = self._load(path)
+            rng = tensors.pop(RNG_KEY, None)
+            try:
+                if rng is None or rng.dtype != torch.uint8:
+                    raise ValueError("no RNG state")
+                layers[i].load_state_dict(tensors)  # strict: every tensor of the layer, each of its shape
+            except (RuntimeError, ValueError) as e:
+                raise self._damaged(f"{path.name}: {' '.join(str(e).split())[:400]}") from None
         if done:
-            torch.set_rng_state(rng)
-            for method, state in zip(methods, self.state["passes"][pass_key]["methods"]):
-                method.load_state(state)
+            try:
+                torch.set_rng_state(rng)
+                for method, state in zip(methods, saved):
+                    method.load_state(state)
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                raise self._damaged(f"{pass_key}: {type(e).__name__}: {e}") from None
             self.resumed[pass_key] = done
             log.info("%s: %d of %d decoder layers restored from the checkpoint", pass_key, done, len(layers))
         return done
 
     def inputs(self, pass_key: str, index: int, device) -> list[torch.Tensor]:
         """The saved inputs of decoder layer `index` (outputs of layer index - 1)."""
-        t = self._load(self._inputs_file(pass_key, index - 1))
+        path = self._inputs_file(pass_key, index - 1)
+        t = self._load(path)
+        if sorted(t) != sorted(map(str, range(len(t)))):
+            raise self._damaged(f"{path.name} does not hold numbered batches")
         return [t[str(b)].to(device) for b in range(len(t))]
 
     def save_layer(self, pass_key: str, index: int, layer, inputs: list[torch.Tensor] | None, methods) -> None:
@@ -153,8 +178,9 @@ class Checkpoint:
         """After a successful run: nothing is left to resume. The commit record goes first, so a kill
         while deleting leaves no checkpoint that looks resumable."""
         (self.folder / STATE).unlink(missing_ok=True)
-        for f in self.folder.glob("*.safetensors"):
-            f.unlink(missing_ok=True)
+        for f in self.folder.glob("*.safetensors"):  # only the files a checkpoint writes, whatever else is there
+            if f.stem in self.state["results"] or re.fullmatch(r".+-(layer|inputs)\d+", f.stem):
+                f.unlink(missing_ok=True)
         self._sweep()
         try:
             self.folder.rmdir()
@@ -202,15 +228,37 @@ class Checkpoint:
     def _read_state(self) -> dict:
         try:
             state = json.loads((self.folder / STATE).read_text(encoding="utf-8"))
-            state["fingerprint"], state["passes"], state["results"]  # noqa: B018 - the keys must be there
-            return state
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"the checkpoint in {self.folder} is unreadable ({type(e).__name__}: {e}); "
+            problem = state_problem(state)
+        except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            problem = f"{type(e).__name__}: {e}"
+        if problem:
+            raise CheckpointError(f"the checkpoint in {self.folder} is unreadable ({problem}); "
                                   "delete the folder to start over") from None
+        return state
+
+    def _damaged(self, detail: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint in {self.folder} is damaged ({detail}); delete the folder to start over")
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(path)
         except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"the checkpoint in {self.folder} is damaged ({path.name}: {e}); "
-                                  "delete the folder to start over") from None
+            raise self._damaged(f"{path.name}: {e}") from None
+
+
+def state_problem(state) -> str | None:
+    """What is wrong with the structure of a state.json (None: nothing), checked before any of it is used."""
+    if not isinstance(state, dict):
+        return f"state.json holds {type(state).__name__}, not a mapping"
+    kinds = {"format": int, "fingerprint": dict, "passes": dict, "results": dict}
+    for key, kind in kinds.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"state.json: {key} missing or not {kind.__name__}"
+    if not all(isinstance(v, str) for v in state["fingerprint"].values()):
+        return "state.json: fingerprint values are not strings"
+    for name, p in state["passes"].items():
+        done = p.get("layers_done") if isinstance(p, dict) else None
+        if not isinstance(done, int) or isinstance(done, bool) or done < 0 or not isinstance(p.get("methods"), list) \
+                or not all(isinstance(m, dict) for m in p["methods"]):
+            return f"state.json: pass {name} is malformed"
+    return None

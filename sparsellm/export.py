@@ -60,13 +60,20 @@ def atomic_folder(out: Path, overwrite: bool):
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
+        if out.exists() and overwrite:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out)
+            try:  # fails if another run created a non-empty `out` meanwhile: never replace it without --overwrite
+                tmp.rename(out)
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise OutputError(f"output folder {out} was created by another run while this one was writing; this "
+                                  "run's result was discarded: choose another --output, or pass --overwrite to replace "
+                                  "it") from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:

@@ -45,7 +45,12 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bitmask(packed: torch.Tensor, shape) -> torch.Tensor:
+    """uint8 [rows, ceil(cols/8)] -> bool [rows, cols]; ValueError when `packed` does not have exactly
+    the bytes `shape` needs (a shape read from a file never makes this allocate more than 8 per byte)."""
     rows, cols = (int(s) for s in shape)
+    if packed.dtype != torch.uint8 or rows < 0 or cols < 0 or tuple(packed.shape) != (rows, -(-cols // 8)):
+        raise ValueError(f"bitmask is {packed.dtype} {tuple(packed.shape)}, expected uint8 {(rows, -(-cols // 8))} "
+                         f"for shape {rows}x{cols}")
     bits = np.unpackbits(packed.cpu().numpy(), axis=-1, count=cols, bitorder="little")
     return torch.from_numpy(bits.reshape(rows, cols).astype(bool))
 
@@ -57,12 +62,35 @@ def bitmask_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
             "row_offsets": torch.cumsum(counts, 0) - counts}
 
 
+def _dense_shape(parts: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """rows, cols of a compressed weight, checked against its bitmask before anything is allocated: the
+    dense tensor is then at most 8 weights per stored mask byte (a file cannot ask for more memory
+    than its size allows). Raises ValueError."""
+    shape, bitmask = parts["shape"], parts["bitmask"]
+    if shape.dtype.is_floating_point or shape.dtype == torch.bool or shape.numel() != 2:
+        raise ValueError(f"shape should hold 2 integers, holds {shape.numel()} of type {shape.dtype}")
+    rows, cols = (int(v) for v in shape.flatten().tolist())
+    if rows < 1 or cols < 1:
+        raise ValueError(f"shape {rows}x{cols} is not a matrix shape")
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (rows, -(-cols // 8)):
+        raise ValueError(f"bitmask is {bitmask.dtype} {tuple(bitmask.shape)}, expected uint8 {(rows, -(-cols // 8))} "
+                         f"for shape {rows}x{cols}")
+    return rows, cols
+
+
 def bitmask_decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    shape = parts["shape"].flatten().tolist()
+    shape = _dense_shape(parts)
     mask = unpack_bitmask(parts["bitmask"], shape)
     values = parts["compressed"].flatten()
+    if not (values.is_floating_point() or values.is_complex()):
+        raise ValueError(f"compressed values are {values.dtype}, not floating point")
     if int(mask.sum()) != values.numel():
         raise ValueError(f"bitmask marks {int(mask.sum())} values but {values.numel()} are stored")
+    if "row_offsets" in parts:
+        counts = mask.sum(-1)
+        offsets = parts["row_offsets"]
+        if tuple(offsets.shape) != (shape[0],) or not torch.equal(offsets.long(), torch.cumsum(counts, 0) - counts):
+            raise ValueError("row_offsets do not match the bitmask")
     out = torch.zeros(shape, dtype=values.dtype)
     out[mask] = values
     return out
@@ -93,6 +121,10 @@ def sparse24_compress(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def sparse24_decompress(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    rows, cols = _dense_shape(parts)
+    if cols % 4 or tuple(parts["compressed"].shape) != (rows, cols // 2):
+        raise ValueError(f"compressed is {tuple(parts['compressed'].shape)}, expected {(rows, cols // 2)} for 2:4 "
+                         f"of shape {rows}x{cols}")
     return bitmask_decompress(parts)  # same scatter; compressed is [rows, cols/2] instead of 1-D
 
 
@@ -236,8 +268,11 @@ def folder_format(config: dict) -> str:
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         return "dense"
     sc = qc.get("sparsity_config") or {}
+    if not isinstance(sc, dict):
+        raise ModelLoadError(f"sparsity_config in config.json should be a mapping, not {type(sc).__name__}; "
+                             "fix or re-export the model")
     fmt = sc.get("format", "dense")
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise ModelLoadError(f"sparsity format {fmt!r} in config.json is not supported; sparsellm reads "
                              f"{', '.join(FORMATS)}")
     if fmt != "dense" and (qc.get("config_groups") or qc.get("transform_config")):

@@ -303,7 +303,7 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
         with timer("load"):
             handle = open_model(model_spec or recipe.model, recipe, options)
     if options.checkpoint_dir:
-        check_folder(Path(options.checkpoint_dir), options.resume)
+        check_folder(Path(options.checkpoint_dir), options.resume, out)
     ctx = RunContext(handle=handle, adapter=handle.adapter, tokenizer=handle.tokenizer, recipe=recipe, device=device,
                      timer=timer)
     check_stages(stages, ctx)

@@ -60,11 +60,30 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
         commit = api.upload_folder(repo_id=repo, folder_path=str(folder), revision=revision, repo_type="model",
                                    ignore_patterns=[".*", "**/.*"], commit_message="Upload model compressed with sparsellm")
     except Exception as e:  # HTTP errors, network: one line, the token never part of it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PublishError(f"upload to {repo_id} failed: {first}; check the repo id, your token's write "
-                           "permission and the network") from None
+        raise _upload_error(e, repo_id, token) from None
     plan["url"] = str(getattr(commit, "commit_url", commit))
     return plan
+
+
+def _upload_error(e: Exception, repo_id: str, token: str) -> PublishError:
+    """One line naming what the hub said and the fix; the token is cut out of anything the server or the
+    client library put in the message (a server may echo a request header back)."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    text = " ".join(str(e).split()) or type(e).__name__
+    if status == 401:
+        problem, fix = "the hub refused the token (401 Unauthorized)", "log in again with `hf auth login` or set HF_TOKEN to a valid token"
+    elif status == 403:
+        problem, fix = "the token may not write there (403 Forbidden)", "use a token with write access to that namespace"
+    elif status == 404:
+        problem, fix = "the repository was not found (404)", "check the repo id, and that your token can see it"
+    else:
+        problem = text if status is None else f"HTTP {status}: {text}"
+        problem = problem[:300]
+        fix = "check the repo id, your token's write permission and the network"
+    message = f"upload to {repo_id} failed: {problem}; {fix}"
+    if token:
+        message = message.replace(token, "<token>")
+    return PublishError(message)
 
 
 def _card_with_repo_id(folder: Path, repo_id: str) -> None:

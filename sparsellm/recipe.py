@@ -13,6 +13,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from . import stage as registry
+from . import safe_yaml
 from .errors import RecipeError
 from .specs import EXPORT_DTYPES, EXPORT_FORMATS, HUB_DATASETS, Strict as _Strict, check_data_source as _check_data_source
 
@@ -221,7 +222,7 @@ def load_recipe(path: str | Path):
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"cannot read recipe {path}: {e}; give a readable UTF-8 YAML file") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)  # refuses alias bombs and over-deep nesting (bounded memory)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

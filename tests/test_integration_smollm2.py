@@ -9,25 +9,16 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from conftest import SHARED, TEXT
+from conftest import DEMO_CALIB as CALIB, DEMO_EVAL as EVAL
 from sparsellm.cli import cli
 
 pytestmark = pytest.mark.integration
 
-CALIB = SHARED / "lee_calib.txt" if (SHARED / "lee_calib.txt").is_file() else TEXT
-EVAL = SHARED / "lee_eval.txt" if (SHARED / "lee_eval.txt").is_file() else TEXT
-
 
 @pytest.fixture(scope="module")
-def smollm_dir(tmp_path_factory):
-    import sparsellm
-
-    model, tok = sparsellm.load("smollm2-135m")  # resolves the embedded GGUF and dequantizes it
-    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
-    d = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+def smollm_dir(smollm2_dir, demo_data):
+    """The demo model as a float32 safetensors folder; the demo text in data/ (fetched if absent)."""
+    return smollm2_dir
 
 
 def prune(model_dir, out, stage, tmp_path):

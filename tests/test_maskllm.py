@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import TEXT, cli_process, tiny_model
 from sparsellm.cli import cli
+from sparsellm.errors import CompressionError
 from sparsellm.compress.maskllm import (apply_masks, cosine_lr, gumbel_noise, hard_mask, hard_mask_index, linear_schedule,
                                         load_masks, mask_patterns, prior_logits, soft_mask)
 
@@ -172,7 +173,8 @@ def test_masks_transfer_to_a_finetune(tmp_path, llama_dir, tokenizer):
     assert torch.equal(dst["model.embed_tokens.weight"], orig["model.embed_tokens.weight"])
 
     other = tiny_model("llama", intermediate_size=96)
-    with pytest.raises(Exception, match="mask shape"):
+    with pytest.raises(CompressionError, match=r"^model\.layers\.0\.mlp\.down_proj: mask shape \(64, 128\) differs from "
+                                               r"the weight's \(64, 96\)"):
         apply_masks(other, keep)
 
 
@@ -199,25 +201,47 @@ def test_learn_after_prune_and_bad_mask_files(tmp_path, llama_dir):
     assert r.exit_code == 2 and "not a sparsellm mask file" in r.output and not (tmp_path / "o").exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_under_torchrun(tmp_path, llama_dir):
-    """The launcher accelerate uses on several GPUs (torch.distributed.run), here with two CPU processes:
-    gradients are averaged (DDP), each process reads its own windows, one writes the output."""
+    """The launcher accelerate uses on several GPUs (torch.distributed.run), here with two CPU processes
+    of 2 windows each: what DDP promises is the training of one process on the global batch of 4 (each
+    process reads its own windows, the gradients of the logits are averaged, the Gumbel noise is the same
+    in every process). So the learned masks equal those of one process with batch_size 4, and the losses
+    agree to float32 rounding (the mean of two 2-window means is summed in another order)."""
     import os
     import subprocess
     import sys
 
     from conftest import HERE
 
-    recipe = _recipe(tmp_path / "r.yaml", {"prior": "wanda", "steps": 3, "lr": 0.02})
+    learn = {"prior": "wanda", "steps": 3, "lr": 0.02, "nsamples": 6}  # the same 6 training windows in both runs
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                           "-m", "sparsellm", "prune", "--model", str(llama_dir), "--recipe", str(recipe), "-o", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "sparsellm", "prune", "--model", str(llama_dir), "--recipe",
+                           str(_recipe(tmp_path / "r2.yaml", {**learn, "batch_size": 2})), "-o", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    details = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][0]["details"]
-    assert details["processes"] == 2 and details["tokens"] == 3 * 2 * 2 * 32
-    w = load_file(tmp_path / "out" / "model.safetensors")
-    assert ((w["model.layers.0.mlp.up_proj.weight"].reshape(-1, 4) == 0).sum(1) == 2).all()
+    _prune("--model", llama_dir, "--recipe", _recipe(tmp_path / "r1.yaml", {**learn, "batch_size": 4}), "-o", tmp_path / "one")
+    two = json.loads((tmp_path / "two" / "report.json").read_text())["stages"][0]["details"]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())["stages"][0]["details"]
+    assert (two["processes"], one["processes"]) == (2, 1)
+    assert two["tokens"] == one["tokens"] == 384  # 3 steps x 4 windows x 32 tokens
+    assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]] == [1, 2, 3]
+    for a, b in zip(two["history"], one["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["changed"] == b["changed"]
+    masks_two, _ = load_masks(tmp_path / "two" / "masks.safetensors")
+    masks_one, _ = load_masks(tmp_path / "one" / "masks.safetensors")
+    assert masks_two.keys() == masks_one.keys() and all(torch.equal(masks_two[k], masks_one[k]) for k in masks_one)
+    w2, w1 = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert all(torch.equal(w2[k], w1[k]) for k in w1)
+    assert ((w2["model.layers.0.mlp.up_proj.weight"].reshape(-1, 4) == 0).sum(1) == 2).all()
 
 
 def test_bf16_weights_stay_bf16_with_fp32_logits(tmp_path, llama_dir):

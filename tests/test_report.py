@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -93,7 +94,7 @@ def test_schema_validates_real_reports_of_every_kind(runs):
     assert wanda["sparsity"]["removed"] == pytest.approx(0.5)
     assert wanda["model"]["nonzero_parameters"] < wanda["model"]["nonzero_parameters_before"]
     bad = dict(wanda, speed={"dense": {}})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match=r"speed\.dense\.prefill_tokens_per_s\s+Field required"):
         validate(bad)
 
 

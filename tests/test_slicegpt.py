@@ -14,6 +14,7 @@ from sparsellm.compress.slicegpt import (center_output, covariance, fit_tied_sca
                                          slicegpt, sliced_dim, tied)
 from sparsellm.loading import get_adapter, load_model
 from sparsellm.pipeline import RunOptions, compress
+from sparsellm.errors import RecipeError
 from sparsellm.recipe import SliceGPTSlice, recipe_from_dict
 
 IDS = torch.randint(0, 320, (3, 24), generator=torch.Generator().manual_seed(1))
@@ -326,7 +327,7 @@ def test_invalid_slice_stage_exits_2(stage, needle, model_dirs, tmp_path):
 
 
 def test_round_to_must_suit_a_later_nm_stage():
-    with pytest.raises(Exception, match="round_to 6 must be a multiple of M=4"):
+    with pytest.raises(RecipeError, match="round_to 6 must be a multiple of M=4"):
         recipe_from_dict({"stages": [{"slice": {"method": "slicegpt", "slicing": 0.2, "round_to": 6}},
                                      {"prune": {"method": "wanda", "pattern": "2:4"}}]})
 

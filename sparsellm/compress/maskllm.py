@@ -227,15 +227,17 @@ def save_masks(keep: dict[str, torch.Tensor], path: Path, pattern: str, model_ty
 
 
 def load_masks(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import SafetensorError
+
     from ..formats import unpack_bitmask
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("sparsellm", "{}"))
-            if meta.get("format") != MASK_FORMAT:
+            if not isinstance(meta, dict) or meta.get("format") != MASK_FORMAT:
                 raise RecipeError(f"{path} is not a sparsellm mask file; give the masks.safetensors a maskllm run wrote")
             keep = {name: unpack_bitmask(f.get_tensor(f"{name}.mask"), shape) for name, shape in meta["shapes"].items()}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
         raise RecipeError(f"cannot read the mask file {path}: {e}; give the masks.safetensors a maskllm run wrote") from None
     return keep, meta
 

@@ -348,7 +348,7 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
     try:
         width = sliced_dim(d, spec.slicing, spec.round_to)
     except ValueError as e:
-        raise CompressionError(str(e)) from None
+        raise CompressionError(f"SliceGPT: {e}; slice less, or use a smaller round_to") from None
     if stock and not _stock_accepts(model.config, width):
         # e.g. transformers' LlamaConfig insists on hidden_size % num_attention_heads == 0 (head_dim is explicit)
         step = math.lcm(spec.round_to, model.config.num_attention_heads)

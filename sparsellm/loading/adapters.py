@@ -186,7 +186,8 @@ class Adapter:
                                                "after each block (e.g. opt-350m)")
         if any(_get(model, p) is not None for p in ("model.decoder.project_in", "model.decoder.project_out")):
             raise UnsupportedArchitectureError("SliceGPT: models with project_in/project_out (word_embed_proj_dim != "
-                                               "hidden_size) are not supported")
+                                               "hidden_size) are not supported; prune this model with a method "
+                                               "that keeps its shapes (e.g. --method wanda) instead")
         if spec is not None and spec.rotation != "uniform" and not self.per_layer_runtime():
             raise UnsupportedArchitectureError(self._runtime_refusal("SliceGPT rotation: per-layer",
                                                                      "rotation: uniform (a stock architecture)"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -89,66 +90,155 @@ def _check_readable(path: Path, spec: str) -> None:
 
 # GGUF metadata value types and their sizes in bytes (8 = string, 9 = array)
 _GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_UINT32 = 4
+_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
+_GGUF_MAX_NESTING = 4  # arrays of arrays: a real file has none; bounds the recursion on a crafted one
+
+
+class _GGUFReader:
+    """Reads a GGUF header without trusting it: every length and count is checked against the bytes left
+    in the file before anything is read, skipped or allocated (a 2^40-byte key length is an error, not a
+    MemoryError). Raises ValueError naming what is wrong."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.left():
+            raise ValueError(f"{what} of {n:,} bytes runs past the end of the file")
+        return self.f.read(n)
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.left():
+            raise ValueError(f"{what} of {n:,} bytes runs past the end of the file")
+        self.f.seek(n, 1)
+
+    def num(self, fmt: str):
+        n = struct.calcsize(fmt)
+        data = self.f.read(n)
+        if len(data) < n:
+            raise ValueError("file ends inside the header")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def string(self, what: str = "string") -> bytes:
+        return self.take(self.num("Q"), what)
+
+    def value(self, kind: int, depth: int = 0, keep: bool = False):
+        """Read (keep) or skip one metadata value of type `kind`."""
+        if kind == 8:
+            if keep:
+                return self.string()
+            self.skip(self.num("Q"), "string")
+        elif kind == 9:
+            if depth >= _GGUF_MAX_NESTING:
+                raise ValueError("metadata arrays nested too deep")
+            item, count = self.num("I"), self.num("Q")
+            if item in _GGUF_SIZES:
+                self.skip(_GGUF_SIZES[item] * count, "array")
+            elif item in (8, 9):
+                if count * 8 > self.left():  # every item starts with an 8-byte length or a 12-byte array head
+                    raise ValueError(f"array of {count:,} items runs past the end of the file")
+                for _ in range(count):
+                    self.value(item, depth + 1)
+            else:
+                raise ValueError(f"unknown metadata type {item}")
+        elif kind in _GGUF_SIZES:
+            data = self.take(_GGUF_SIZES[kind], "value")
+            return data if keep else None
+        else:
+            raise ValueError(f"unknown metadata type {kind}")
+        return None
+
+
+def gguf_header(path: Path, keys: tuple[bytes, ...] = (b"general.architecture",), stop_at_first: bool = False) -> dict:
+    """String values of metadata `keys` from a GGUF header. Unless `stop_at_first` (stop at the first
+    key found), the whole header is checked: every metadata entry, and every tensor's shape, type and
+    data range against the size of the file, so that a file accepted here cannot make a reader allocate
+    more than the file holds. Read by hand: gguf.GGUFReader parses every tensor and the vocabulary into
+    numpy objects first (seconds), and trusts the lengths it reads. Raises ValueError."""
+    from gguf import GGML_QUANT_SIZES
+
+    found = {}
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        r = _GGUFReader(f, size)
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number")
+        version = r.num("I")
+        if version < 2:
+            raise ValueError("GGUF version 1 is not supported")
+        if version > 3:
+            raise ValueError(f"unknown GGUF version {version}")
+        n_tensors, n_kv = r.num("Q"), r.num("Q")
+        # a metadata entry takes at least 8 (key length) + 4 (type) + 1 bytes, a tensor entry 8 + 4 + 4 + 8
+        if n_kv * 13 > r.left() or n_tensors * 24 > r.left():
+            raise ValueError(f"{n_kv:,} metadata entries and {n_tensors:,} tensors cannot fit in {size:,} bytes")
+        alignment = 32
+        for _ in range(n_kv):
+            key, kind = r.string("key"), r.num("I")
+            if key == b"general.alignment" and kind == _GGUF_UINT32:
+                alignment = struct.unpack("<I", r.value(kind, keep=True))[0]
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise ValueError(f"general.alignment {alignment} is not a power of two")
+            elif key.endswith(b".block_count") and kind in (4, 10):  # uint32 / uint64: the decoder layer count
+                block_count = struct.unpack("<I" if kind == 4 else "<Q", r.value(kind, keep=True))[0]
+                # transformers would build that many layers before finding they have no weights (a real file has
+                # several tensors per layer; a tiny test file may declare a few layers it does not hold)
+                if block_count > max(n_tensors, 1024):
+                    raise ValueError(f"{key.decode('utf-8', 'replace')} is {block_count:,} but the file holds "
+                                     f"{n_tensors:,} tensors")
+            elif key in keys and kind == 8:
+                found[key.decode("utf-8", "replace")] = r.value(kind, keep=True).decode("utf-8", "replace")
+                if stop_at_first:
+                    return found
+            else:
+                r.value(kind)
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string("tensor name").decode("utf-8", "replace")
+            n_dims = r.num("I")
+            if not 1 <= n_dims <= _GGUF_MAX_DIMS:
+                raise ValueError(f"tensor {name} has {n_dims} dimensions")
+            dims = [r.num("Q") for _ in range(n_dims)]
+            kind, offset = r.num("I"), r.num("Q")
+            try:
+                block, type_bytes = GGML_QUANT_SIZES[kind]
+            except (KeyError, ValueError):
+                raise ValueError(f"tensor {name} has an unknown type {kind}") from None
+            if dims[0] % block:
+                raise ValueError(f"tensor {name}: first dimension {dims[0]} is not a multiple of its block size {block}")
+            numel = math.prod(dims)
+            tensors.append((name, offset, numel // block * type_bytes))
+        data_start = -(-f.tell() // alignment) * alignment
+        for name, offset, nbytes in tensors:
+            if offset % alignment or data_start + offset + nbytes > size:
+                raise ValueError(f"tensor {name}'s data ({nbytes:,} bytes at offset {offset:,}) lies outside the file")
+    return found
 
 
 def gguf_strings(path: Path, keys: tuple[bytes, ...] = (b"general.architecture",), stop_at_first: bool = True) -> dict:
     """String values of metadata `keys` from a GGUF header (stops at the first key found unless told
-    to read on). Read by hand: gguf.GGUFReader parses every tensor and the whole vocabulary first
-    (seconds), while these keys are among the first."""
-    found = {}
-    with open(path, "rb") as f:
-        def num(fmt: str):
-            data = f.read(struct.calcsize(fmt))
-            if len(data) < struct.calcsize(fmt):
-                raise ValueError("file ends inside the header")
-            return struct.unpack("<" + fmt, data)[0]
-
-        def string() -> bytes:
-            return f.read(num("Q"))
-
-        def skip(kind: int) -> None:
-            if kind == 8:
-                string()
-            elif kind == 9:
-                item, count = num("I"), num("Q")
-                if item in _GGUF_SIZES:
-                    f.seek(_GGUF_SIZES[item] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            elif kind in _GGUF_SIZES:
-                f.seek(_GGUF_SIZES[kind], 1)
-            else:
-                raise ValueError(f"unknown metadata type {kind}")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError("no GGUF magic number")
-        if num("I") < 2:
-            raise ValueError("GGUF version 1 is not supported")
-        num("Q")  # tensor count
-        for _ in range(num("Q")):
-            key, kind = string(), num("I")
-            if key in keys and kind == 8:
-                found[key.decode()] = string().decode("utf-8", "replace")
-                if stop_at_first or len(found) == len(keys):
-                    break
-            else:
-                skip(kind)
-    return found
+    to read on, then checks the whole header as gguf_header does)."""
+    return gguf_header(path, keys, stop_at_first)
 
 
 def gguf_architecture(path: Path) -> str:
-    arch = gguf_strings(path).get("general.architecture")
+    """The architecture of a GGUF file whose whole header was checked (see gguf_header)."""
+    arch = gguf_header(path).get("general.architecture")
     if arch is None:
         raise ValueError("no general.architecture key")
     return arch
 
 
 def check_gguf(path: Path, spec: str) -> None:
-    """Fail fast, before transformers dequantizes anything, on a GGUF we could not compress anyway."""
+    """Fail fast, before transformers dequantizes anything, on a GGUF we could not read or compress anyway."""
     try:
         arch = gguf_architecture(path)
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, ValueError, struct.error, OverflowError) as e:
         raise ModelLoadError(f"{spec} is not a valid GGUF file ({e}); re-download or re-convert it") from None
     if gguf_model_type(arch) is None:
         raise UnsupportedArchitectureError(
@@ -206,6 +296,65 @@ def _decompressed(source: ModelSource, fmt: str, model_cls, trust_remote_code: b
     return model_cls, {"config": config, "state_dict": read_state_dict(Path(folder), fmt)}
 
 
+def _tensor_count(folder: Path) -> int:
+    """How many tensors the safetensors files of a folder hold, from their headers alone."""
+    from safetensors import safe_open
+
+    n = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="pt") as f:
+            n += len(f.keys())
+    return n
+
+
+def check_config(cfg, source: ModelSource, model_cls, trust_remote_code: bool) -> None:
+    """config.json of a local folder, checked before transformers builds a model from it: a value the
+    config class or the modules refuse (a string for a size, zero heads) is a one-line error, and a layer
+    count larger than the checkpoint's number of tensors is refused before it makes transformers create
+    that many modules (a flipped digit in num_hidden_layers must not take all memory). Sizes that
+    disagree with the weights are found by from_pretrained before it allocates them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = source.spec
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"config.json of {spec} holds {type(cfg).__name__}, not a JSON object; fix or re-download the file")
+    layers = cfg.get("num_hidden_layers")
+    if layers is not None:
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+            raise ModelLoadError(f"config.json of {spec} has num_hidden_layers {layers!r}, not a positive integer; fix or "
+                                 "re-download the file")
+        tensors = _tensor_count(Path(source.path))
+        if tensors and layers > tensors:
+            raise ModelLoadError(f"config.json of {spec} has num_hidden_layers {layers}, but its weights hold only {tensors} "
+                                 "tensors; fix config.json or re-download the model")
+    for key in ("dtype", "torch_dtype"):  # with --dtype auto, from_pretrained takes it as a torch dtype name
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+            raise ModelLoadError(f"config.json of {spec} has {key} {value!r}, not a torch dtype name such as "
+                                 "\"float32\" or \"bfloat16\"; fix or re-download the file")
+    try:
+        if model_cls is AutoModelForCausalLM:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        else:
+            config = model_cls.config_class.from_pretrained(source.path)
+        # the skeleton on the meta device (no memory): the modules' own arithmetic on the config's values
+        # (a head_dim of 0, a rope_theta of 0) fails here, as one line, instead of inside from_pretrained
+        with torch.device("meta"):
+            if model_cls is AutoModelForCausalLM:
+                model_cls.from_config(config, trust_remote_code=trust_remote_code)
+            else:
+                model_cls._from_config(config)
+    except OSError:
+        raise
+    except Exception as e:  # the config class's own validation, the modules' arithmetic: TypeError, ZeroDivisionError, ...
+        text = str(e).strip()
+        if "trust_remote_code" in text:
+            raise
+        detail = " ".join(text.split())[:300] or type(e).__name__  # one line, whatever the config class wrote
+        raise ModelLoadError(f"config.json of {spec} is invalid ({type(e).__name__}: {detail}); fix it or re-download "
+                             "the model") from None
+
+
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
@@ -252,6 +401,9 @@ def _load_error(e: Exception, source: ModelSource) -> ModelLoadError:
             return ModelLoadError(f"cannot download {spec!r}: the hub is unreachable (offline or HF_HUB_OFFLINE=1) and "
                                   "it is not in the local cache; connect to the network once, or give a local model "
                                   "folder or .gguf file")
+    if "ignore_mismatched_sizes" in text:
+        return ModelLoadError(f"the weights of {spec} do not have the shapes its config says; fix config.json or "
+                              "re-download or re-export the model")
     if "no file named model.safetensors" in text:
         return ModelLoadError(f"model {spec} has no safetensors weights; pass --allow-pickle if you trust its "
                               "pickle weights (pytorch_model.bin), or convert them to safetensors")
@@ -282,14 +434,26 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     log.info("loading %s (%s)", source.spec, source.kind)
     try:
         cfg = {} if source.gguf_file else PretrainedConfig.get_config_dict(source.path)[0]
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"config.json of {source.spec} holds {type(cfg).__name__}, not a JSON object; fix or "
+                                 "re-download the file")
         check_config(cfg)
         model_cls = _sliced_class(cfg) or AutoModelForCausalLM
+        if source.kind == "local":
+            check_config(cfg, source, model_cls, trust_remote_code)
         fmt = folder_format(cfg)
         if fmt != "dense":
             model_cls, decompressed = _decompressed(source, fmt, model_cls, trust_remote_code)
             model_kwargs.update(decompressed)
         weights_from = None if "state_dict" in model_kwargs else source.path  # transformers takes one or the other
-        model = model_cls.from_pretrained(weights_from, dtype=resolve_dtype(dtype, source), **kwargs, **model_kwargs)
+        model, info = model_cls.from_pretrained(weights_from, dtype=resolve_dtype(dtype, source), output_loading_info=True,
+                                                **kwargs, **model_kwargs)
+        # transformers fills a weight the checkpoint lacks with random values and only warns: refuse instead
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ModelLoadError(f"tensor {missing[0]}{more} is missing from the weights of {source.spec}; the checkpoint "
+                                 "is incomplete: re-download or re-export it")
         # a sliced config names a model type AutoTokenizer does not know: hand it the loaded one
         tok_kwargs = {"config": model.config} if model_cls is not AutoModelForCausalLM else {}
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs, **tok_kwargs)
