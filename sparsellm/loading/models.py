@@ -246,7 +246,7 @@ def check_gguf(path: Path, spec: str) -> None:
             f"use a model of a supported architecture: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def check_config(cfg: dict) -> None:
+def check_architecture(cfg: dict) -> None:
     """Refuse an architecture sparsellm cannot compress from config.json alone, before any weight is read
     (for a hub id only the config has been downloaded at this point)."""
     model_type = cfg.get("model_type")
@@ -437,7 +437,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
         if not isinstance(cfg, dict):
             raise ModelLoadError(f"config.json of {source.spec} holds {type(cfg).__name__}, not a JSON object; fix or "
                                  "re-download the file")
-        check_config(cfg)
+        check_architecture(cfg)
         model_cls = _sliced_class(cfg) or AutoModelForCausalLM
         if source.kind == "local":
             check_config(cfg, source, model_cls, trust_remote_code)
