@@ -37,7 +37,7 @@ def load(args):
     return loaded.model.eval().requires_grad_(False), loaded.tokenizer
 
 
-def build(args):
+def build(args, refit_in_method: bool):
     from sparsellm.compress.dsnot import DSnoT
     from sparsellm.compress.sparsegpt import SparseGPT
     from sparsellm.compress.wanda import Wanda
@@ -49,7 +49,7 @@ def build(args):
     stages = [{"prune": prune}] + ([{"refine": {"method": "dsnot"}}] if args.refine != "none" else [])
     recipe = recipe_from_dict({"stages": stages})
     spec = recipe.stages[0].spec
-    methods = [SparseGPT(spec, refit=args.refit) if args.prune == "sparsegpt" else Wanda(spec)]
+    methods = [SparseGPT(spec, refit=refit_in_method) if args.prune == "sparsegpt" else Wanda(spec)]
     if args.refit and args.prune != "sparsegpt":
         raise SystemExit("--refit is a SparseGPT option here")
     if args.refine != "none":
@@ -60,6 +60,32 @@ def build(args):
         d.nm = spec.nm
         methods.append(d)
     return methods
+
+
+@torch.no_grad()
+def cross_stats(layer, dense_layer, linears, hidden, dense_hidden, kwargs):
+    """Per Linear, X_sᵀ X_d / tokens: its inputs in `layer` on the pruned stream against its inputs in
+    `dense_layer` (the same layer, unpruned) on the dense stream, window by window."""
+    out, tokens = {n: None for n in linears}, 0
+    for hs, hd, kw in zip(hidden, dense_hidden, kwargs):
+        seen = {}
+        handles = []
+        for side, mod in (("s", layer), ("d", dense_layer)):
+            for n in linears:
+                def rec(module, args, key=(side, n)):
+                    seen[key] = args[0].reshape(-1, args[0].shape[-1]).double()
+                handles.append(mod.get_submodule(n).register_forward_pre_hook(rec))
+        try:
+            layer(hs, **kw)
+            dense_layer(hd, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+        for n in linears:
+            c = seen[("s", n)].T @ seen[("d", n)]
+            out[n] = c if out[n] is None else out[n] + c
+        tokens += seen[("s", next(iter(linears)))].shape[0]
+    return {n: c / tokens for n, c in out.items()}
 
 
 def main() -> None:
@@ -77,6 +103,9 @@ def main() -> None:
     ap.add_argument("--refine", choices=["none", "mse", "exact"], default="none", help="DSnoT: today's default (mse + verify) or exact")
     ap.add_argument("--candidates", type=int, default=None, help="exact DSnoT, unstructured: candidates per side")
     ap.add_argument("--refit", action="store_true", help="SparseGPT: exact masked least-squares refit of the kept weights")
+    ap.add_argument("--refit-target", choices=["same-input", "dense-stream"], default="same-input",
+                    help="refit to the dense weights on the pruned model's inputs, or to the dense model's outputs "
+                         "(cross statistics X_sᵀX_d between the two streams)")
     ap.add_argument("--recon", action="store_true", help="block reconstruction after pruning each layer")
     ap.add_argument("--target", choices=["same-input", "dense-stream"], default="same-input")
     ap.add_argument("--granularity", choices=["block", "parts"], default="block",
@@ -99,7 +128,8 @@ def main() -> None:
     from sparsellm.data import calibration_windows, evaluation_chunks
     from sparsellm.evaluate import perplexity
     from sparsellm.loading import get_adapter
-    from sparsellm.recover.reconstruct import reconstruct_block, reconstruct_parts
+    from sparsellm.compress.sparsegpt import REFIT_ITERS
+    from sparsellm.recover.reconstruct import masked_lstsq_refit, reconstruct_block, reconstruct_parts
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -109,16 +139,17 @@ def main() -> None:
     adapter = get_adapter(model)
     windows = calibration_windows(tok, str(args.data / "lee_calib.txt"), args.nsamples, args.seqlen, seed=0)
     chunks = evaluation_chunks(tok, str(args.data / "lee_eval.txt"), args.seqlen)[: args.eval_chunks]
-    methods = build(args)
+    refit_stream = args.refit and args.refit_target == "dense-stream"
+    methods = build(args, refit_in_method=args.refit and not refit_stream)
     layers = adapter.layers(model)
     n_layers = len(layers) if args.layers is None else args.layers
-    dense_layers = [copy.deepcopy(layers[i]) for i in range(n_layers)] if args.target == "dense-stream" else None
+    stream = args.target == "dense-stream" or (args.refit and args.refit_target == "dense-stream")
     select = make_selector([], [])
     t0 = time.perf_counter()
     per_layer = []
     # batch size 1: one batch per window, so that whole windows can be held back
     acts = capture_layer_inputs(model, adapter, windows, "cpu", 1) if methods else None
-    dense_hidden = [h.clone() for h in acts.hidden] if dense_layers else None
+    dense_hidden = [h.clone() for h in acts.hidden] if stream else None
     needs = frozenset().union(*(m.needs for m in methods)) if methods else frozenset()
     true_seq = any(m.true_sequential for m in methods)
 
@@ -134,12 +165,10 @@ def main() -> None:
     for index in range(n_layers if methods else 0):
         layer = layers[index]
         prefix = adapter.layer_prefix(index)
-        if dense_layers:
-            targets = fwd(dense_layers[index], dense_hidden)
-        else:
-            targets = fwd(layer, acts.hidden)
         linears = target_linears(layer, prefix, select)
-        dense_layer = copy.deepcopy(layer) if args.recon and args.granularity == "parts" else None
+        dense_layer = copy.deepcopy(layer)
+        targets = fwd(layer, dense_hidden if args.target == "dense-stream" else acts.hidden)
+        cross = cross_stats(layer, dense_layer, linears, acts.hidden, dense_hidden, acts.kwargs) if refit_stream else None
         groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
         tp = time.perf_counter()
         for group in groups:
@@ -149,13 +178,17 @@ def main() -> None:
                 dense = lin.weight.detach().clone()
                 for m in methods:
                     m.compress(Target(f"{prefix}.{name}", index, lin, stats[name], dense))
+                if refit_stream:
+                    with torch.no_grad():
+                        lin.weight.copy_(masked_lstsq_refit(dense, lin.weight == 0, stats[name].hessian, methods[0].spec.percdamp,
+                                                            "cg", REFIT_ITERS, start=lin.weight, cross=cross[name]))
         prune_s = time.perf_counter() - tp
         held = list(range(len(acts.hidden) - args.holdout, len(acts.hidden)))
         rec = {"layer": index, "prune_s": round(prune_s, 2), "heldout_mse_pruned": mse(layer, targets, held)}
         if args.recon:
             masks = {n: lin.weight == 0 for n, lin in linears.items()}
             train = dict(epochs=args.epochs, lr=args.lr, holdout=args.holdout, patience=args.patience)
-            if dense_layer is not None:
+            if args.granularity == "parts":
                 parts = reconstruct_parts(layer, dense_layer, masks, acts.hidden, acts.kwargs, **train)
                 rec["parts"] = {k: vars(v) for k, v in parts.items()}
                 r = None
@@ -168,8 +201,8 @@ def main() -> None:
                 rec.update({k: (round(v, 3) if isinstance(v, float) and k == "seconds" else v) for k, v in vars(r).items()})
         per_layer.append(rec)
         logging.info("layer %d: %s", index, json.dumps(rec))
-        if dense_layers:
-            dense_hidden = targets
+        if stream:
+            dense_hidden = fwd(dense_layer, dense_hidden)
         if index + 1 < len(layers):
             propagate(layer, acts, index)
     seconds = time.perf_counter() - t0
@@ -182,7 +215,7 @@ def main() -> None:
                 t += lin.weight.numel()
         sparsity = z / t
     name = "dense" if not methods else (f"{args.prune}-{args.pattern or args.sparsity}" + (f"+dsnot-{args.refine}" if args.refine != "none" else "")
-                                        + ("+refit" if args.refit else "") + (f"+recon({args.granularity},{args.target},lr={args.lr},ep={args.epochs})" if args.recon else ""))
+                                        + (f"+refit({args.refit_target})" if args.refit else "") + (f"+recon({args.granularity},{args.target},lr={args.lr},ep={args.epochs})" if args.recon else ""))
     row = {"setting": name, "seconds": round(seconds, 1), "sparsity": sparsity, "layers": n_layers,
            "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_chunks": len(chunks), "per_layer": per_layer}
     if methods and methods[-1].__class__.__name__ == "DSnoT":

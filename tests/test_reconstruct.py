@@ -209,3 +209,23 @@ def test_sparsegpt_refit_option_in_a_layerwise_pass(windows):
         H = stats[name].hessian
         assert bool((refit_error(lin.weight, f, H) <= refit_error(lin.weight, p, H) * (1 + 1e-5)).all()), name
         assert float(refit_error(lin.weight, f, H).sum()) < 0.99 * float(refit_error(lin.weight, p, H).sum()), name
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_refit_to_the_dense_inputs(solver):
+    """With cross = X_sᵀX_d / n the refit fits the dense inputs' outputs: brute-force least squares
+    on the kept columns of ||X_s w − X_d w0||² (no damping), and cross = H gives the plain refit."""
+    g = torch.Generator().manual_seed(3)
+    n, cols = 400, 12
+    Xd = torch.randn(n, cols, generator=g, dtype=torch.float64) @ torch.randn(cols, cols, generator=g, dtype=torch.float64)
+    Xs = Xd + 0.3 * torch.randn(n, cols, generator=g, dtype=torch.float64)  # the pruned model's inputs drift
+    D = torch.randn(3, cols, generator=g)
+    mask = magnitude_mask(D, 0.5, (2, 4), "row")
+    H, C = Xs.T @ Xs / n, Xs.T @ Xd / n
+    w = masked_lstsq_refit(D, mask, H, damp=0.0, solver=solver, cross=C, iters=200)
+    for row in range(3):
+        S = (~mask[row]).nonzero().squeeze(1)
+        ref = torch.linalg.lstsq(Xs[:, S], Xd @ D[row].double()).solution
+        assert torch.allclose(w[row, S].double(), ref, rtol=1e-3, atol=1e-4), row
+    plain = masked_lstsq_refit(D, mask, H, damp=0.01, solver=solver)
+    assert torch.allclose(masked_lstsq_refit(D, mask, H, damp=0.01, solver=solver, cross=H), plain, atol=1e-6)

@@ -164,7 +164,7 @@ def dsnot_refine(
 # (P and G exact; with candidates ≥ the row width that is every pair).
 
 # unstructured: pairs scored per row and cycle = EXACT_CANDIDATES² (best single prunes × best single grows)
-EXACT_CANDIDATES = 64
+EXACT_CANDIDATES = 16  # measured on SmolLM2 (scripts/bench_dsnot_exact.py): 8-64 within 1 % of each other
 # at most this many entries in one scoring tensor (rows are scored in chunks)
 _CHUNK_ELEMENTS = 1 << 22
 

@@ -32,19 +32,26 @@ log = logging.getLogger(__name__)
 
 # --- exact masked least-squares refit --------------------------------------------------------------
 
-def _damped(hessian: torch.Tensor, damp: float, dev) -> torch.Tensor:
+def _damped(hessian: torch.Tensor, damp: float, dev) -> tuple[torch.Tensor, float]:
+    """H + λI in float64, and λ = damp · mean diag H."""
     H = hessian.to(dev).double().clone()
+    lam = damp * float(torch.diagonal(H).mean().clamp_min(1e-12))
     diag = torch.arange(H.shape[0], device=dev)
-    H[diag, diag] += damp * torch.diagonal(H).mean().clamp_min(1e-12)
-    return H
+    H[diag, diag] += lam
+    return H, lam
 
 
 @torch.no_grad()
 def masked_lstsq_refit(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
                        solver: str = "cg", iters: int = 50, start: torch.Tensor | None = None,
-                       max_elements: int = 1 << 25) -> torch.Tensor:
+                       cross: torch.Tensor | None = None, max_elements: int = 1 << 25) -> torch.Tensor:
     """Per row, the kept weights minimising (w0 − w)ᵀ A (w0 − w), A = H + λI (λ = damp · mean diag H),
     with w = 0 where `pruned`: w_S = A_SS⁻¹ (A w0)_S. Returns float32 weights, zero where `pruned`.
+
+    `cross` = X_sᵀ X_d / tokens, with X_s the inputs `hessian` was collected on (the pruned model's)
+    and X_d the dense model's inputs to the same Linear on the same windows: then the fit is to the
+    dense model's outputs, ||X_s w − X_d w0||² + λ||w − w0||², i.e. w_S = A_SS⁻¹ (C w0 + λ w0)_S,
+    so a layer also corrects what the layers before it left wrong (None: C = H, the same inputs).
 
     solver "cholesky": exact, one float64 Cholesky factorisation per row (rows padded to the largest
     kept count with an identity block; `max_elements` bounds the batch of systems). Cost ~ rows·k³/3.
@@ -53,23 +60,35 @@ def masked_lstsq_refit(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch
     from `start` (e.g. SparseGPT's weights; default: the dense weights under the mask). Each CG step
     lowers every row's objective in exact arithmetic; a row whose result is not below its start's
     (rounding) keeps its start, so the refit never makes a row worse."""
-    if dense.shape != pruned.shape or hessian.shape != (dense.shape[1], dense.shape[1]):
+    if (dense.shape != pruned.shape or hessian.shape != (dense.shape[1], dense.shape[1])
+            or (cross is not None and cross.shape != hessian.shape)):
         raise ValueError(f"shapes do not match: weight {tuple(dense.shape)}, mask {tuple(pruned.shape)}, "
                          f"XᵀX {tuple(hessian.shape)}")
     if solver not in ("cg", "cholesky"):
         raise ValueError(f"unknown solver {solver!r}: use cg or cholesky")
     dev = dense.device
-    A = _damped(hessian, damp, dev)
+    A, lam = _damped(hessian, damp, dev)
     pruned = pruned.to(dev)
+    W0 = dense.double()
+    if cross is None:
+        target = W0 @ A  # (A w0) per row (A symmetric)
+    else:
+        C = cross.to(dev).double()
+        target = W0 @ C.T + lam * W0  # C w0 + λ w0
     if solver == "cholesky":
-        return _refit_cholesky(dense.double(), pruned, A, max_elements).float()
-    return _refit_cg(dense, pruned, A, iters, start)
+        return _refit_cholesky(pruned, A, target, max_elements).float()
+    return _refit_cg(dense, pruned, A, target, iters, start)
 
 
-def _refit_cholesky(W0: torch.Tensor, pruned: torch.Tensor, A: torch.Tensor, max_elements: int) -> torch.Tensor:
-    rows, cols = W0.shape
-    dev = W0.device
-    target = W0 @ A  # (A w0) per row (A symmetric)
+def _objective(W: torch.Tensor, A: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """wᵀ A w − 2 wᵀ b per row (the refit's objective up to a constant), float64."""
+    W = W.double()
+    return ((W @ A) * W).sum(1) - 2 * (W * target).sum(1)
+
+
+def _refit_cholesky(pruned: torch.Tensor, A: torch.Tensor, target: torch.Tensor, max_elements: int) -> torch.Tensor:
+    rows, cols = pruned.shape
+    dev = pruned.device
     kept = ~pruned
     count = kept.sum(1)
     k = int(count.max())
@@ -91,13 +110,14 @@ def _refit_cholesky(W0: torch.Tensor, pruned: torch.Tensor, A: torch.Tensor, max
     return out
 
 
-def _refit_cg(dense: torch.Tensor, pruned: torch.Tensor, A64: torch.Tensor, iters: int, start: torch.Tensor | None) -> torch.Tensor:
+def _refit_cg(dense: torch.Tensor, pruned: torch.Tensor, A64: torch.Tensor, target: torch.Tensor, iters: int,
+              start: torch.Tensor | None) -> torch.Tensor:
     # Jacobi scaling: with s = diag(A)^-1/2, solve for y = x / s with Â = s A s (unit diagonal)
     s = torch.diagonal(A64).rsqrt()
     Ahat = (A64 * s[:, None] * s[None, :]).float()
     keep = (~pruned).float()
     W0 = dense.float()
-    B = ((W0.double() @ A64) * s).float() * keep  # right-hand side in the scaled variables, kept columns only
+    B = (target * s).float() * keep  # right-hand side in the scaled variables, kept columns only
     X0 = (W0 if start is None else start.float()).masked_fill(pruned, 0)
     Y = (X0.double() / s).float()
     R = B - (Y @ Ahat) * keep
@@ -114,7 +134,7 @@ def _refit_cg(dense: torch.Tensor, pruned: torch.Tensor, A64: torch.Tensor, iter
         P = R + beta[:, None] * P
         rr = rr_new
     X = ((Y.double() * s).float()).masked_fill(pruned, 0)
-    worse = refit_error(dense, X, A64) >= refit_error(dense, X0, A64)
+    worse = _objective(X, A64, target) >= _objective(X0, A64, target)
     return torch.where(worse[:, None], X0, X)
 
 
