@@ -37,7 +37,7 @@ def load(args):
     return loaded.model.eval().requires_grad_(False), loaded.tokenizer
 
 
-def build(args, refit_in_method: bool):
+def build(args):
     from sparsellm.compress.dsnot import DSnoT
     from sparsellm.compress.sparsegpt import SparseGPT
     from sparsellm.compress.wanda import Wanda
@@ -49,9 +49,7 @@ def build(args, refit_in_method: bool):
     stages = [{"prune": prune}] + ([{"refine": {"method": "dsnot"}}] if args.refine != "none" else [])
     recipe = recipe_from_dict({"stages": stages})
     spec = recipe.stages[0].spec
-    methods = [SparseGPT(spec, refit=refit_in_method) if args.prune == "sparsegpt" else Wanda(spec)]
-    if args.refit and args.prune != "sparsegpt":
-        raise SystemExit("--refit is a SparseGPT option here")
+    methods = [SparseGPT(spec) if args.prune == "sparsegpt" else Wanda(spec)]
     if args.refine != "none":
         rspec = recipe.stages[1].spec
         if args.refine == "exact":
@@ -102,7 +100,8 @@ def main() -> None:
     ap.add_argument("--pattern", default=None, help="N:M, e.g. 2:4")
     ap.add_argument("--refine", choices=["none", "mse", "exact"], default="none", help="DSnoT: today's default (mse + verify) or exact")
     ap.add_argument("--candidates", type=int, default=None, help="exact DSnoT, unstructured: candidates per side")
-    ap.add_argument("--refit", action="store_true", help="SparseGPT: exact masked least-squares refit of the kept weights")
+    ap.add_argument("--refit", action="store_true", help="masked least-squares refit of the kept weights after the prune "
+                    "(and refine) methods, on the final mask (damping 0.01, REFIT_ITERS CG steps from the current weights)")
     ap.add_argument("--refit-target", choices=["same-input", "dense-stream"], default="same-input",
                     help="refit to the dense weights on the pruned model's inputs, or to the dense model's outputs "
                          "(cross statistics X_sᵀX_d between the two streams)")
@@ -140,7 +139,7 @@ def main() -> None:
     windows = calibration_windows(tok, str(args.data / "lee_calib.txt"), args.nsamples, args.seqlen, seed=0)
     chunks = evaluation_chunks(tok, str(args.data / "lee_eval.txt"), args.seqlen)[: args.eval_chunks]
     refit_stream = args.refit and args.refit_target == "dense-stream"
-    methods = build(args, refit_in_method=args.refit and not refit_stream)
+    methods = build(args)
     layers = adapter.layers(model)
     n_layers = len(layers) if args.layers is None else args.layers
     stream = args.target == "dense-stream" or (args.refit and args.refit_target == "dense-stream")
@@ -150,7 +149,7 @@ def main() -> None:
     # batch size 1: one batch per window, so that whole windows can be held back
     acts = capture_layer_inputs(model, adapter, windows, "cpu", 1) if methods else None
     dense_hidden = [h.clone() for h in acts.hidden] if stream else None
-    needs = frozenset().union(*(m.needs for m in methods)) if methods else frozenset()
+    needs = frozenset().union(*(m.needs for m in methods), {"hessian"} if args.refit else ()) if methods else frozenset()
     true_seq = any(m.true_sequential for m in methods)
 
     def fwd(layer, hidden):
@@ -178,10 +177,11 @@ def main() -> None:
                 dense = lin.weight.detach().clone()
                 for m in methods:
                     m.compress(Target(f"{prefix}.{name}", index, lin, stats[name], dense))
-                if refit_stream:
+                if args.refit:  # after the last method: the final mask (as SparseGPT(refit=True) does for its own)
                     with torch.no_grad():
-                        lin.weight.copy_(masked_lstsq_refit(dense, lin.weight == 0, stats[name].hessian, methods[0].spec.percdamp,
-                                                            "cg", REFIT_ITERS, start=lin.weight, cross=cross[name]))
+                        lin.weight.copy_(masked_lstsq_refit(dense, lin.weight == 0, stats[name].hessian, 0.01, "cg",
+                                                            REFIT_ITERS, start=lin.weight,
+                                                            cross=cross[name] if refit_stream else None))
         prune_s = time.perf_counter() - tp
         held = list(range(len(acts.hidden) - args.holdout, len(acts.hidden)))
         rec = {"layer": index, "prune_s": round(prune_s, 2), "heldout_mse_pruned": mse(layer, targets, held)}

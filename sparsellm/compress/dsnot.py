@@ -197,9 +197,9 @@ class _Groups:
     (kept, pruned) slot pair (+inf for padding slots, where a group has fewer kept or pruned weights
     than the most of any group). A swap exchanges the two positions between their slots."""
 
-    def __init__(self, W: torch.Tensor, D: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, m: int):
-        rows, cols = W.shape
-        g, dev = cols // m, W.device
+    def __init__(self, V: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, m: int):
+        rows, cols = V.shape
+        g, dev = cols // m, V.device
         p = pruned.view(rows, g, m)
         order = torch.sort(p.to(torch.int8), dim=2, stable=True).indices + torch.arange(g, device=dev)[None, :, None] * m
         nk = (~p).sum(2)
@@ -211,54 +211,55 @@ class _Groups:
         self.invalid = kbad[..., :, None] | pbad[..., None, :]
         self.cross = torch.empty(rows, g, self.ks, self.ps, device=dev)
         for c in _chunks(rows, g * self.ks * self.ps):
-            self.cross[c] = self._cross(W[c], D[c], H, self.kpos[c], self.ppos[c]).masked_fill_(self.invalid[c], float("inf"))
+            n = V[c].shape[0]
+            a = V[c].gather(1, self.kpos[c].reshape(n, -1)).view(self.kpos[c].shape)
+            b = V[c].gather(1, self.ppos[c].reshape(n, -1)).view(self.ppos[c].shape)
+            cross = 2 * a[..., :, None] * b[..., None, :] * _pair_h(H, self.kpos[c][..., :, None], self.ppos[c][..., None, :])
+            self.cross[c] = cross.masked_fill_(self.invalid[c], float("inf"))
 
-    @staticmethod
-    def _cross(W, D, H, kpos, ppos):
-        n = W.shape[0]
-        a = W.gather(1, kpos.reshape(n, -1)).view(kpos.shape)
-        b = -D.gather(1, ppos.reshape(n, -1)).view(ppos.shape)
-        return 2 * a[..., :, None] * b[..., None, :] * _pair_h(H, kpos[..., :, None], ppos[..., None, :])
-
-    def best(self, rows: torch.Tensor, P: torch.Tensor, G: torch.Tensor):
-        """Lowest Δe per row over all (kept, pruned) pairs of each group: (Δe, i, j, (group, kslot, pslot))."""
+    def best(self, rows: torch.Tensor, S: torch.Tensor):
+        """Lowest Δe per row over all (kept, pruned) pairs of each group, from the single-move changes S
+        (P at kept, G at pruned positions): (Δe, i, j, (group, kslot, pslot))."""
         ks, ps = self.ks, self.ps
         g = self.kpos.shape[1]
         out = []
+        everyone = rows.numel() == self.kpos.shape[0]  # rows is a sorted subset: all of them, slices suffice
         for c in _chunks(rows.numel(), g * ks * ps):
-            rr, n = rows[c], rows[c].numel()
-            Pk = P[c].gather(1, self.kpos[rr].view(n, -1)).view(n, g, ks)
-            Gp = G[c].gather(1, self.ppos[rr].view(n, -1)).view(n, g, ps)
-            delta = Pk[..., :, None] + Gp[..., None, :] + self.cross[rr]
+            rr = c if everyone else rows[c]
+            n = S[c].shape[0]
+            Pk = S[c].gather(1, self.kpos[rr].view(n, -1)).view(n, g, ks)
+            Gp = S[c].gather(1, self.ppos[rr].view(n, -1)).view(n, g, ps)
+            delta = (Pk[..., :, None] + Gp[..., None, :]).add_(self.cross[rr])
             out.append(delta.view(n, -1).min(1))
         v, k = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
         gi, p, q = k // (ks * ps), (k // ps) % ks, k % ps
         return v, self.kpos[rows, gi, p], self.ppos[rows, gi, q], (gi, p, q)
 
-    def swap(self, rows, where, i, j, W, D, H):
+    def swap(self, rows, where, i, j, V, H):
         gi, p, q = where
         self.kpos[rows, gi, p] = j
         self.ppos[rows, gi, q] = i
         kp, pp = self.kpos[rows, gi], self.ppos[rows, gi]  # (n, ks), (n, ps)
-        cross = self._cross(W[rows], D[rows], H, kp, pp)
+        a, b = V[rows[:, None], kp], V[rows[:, None], pp]
+        cross = 2 * a[:, :, None] * b[:, None, :] * _pair_h(H, kp[:, :, None], pp[:, None, :])
         self.cross[rows, gi] = cross.masked_fill_(self.invalid[rows, gi], float("inf"))
 
 
-def _best_row_swaps(W, D, r, pruned, H, hdiag, candidates):
+def _best_row_swaps(V, S, pruned, H, candidates):
     """Unstructured: lowest Δe per row over the pairs of its `candidates` lowest P_i and lowest G_j
-    (D here is −b: the dense weights)."""
-    rows, cols = W.shape
+    (S: P at kept, G at pruned positions; V: a at kept, b at pruned positions)."""
+    rows, cols = V.shape
     k = min(candidates, cols)
     inf = float("inf")
     vs, bis, bjs = [], [], []
     for c in _chunks(rows, max(k * k, cols)):
-        a, b, rr, pr = W[c], -D[c], r[c], pruned[c]
-        P = (a * (2 * rr + a * hdiag)).masked_fill_(pr, inf)
-        G = (b * (2 * rr + b * hdiag)).masked_fill_(~pr, inf)
+        v, pr = V[c], pruned[c]
+        P = S[c].masked_fill(pr, inf)
+        G = S[c].masked_fill(~pr, inf)
         I = torch.topk(P, k, dim=1, largest=False).indices
         J = torch.topk(G, k, dim=1, largest=False).indices
         delta = (P.gather(1, I)[:, :, None] + G.gather(1, J)[:, None, :]
-                 + 2 * a.gather(1, I)[:, :, None] * b.gather(1, J)[:, None, :] * _pair_h(H, I[:, :, None], J[:, None, :]))
+                 + 2 * v.gather(1, I)[:, :, None] * v.gather(1, J)[:, None, :] * _pair_h(H, I[:, :, None], J[:, None, :]))
         v, kk = delta.view(delta.shape[0], -1).min(1)
         vs.append(v)
         bis.append(I.gather(1, (kk // k)[:, None])[:, 0])
@@ -298,13 +299,15 @@ def dsnot_exact(
     D32 = D.float()
     W0 = weight.detach().double()
     W = W0.clone()
-    W32 = W.float()
     pruned = W0 == 0
+    # one signed value per weight: a = w_i where kept (the change if pruned is +a), b = −w0_j where
+    # pruned (the change if grown); then the single-move changes are S = 2·V·r + V²·diag(H) everywhere
+    V32 = torch.where(pruned, -D, W).float()
     r = (D - W) @ H  # H is symmetric: r = H d for every row
     e = ((D - W) * r).sum(1)
     before = e.clone()
     hdiag, hdiag32 = torch.diagonal(H).clone(), torch.diagonal(H32).clone()
-    groups = _Groups(W32, D32, pruned, H32, group) if group else None
+    groups = _Groups(V32, pruned, H32, group) if group else None
     active = torch.arange(rows, device=dev)
     if groups is not None and (groups.ks == 0 or groups.ps == 0):
         active = active[:0]
@@ -312,14 +315,13 @@ def dsnot_exact(
     while cycles < max_cycles and active.numel():
         cycles += 1
         everyone = active.numel() == rows  # plain views instead of index copies while every row is active
-        a, b = (W32, D32) if everyone else (W32[active], D32[active])
+        v = V32 if everyone else V32[active]
         rr = r.float() if everyone else r[active].float()
-        if groups is not None:
-            P = a * (2 * rr + a * hdiag32)  # padding slots carry +inf in the cross terms
-            G = b * (b * hdiag32 - 2 * rr)  # b = −w0_j: 2·(−w0)·r + w0²·H_jj
-            _, i, j, where = groups.best(active, P, G)
+        S = torch.addcmul(v * v * hdiag32, v, rr, value=2.0)
+        if groups is not None:  # padding slots carry +inf in the cross terms
+            _, i, j, where = groups.best(active, S)
         else:
-            _, i, j = _best_row_swaps(a, b, rr, pruned if everyone else pruned[active], H32, hdiag32, candidates)
+            _, i, j = _best_row_swaps(v, S, pruned if everyone else pruned[active], H32, candidates)
         # the chosen swap's exact Δe, in float64
         ai, bj = W[active, i], -D[active, j]
         delta = swap_delta(ai, bj, r[active, i], r[active, j], hdiag[i], hdiag[j], H[i, j])
@@ -331,12 +333,12 @@ def dsnot_exact(
         e.index_add_(0, active, delta)
         W[active, i] = 0
         W[active, j] = D[active, j]
-        W32[active, i] = 0
-        W32[active, j] = D32[active, j]
+        V32[active, i] = -D32[active, i]
+        V32[active, j] = D32[active, j]
         pruned[active, i] = True
         pruned[active, j] = False
         if groups is not None:
-            groups.swap(active, tuple(x[ok] for x in where), i, j, W32, D32, H32)
+            groups.swap(active, tuple(x[ok] for x in where), i, j, V32, H32)
         swaps += int(active.numel())
     after = exact_row_error(D, W, H)
     worse = (after >= before) & (W != W0).any(1)  # unchanged rows are equal by definition
