@@ -212,3 +212,170 @@ def test_verify_keeps_only_rows_whose_output_error_drops():
     direct = ((X @ (D - out).T) ** 2).mean(0)
     assert torch.allclose(direct, e_out, rtol=1e-3)
     assert torch.equal((out == 0).sum(1), (W == 0).sum(1))
+
+
+# --- exact swap scores (criterion "exact") --------------------------------------------------------
+
+from sparsellm.compress.dsnot import dsnot_exact, exact_row_error  # noqa: E402
+
+
+def test_exact_identity_hessian_converges_to_magnitude():
+    # H = I: Δe(i, j) = w0_i² − w0_j², so the greedy ends on the largest magnitudes.
+    # kept -1.5, 1, -2.5, e = 16 + 4 + 9 = 29; cycle 1: prune 1, grow 4 (Δ = 1 − 16) -> e = 14;
+    # cycle 2: prune -1.5, grow 3 (Δ = 2.25 − 9) -> e = 7.25; cycle 3: best is prune -2.5 / grow 2, Δ = +2.25: stop
+    D = torch.tensor([[4.0, -1.5, 2.0, 3.0, 1.0, -2.5]])
+    W = torch.tensor([[0.0, -1.5, 0.0, 0.0, 1.0, -2.5]])
+    r = dsnot_exact(D, W, torch.eye(6), candidates=6)
+    assert r.weight.tolist() == [[4.0, 0.0, 0.0, 3.0, 0.0, -2.5]]
+    assert r.error_before.tolist() == [29.0] and r.error_after.tolist() == [7.25]
+    assert r.swaps == 2 and r.cycles == 3
+
+
+def test_exact_uses_the_correlations():
+    # inputs 0 and 1 are correlated (0.9): keeping input 2 alone leaves d = (1, -1, 0), whose error
+    # 1 + 1 − 2·0.9 = 0.2 is far below the 1.64 of keeping input 0 (the larger weight: magnitude's choice).
+    # From keep-0: d = (0, -1, .8), r = Hd = (-.9, -1, .8); prune 0 (a = 1): P = 2·(-.9) + 1 = -0.8;
+    # grow 2 (b = -.8): G = 2·(-.8)(.8) + .64 = -0.64; H_02 = 0 -> Δ = -1.44; grow 1 instead: Δ = 0 (not taken)
+    H = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    D = torch.tensor([[1.0, -1.0, 0.8]])
+    r = dsnot_exact(D, torch.tensor([[1.0, 0.0, 0.0]]), H, candidates=3)
+    assert torch.equal(r.weight, torch.tensor([[0.0, 0.0, 0.8]])) and r.swaps == 1
+    assert torch.allclose(r.error_before, torch.tensor([1.64], dtype=torch.float64))
+    assert torch.allclose(r.error_after, torch.tensor([0.2], dtype=torch.float64))
+
+
+def _hessian(cols, seed, n=256):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.5 + torch.randn(cols, generator=g)
+    return X.T @ X / n
+
+
+def _brute_greedy(D, W, H, group, cycles):
+    """Reference: per row, try every (kept, pruned) swap (inside the group for N:M), recompute the
+    error from scratch, take the best while it improves."""
+    out = W.clone().double()
+    D, H = D.double(), H.double()
+    for row in range(D.shape[0]):
+        w = out[row]
+        pruned = w == 0
+        for _ in range(cycles):
+            e0 = float((D[row] - w) @ H @ (D[row] - w))
+            best, pair = e0, None
+            for i in range(len(w)):
+                for j in range(len(w)):
+                    if pruned[i] or not pruned[j] or (group and i // group != j // group):
+                        continue
+                    v = w.clone()
+                    v[i], v[j] = 0, D[row, j]
+                    e = float((D[row] - v) @ H @ (D[row] - v))
+                    if e < best:
+                        best, pair = e, (i, j)
+            if pair is None or best >= e0 * (1 - 1e-9):
+                break
+            i, j = pair
+            w[i], w[j] = 0, D[row, j]
+            pruned[i], pruned[j] = True, False
+    return out
+
+
+@pytest.mark.parametrize("group,sparsity", [(None, 0.5), (None, 0.75), (4, 0.5), (8, 0.5)])
+@pytest.mark.parametrize("cycles", [1, 3, 50])
+def test_exact_matches_brute_force_greedy(group, sparsity, cycles):
+    torch.manual_seed(11)
+    rows, cols = 6, 16
+    D = torch.randn(rows, cols)
+    H = _hessian(cols, 12)
+    nm = (int(group * sparsity), group) if group else None
+    W = D.masked_fill(magnitude_mask(D, sparsity, nm, "row"), 0)
+    r = dsnot_exact(D, W, H, group, max_cycles=cycles, candidates=cols)
+    ref = _brute_greedy(D, W, H, group, cycles)
+    assert torch.equal(r.weight.double(), ref)
+    assert torch.allclose(r.error_after, exact_row_error(D, ref, H))
+    assert r.swaps > 0
+
+
+@pytest.mark.parametrize("kind", ["wanda", "magnitude", "sparsegpt"])
+@pytest.mark.parametrize("nm,sparsity", [(None, 0.6), (None, 0.7), ((2, 4), 0.5), ((4, 8), 0.5)])
+@pytest.mark.parametrize("candidates", [4, 64])
+def test_exact_invariants(kind, nm, sparsity, candidates):
+    torch.manual_seed(1)
+    rows, cols = 40, 64
+    D = torch.randn(rows, cols)
+    mean, var, sq, X = _stats(cols, 2)
+    H = X.T @ X / X.shape[0]
+    W = _start(kind, D, sq, X, sparsity, nm)
+    group = nm[1] if nm else None
+    errors, prev = [], None
+    for cycles in (1, 2, 5, 30):
+        r = dsnot_exact(D, W, H, group, max_cycles=cycles, candidates=candidates)
+        out = r.weight
+        # sparsity is unchanged per row, and per N:M group
+        assert torch.equal((out == 0).sum(1), (W == 0).sum(1))
+        if nm:
+            assert torch.equal((out == 0).view(rows, -1, nm[1]).sum(2), (W == 0).view(rows, -1, nm[1]).sum(2))
+        # each entry is 0, its starting value, or its dense value (grown)
+        assert bool(((out == 0) | (out == W) | (out == D)).all())
+        # the reported errors are the exact errors of the start and of the result; no row gets worse
+        assert torch.allclose(r.error_before, exact_row_error(D, W, H))
+        assert torch.allclose(r.error_after, exact_row_error(D, out, H))
+        assert bool((r.error_after <= r.error_before).all())
+        # more cycles never end higher (the greedy path is the same, only longer)
+        if prev is not None:
+            assert bool((r.error_after <= prev + 1e-9 * prev.abs()).all())
+        prev = r.error_after
+        errors.append(float(r.error_after.sum()))
+    assert r.swaps > 0 and errors[-1] < errors[0] < float(r.error_before.sum())
+    # direct check against the inputs themselves
+    direct = ((X.double() @ (D - out).double().T) ** 2).mean(0)
+    assert torch.allclose(direct, r.error_after, rtol=1e-4)
+
+
+def test_exact_is_deterministic_and_rejects_bad_input():
+    torch.manual_seed(3)
+    D = torch.randn(16, 128)
+    H = _hessian(128, 4, n=512)
+    W = D.masked_fill(magnitude_mask(D, 0.7, None, "row"), 0)
+    a, b = dsnot_exact(D, W, H, max_cycles=20), dsnot_exact(D, W, H, max_cycles=20)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.error_after, b.error_after)
+    with pytest.raises(ValueError, match="does not divide"):
+        dsnot_exact(torch.ones(2, 6), torch.ones(2, 6), torch.eye(6), group=4)
+    with pytest.raises(ValueError, match="candidates"):
+        dsnot_exact(D, W, H, candidates=0)
+
+
+def test_exact_criterion_in_a_layerwise_pass(windows):
+    """Wanda then DSnoT(exact) in one pass: needs only XᵀX; sparsity per row kept; values dense or zero;
+    layer 0 (same inputs either way) ends with no row's calibration output error above Wanda's."""
+    from conftest import tiny_model
+    from sparsellm.calibrate import make_selector, run_layerwise
+    from sparsellm.calibrate.engine import capture_layer_inputs, collect_stats, target_linears
+    from sparsellm.compress import build_method
+    from sparsellm.compress.dsnot import DSnoT
+    from sparsellm.loading import get_adapter
+    from sparsellm.recipe import recipe_from_dict
+
+    r = recipe_from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": 0.6}}, {"refine": {"method": "dsnot"}}]})
+    spec = r.stages[1].spec.model_copy(update={"criterion": "exact"})
+    dense, wanda_only, refined = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    adapter = get_adapter(dense)
+    sel = make_selector([], [])
+    run_layerwise(wanda_only, adapter, windows, [build_method(r.stages[0].spec)], sel, batch_size=4)
+    dsnot = DSnoT(spec)
+    assert dsnot.needs == frozenset({"hessian"})
+    run_layerwise(refined, adapter, windows, [build_method(r.stages[0].spec), dsnot], sel, batch_size=4)
+    acts = capture_layer_inputs(dense, adapter, windows, "cpu", 4)
+    layer0 = adapter.layers(dense)[0]
+    linears = target_linears(layer0, adapter.layer_prefix(0), sel)
+    stats = collect_stats(layer0, linears, {n: frozenset({"hessian"}) for n in linears}, acts)
+    changed = 0
+    for name, lin in linears.items():
+        d = lin.weight
+        w = wanda_only.get_submodule(f"{adapter.layer_prefix(0)}.{name}").weight
+        f = refined.get_submodule(f"{adapter.layer_prefix(0)}.{name}").weight
+        assert torch.equal((f == 0).sum(1), (w == 0).sum(1)), name
+        assert bool(((f == 0) | (f == d)).all()), name
+        # XᵀX of a Linear in layer 0 is the same for the dense, Wanda and refined runs up to its own group
+        H = stats[name].hessian
+        assert bool((exact_row_error(d, f, H) <= exact_row_error(d, w, H) * (1 + 1e-6)).all()), name
+        changed += int((f != w).any())
+    assert changed > 0 and dsnot.rows > 0

@@ -37,9 +37,11 @@ class DSnoTRefine(Strict):
                                     "(unit: the error summed over one calibration window, as in the reference)")
     pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
     same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
-    criterion: Literal["mean", "mse"] = Field("mse", description="take a swap when it shrinks |mean error| (the paper), "
-                                              "or only when it also lowers the row's expected squared error (default: "
-                                              "measured better, see methods.md)")
+    criterion: Literal["mean", "mse", "exact"] = Field("mse", description="take a swap when it shrinks |mean error| (the "
+                                                       "paper), or only when it also lowers the row's expected squared "
+                                                       "error (default: measured better, see docs/methods.md); exact: "
+                                                       "the best swap by the exact change of the row's output error "
+                                                       "from XᵀX (opt-in; no row ends worse than its start)")
     verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
                          "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
     modules: Literal["attention", "mlp", "all"] = Field("all", description="which pruned Linear layers to refine "
@@ -170,6 +172,205 @@ def dsnot_refine(
     return DSnoTResult(W, before, e, cycles, swaps)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Exact swap scores (criterion "exact")
+#
+# For one row with dense weights w0 and current weights w, the calibration output error is
+#     e(w) = dᵀ H d,   d = w0 − w,   H = XᵀX / tokens,
+# and r = H d is kept up to date. Swapping (prune a kept weight i, grow a pruned weight j back to its
+# dense value) changes d by a·e_i + b·e_j with a = w_i (d_i goes from w0_i − w_i to w0_i) and
+# b = −w0_j (d_j goes from w0_j to 0), so exactly
+#     Δe(i, j) = P_i + G_j + 2·a·b·H_ij,   P_i = 2·a·r_i + a²·H_ii,   G_j = 2·b·r_j + b²·H_jj,
+# where P_i (G_j) is the change for pruning i (growing j) alone; afterwards r += a·H[:, i] + b·H[:, j].
+# Each cycle takes, in every row, the swap of lowest Δe if it is negative, so e falls strictly and no
+# row can end worse than it started. N:M: every (kept, pruned) pair of every group is scored.
+# Unstructured: the pairs among the `candidates` best single prunes × best single grows of the row
+# (P and G exact; with candidates ≥ the row width that is every pair).
+
+# unstructured: pairs scored per row and cycle = EXACT_CANDIDATES² (best single prunes × best single grows)
+EXACT_CANDIDATES = 16  # measured on SmolLM2 (scripts/bench_dsnot_exact.py): 8-64 within 1 % of each other
+# at most this many entries in one scoring tensor (rows are scored in chunks)
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def exact_row_error(dense: torch.Tensor, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """e = (w0 − w)ᵀ H (w0 − w) per row, in float64."""
+    d = dense.double() - weight.double()
+    return ((d @ hessian.double()) * d).sum(1)
+
+
+def swap_delta(a, b, r_i, r_j, h_ii, h_jj, h_ij):
+    """Exact Δe of pruning i (current value a) and growing j (b = −w0_j), elementwise (broadcasts)."""
+    return 2 * a * r_i + a * a * h_ii + 2 * b * r_j + b * b * h_jj + 2 * a * b * h_ij
+
+
+def _pair_h(H: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """H[i, j] for broadcast index tensors i, j (a flat gather: much faster than 2-D advanced indexing)."""
+    flat = i * H.shape[1] + j
+    return H.reshape(-1).index_select(0, flat.reshape(-1)).view(flat.shape)
+
+
+def _chunks(rows: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    return [slice(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+class _Groups:
+    """N:M bookkeeping for exact swaps: per row and group of m columns, the positions of its kept
+    weights (ks slots) and of its pruned ones (ps slots), and the cross term 2·a·b·H_ij of every
+    (kept, pruned) slot pair (+inf for padding slots, where a group has fewer kept or pruned weights
+    than the most of any group). A swap exchanges the two positions between their slots."""
+
+    def __init__(self, V: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, m: int):
+        rows, cols = V.shape
+        g, dev = cols // m, V.device
+        p = pruned.view(rows, g, m)
+        order = torch.sort(p.to(torch.int8), dim=2, stable=True).indices + torch.arange(g, device=dev)[None, :, None] * m
+        nk = (~p).sum(2)
+        self.ks, self.ps = int(nk.max()), m - int(nk.min())
+        self.kpos = order[..., :self.ks].contiguous()
+        self.ppos = order[..., m - self.ps:].contiguous()
+        kbad = torch.arange(self.ks, device=dev) >= nk[..., None]  # slot past the group's kept count
+        pbad = torch.arange(self.ps, device=dev) < (self.ps - (m - nk))[..., None]  # slot before its pruned ones
+        self.invalid = kbad[..., :, None] | pbad[..., None, :]
+        self.cross = torch.empty(rows, g, self.ks, self.ps, device=dev)
+        for c in _chunks(rows, g * self.ks * self.ps):
+            n = V[c].shape[0]
+            a = V[c].gather(1, self.kpos[c].reshape(n, -1)).view(self.kpos[c].shape)
+            b = V[c].gather(1, self.ppos[c].reshape(n, -1)).view(self.ppos[c].shape)
+            cross = 2 * a[..., :, None] * b[..., None, :] * _pair_h(H, self.kpos[c][..., :, None], self.ppos[c][..., None, :])
+            self.cross[c] = cross.masked_fill_(self.invalid[c], float("inf"))
+
+    def best(self, rows: torch.Tensor, S: torch.Tensor):
+        """Lowest Δe per row over all (kept, pruned) pairs of each group, from the single-move changes S
+        (P at kept, G at pruned positions): (Δe, i, j, (group, kslot, pslot))."""
+        ks, ps = self.ks, self.ps
+        g = self.kpos.shape[1]
+        out = []
+        everyone = rows.numel() == self.kpos.shape[0]  # rows is a sorted subset: all of them, slices suffice
+        for c in _chunks(rows.numel(), g * ks * ps):
+            rr = c if everyone else rows[c]
+            n = S[c].shape[0]
+            Pk = S[c].gather(1, self.kpos[rr].view(n, -1)).view(n, g, ks)
+            Gp = S[c].gather(1, self.ppos[rr].view(n, -1)).view(n, g, ps)
+            delta = (Pk[..., :, None] + Gp[..., None, :]).add_(self.cross[rr])
+            out.append(delta.view(n, -1).min(1))
+        v, k = torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+        gi, p, q = k // (ks * ps), (k // ps) % ks, k % ps
+        return v, self.kpos[rows, gi, p], self.ppos[rows, gi, q], (gi, p, q)
+
+    def swap(self, rows, where, i, j, V, H):
+        gi, p, q = where
+        self.kpos[rows, gi, p] = j
+        self.ppos[rows, gi, q] = i
+        kp, pp = self.kpos[rows, gi], self.ppos[rows, gi]  # (n, ks), (n, ps)
+        a, b = V[rows[:, None], kp], V[rows[:, None], pp]
+        cross = 2 * a[:, :, None] * b[:, None, :] * _pair_h(H, kp[:, :, None], pp[:, None, :])
+        self.cross[rows, gi] = cross.masked_fill_(self.invalid[rows, gi], float("inf"))
+
+
+def _best_row_swaps(V, S, pruned, H, candidates):
+    """Unstructured: lowest Δe per row over the pairs of its `candidates` lowest P_i and lowest G_j
+    (S: P at kept, G at pruned positions; V: a at kept, b at pruned positions)."""
+    rows, cols = V.shape
+    k = min(candidates, cols)
+    inf = float("inf")
+    vs, bis, bjs = [], [], []
+    for c in _chunks(rows, max(k * k, cols)):
+        v, pr = V[c], pruned[c]
+        P = S[c].masked_fill(pr, inf)
+        G = S[c].masked_fill(~pr, inf)
+        I = torch.topk(P, k, dim=1, largest=False).indices
+        J = torch.topk(G, k, dim=1, largest=False).indices
+        delta = (P.gather(1, I)[:, :, None] + G.gather(1, J)[:, None, :]
+                 + 2 * v.gather(1, I)[:, :, None] * v.gather(1, J)[:, None, :] * _pair_h(H, I[:, :, None], J[:, None, :]))
+        v, kk = delta.view(delta.shape[0], -1).min(1)
+        vs.append(v)
+        bis.append(I.gather(1, (kk // k)[:, None])[:, 0])
+        bjs.append(J.gather(1, (kk % k)[:, None])[:, 0])
+    return torch.cat(vs), torch.cat(bis), torch.cat(bjs)
+
+
+@torch.no_grad()
+def dsnot_exact(
+    dense: torch.Tensor,
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group: int | None = None,
+    max_cycles: int = 50,
+    candidates: int = EXACT_CANDIDATES,
+    rtol: float = 1e-9,
+) -> DSnoTResult:
+    """Greedy exact-score prune-and-grow on the mask of `weight` (zeros = pruned) against `dense`:
+    per cycle and row, the swap of lowest Δe = change of (w0 − w)ᵀ H (w0 − w) (formula above), applied
+    if it lowers the row's error by more than `rtol` of it. `group`: M of N:M (swaps stay inside each
+    group of M inputs, every (kept, pruned) pair scored); None: swaps anywhere in the row, among the
+    `candidates` best single prunes × best single grows. Pairs are ranked in float32; the chosen swap's
+    Δe, the residual r = H(w0 − w) and e are float64. The mask is tracked explicitly, so the per-row
+    and per-group counts of pruned weights stay exact; grown weights take their dense value. Errors are
+    recomputed from scratch at the end, and a row whose error is not below its start (rounding) keeps
+    its starting weights: no row ends worse than it started. Stops when no row improves or after
+    max_cycles."""
+    rows, cols = weight.shape
+    if group is not None and cols % group:
+        raise ValueError(f"N:M pattern with M={group} does not divide the input width {cols}")
+    if candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    dev = weight.device
+    H = hessian.to(dev).double()
+    H32 = H.float()
+    D = dense.detach().to(dev).double()
+    D32 = D.float()
+    W0 = weight.detach().double()
+    W = W0.clone()
+    pruned = W0 == 0
+    # one signed value per weight: a = w_i where kept (the change if pruned is +a), b = −w0_j where
+    # pruned (the change if grown); then the single-move changes are S = 2·V·r + V²·diag(H) everywhere
+    V32 = torch.where(pruned, -D, W).float()
+    r = (D - W) @ H  # H is symmetric: r = H d for every row
+    e = ((D - W) * r).sum(1)
+    before = e.clone()
+    hdiag, hdiag32 = torch.diagonal(H).clone(), torch.diagonal(H32).clone()
+    groups = _Groups(V32, pruned, H32, group) if group else None
+    active = torch.arange(rows, device=dev)
+    if groups is not None and (groups.ks == 0 or groups.ps == 0):
+        active = active[:0]
+    cycles = swaps = 0
+    while cycles < max_cycles and active.numel():
+        cycles += 1
+        everyone = active.numel() == rows  # plain views instead of index copies while every row is active
+        v = V32 if everyone else V32[active]
+        rr = r.float() if everyone else r[active].float()
+        S = torch.addcmul(v * v * hdiag32, v, rr, value=2.0)
+        if groups is not None:  # padding slots carry +inf in the cross terms
+            _, i, j, where = groups.best(active, S)
+        else:
+            _, i, j = _best_row_swaps(v, S, pruned if everyone else pruned[active], H32, candidates)
+        # the chosen swap's exact Δe, in float64
+        ai, bj = W[active, i], -D[active, j]
+        delta = swap_delta(ai, bj, r[active, i], r[active, j], hdiag[i], hdiag[j], H[i, j])
+        ok = ~pruned[active, i] & pruned[active, j] & (delta < -rtol * e[active])
+        active, i, j, ai, bj, delta = active[ok], i[ok], j[ok], ai[ok], bj[ok], delta[ok]
+        if not active.numel():
+            break
+        r.index_add_(0, active, torch.addcmul(ai[:, None] * H[i], bj[:, None], H[j]))
+        e.index_add_(0, active, delta)
+        W[active, i] = 0
+        W[active, j] = D[active, j]
+        V32[active, i] = -D32[active, i]
+        V32[active, j] = D32[active, j]
+        pruned[active, i] = True
+        pruned[active, j] = False
+        if groups is not None:
+            groups.swap(active, tuple(x[ok] for x in where), i, j, V32, H32)
+        swaps += int(active.numel())
+    after = exact_row_error(D, W, H)
+    worse = (after >= before) & (W != W0).any(1)  # unchanged rows are equal by definition
+    if bool(worse.any()):
+        W[worse], after[worse] = W0[worse], before[worse]
+    return DSnoTResult(W.to(torch.float32), before, after, cycles, swaps)
+
+
 def row_output_error(dense: torch.Tensor, weight: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
     """Per row, E[((W_dense − W) x)²] over the calibration inputs, from E[x xᵀ]."""
     dw = dense.float() - weight.float()
@@ -190,13 +391,22 @@ class DSnoT(LayerwiseMethod):
 
     def __init__(self, spec: DSnoTRefine):
         self.spec = spec
-        self.needs = frozenset({"sq_norm", "mean"} | ({"hessian"} if spec.verify else set()))
+        if spec.criterion == "exact":  # exact swap scores need XᵀX only, and cannot end worse than the start
+            self.needs = frozenset({"hessian"})
+        else:
+            self.needs = frozenset({"sq_norm", "mean"} | ({"hessian"} if spec.verify else set()))
         self.nm: tuple[int, int] | None = None  # set by the pipeline from the prune stage it refines
         self.rows = self.reverted = 0
 
     @torch.no_grad()
     def compress(self, t: Target) -> None:
         s, st, w = self.spec, t.stats, t.linear.weight
+        if s.criterion == "exact":
+            res = dsnot_exact(t.dense, w, st.hessian, self.nm[1] if self.nm else None, s.max_cycles, EXACT_CANDIDATES)
+            self.reverted += int((res.error_after >= res.error_before).sum())
+            self.rows += w.shape[0]
+            w.copy_(res.weight.to(w.dtype))
+            return
         # the reference's unit: error summed over one calibration window (tokens per window × E[x])
         window = st.tokens / max(st.sequences, 1)
         res = dsnot_refine(t.dense, w, st.mean * window, st.var, st.sq_norm, self.nm[1] if self.nm else None,

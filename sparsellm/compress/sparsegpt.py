@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..recover.reconstruct import masked_lstsq_refit
 from ..stage import register
 from .base import PruneMethod, PruneSpec, Target
 from .masks import _lowest, count_to_prune
@@ -90,18 +91,29 @@ def sparsegpt_prune(
     return W, mask
 
 
+REFIT_ITERS = 50  # conjugate-gradient steps of the refit, warm-started from SparseGPT's weights
+
+
 class SparseGPT(PruneMethod):
+    """`refit` (opt-in, not yet a recipe field): after SparseGPT chose the mask, move its weights to
+    the masked least-squares solution against the dense weights, w_S = (H+λI)_SS⁻¹ ((H+λI) w0)_S per
+    row (recover.reconstruct.masked_lstsq_refit, λ = percdamp), by REFIT_ITERS steps of
+    conjugate gradients from SparseGPT's own update."""
+
     needs = frozenset({"hessian"})
     spec: SparseGPTPrune
 
-    def __init__(self, spec: SparseGPTPrune):
+    def __init__(self, spec: SparseGPTPrune, refit: bool = False):
         super().__init__(spec)
         self.true_sequential = spec.true_sequential
+        self.refit = refit
 
     @torch.no_grad()
     def compress(self, t: Target) -> None:
         s, w = self.spec, t.linear.weight
-        W, _ = sparsegpt_prune(w, t.stats.hessian, self.sparsity_at(t.layer), self.nm_at(t.layer), s.blocksize, s.percdamp, s.scope)
+        W, mask = sparsegpt_prune(w, t.stats.hessian, self.sparsity_at(t.layer), self.nm_at(t.layer), s.blocksize, s.percdamp, s.scope)
+        if self.refit:
+            W = masked_lstsq_refit(w, mask, t.stats.hessian, s.percdamp, "cg", REFIT_ITERS, start=W)
         w.copy_(W.to(w.dtype))
 
 
