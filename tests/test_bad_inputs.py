@@ -492,7 +492,7 @@ def output_not_writable(w):
 def disk_full_while_writing_output(w):
     import sparsellm.handle as handle
 
-    def full_disk(model, tokenizer, folder, fmt="dense"):
+    def full_disk(model, tokenizer, folder, fmt="dense", dtype=None):
         (folder / "model.safetensors").write_bytes(b"the first half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -718,6 +718,9 @@ def lm_eval_dataset_download_fails(w):
     w.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     w.monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     w.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import datasets.config  # read the environment when first imported: an earlier case may have imported it
+
+    w.monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     (w.tmp / "tasks").mkdir()
     (w.tmp / "tasks" / "hub_task.yaml").write_text(
         "task: hub_task\ndataset_path: sparsellm-tests/no-such-dataset\noutput_type: multiple_choice\ntest_split: test\n"
