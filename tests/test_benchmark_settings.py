@@ -1,4 +1,4 @@
-"""Every results row of the README can be reproduced: it names the scripts/benchmark.py setting that
+"""Every results row of docs/benchmarks.md (the full results; README shows a summary of them) can be reproduced: it names the scripts/benchmark.py setting that
 produced it (a "setting" column of exact names, or a "benchmark setting(s)" column of `names`, or
 "external: ..." for the authors' reference code), and every named setting exists and is a valid recipe."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 from sparsellm.recipe import recipe_from_dict
 
-README = ROOT / "README.md"
+RESULTS = ROOT / "docs" / "benchmarks.md"
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,10 @@ def benchmark():
 
 
 def results_tables() -> list[list[list[str]]]:
-    """The markdown tables of the README's Results section, as rows of stripped cells (header first)."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("\n## Results\n"):]
-    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    """The markdown tables of docs/benchmarks.md's result sections (after the protocol), as rows of stripped
+    cells (header first)."""
+    text = RESULTS.read_text(encoding="utf-8")
+    section = text[text.index("\n## One-shot pruning"):]
     tables, current = [], []
     for line in section.splitlines() + [""]:
         if line.startswith("|"):

@@ -227,7 +227,7 @@ def test_omitted_model_says_the_demo_model_is_used(monkeypatch, caplog, model_di
         raise ModelLoadError("stop here")
 
     monkeypatch.setattr(sparsellm.loading, "load_model", no_load)
-    monkeypatch.setattr(sparsellm.pipeline, "compress", no_compress)
+    monkeypatch.setattr(sparsellm.pipeline, "run_recipe", no_compress)
     demo = "no --model given: using the demo model smollm2-135m (HuggingFaceTB/SmolLM2-135M-Instruct"
     for args in (["eval", "--ppl", TEXT], ["prune", "--method", "magnitude", "--sparsity", "0.5", "-o", tmp_path / "o"]):
         caplog.clear()
