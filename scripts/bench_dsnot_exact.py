@@ -35,7 +35,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from sparsellm.calibrate import make_selector
-    from sparsellm.calibrate.engine import capture_layer_inputs, collect_stats, propagate, target_linears
+    from sparsellm.calibrate.engine import collect_stats, target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.compress.dsnot import dsnot_exact, dsnot_refine, exact_row_error, keep_better_rows
     from sparsellm.compress.wanda import wanda_mask
     from sparsellm.data import calibration_windows
@@ -51,7 +52,7 @@ def main() -> None:
     model, tok = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     adapter = get_adapter(model)
     windows = calibration_windows(tok, str(args.data / "lee_calib.txt"), args.nsamples, args.seqlen, seed=0)
-    acts = capture_layer_inputs(model, adapter, windows, "cpu", 4)
+    acts = capture(model, adapter, windows, "cpu", 4)
     nm = tuple(int(x) for x in args.pattern.split(":")) if args.pattern else None
     group = nm[1] if nm else None
     wanted = [int(x) for x in args.layers.split(",")]
@@ -83,7 +84,7 @@ def main() -> None:
                 print(json.dumps({"layer": index, "linear": name, "start_error": e0,
                                   **{k: [round(v[0], 4), round(v[1], 2)] for k, v in res.items()}}), flush=True)
         if index < max(wanted):
-            propagate(layer, acts, index)
+            acts.advance(layer)
     print(json.dumps({"mean error ratio (result / Wanda start)": {k: round(sum(v) / len(v), 4) for k, v in totals.items()}}))
 
 

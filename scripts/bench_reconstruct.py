@@ -121,7 +121,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from sparsellm.calibrate import make_selector
-    from sparsellm.calibrate.engine import capture_layer_inputs, collect_stats, propagate, target_linears
+    from sparsellm.calibrate.engine import collect_stats, target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.compress import dsnot as dsnot_mod
     from sparsellm.compress.base import Target
     from sparsellm.data import calibration_windows, evaluation_chunks
@@ -147,7 +148,7 @@ def main() -> None:
     t0 = time.perf_counter()
     per_layer = []
     # batch size 1: one batch per window, so that whole windows can be held back
-    acts = capture_layer_inputs(model, adapter, windows, "cpu", 1) if methods else None
+    acts = capture(model, adapter, windows, "cpu", 1) if methods else None
     dense_hidden = [h.clone() for h in acts.hidden] if stream else None
     needs = frozenset().union(*(m.needs for m in methods), {"hessian"} if args.refit else ()) if methods else frozenset()
     true_seq = any(m.true_sequential for m in methods)
@@ -204,7 +205,7 @@ def main() -> None:
         if stream:
             dense_hidden = fwd(dense_layer, dense_hidden)
         if index + 1 < len(layers):
-            propagate(layer, acts, index)
+            acts.advance(layer)
     seconds = time.perf_counter() - t0
     sparsity = None
     if methods:

@@ -34,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from sparsellm.calibrate import make_selector
-    from sparsellm.calibrate.engine import capture_layer_inputs, collect_stats, propagate, target_linears
+    from sparsellm.calibrate.engine import collect_stats, target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.compress.sparsegpt import sparsegpt_prune
     from sparsellm.data import calibration_windows
     from sparsellm.loading import get_adapter, load_model
@@ -50,7 +51,7 @@ def main() -> None:
     model, tok = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     adapter = get_adapter(model)
     windows = calibration_windows(tok, str(args.data / "lee_calib.txt"), args.nsamples, args.seqlen, seed=0)
-    acts = capture_layer_inputs(model, adapter, windows, "cpu", 4)
+    acts = capture(model, adapter, windows, "cpu", 4)
     nm = tuple(int(x) for x in args.pattern.split(":")) if args.pattern != "unstructured" else None
     wanted = [int(x) for x in args.layers.split(",")]
     layers = adapter.layers(model)
@@ -77,7 +78,7 @@ def main() -> None:
                     totals.setdefault(key, []).append(ratio)
                 print(json.dumps({"layer": index, "linear": name, **{k: [round(v[0], 4), round(v[1], 2)] for k, v in res.items()}}), flush=True)
         if index < max(wanted):
-            propagate(layer, acts, index)
+            acts.advance(layer)
     print(json.dumps({"mean error ratio (refit / SparseGPT)": {k: round(sum(v) / len(v), 4) for k, v in totals.items()}}))
 
 

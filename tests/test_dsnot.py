@@ -348,7 +348,8 @@ def test_exact_criterion_in_a_layerwise_pass(windows):
     layer 0 (same inputs either way) ends with no row's calibration output error above Wanda's."""
     from conftest import tiny_model
     from sparsellm.calibrate import make_selector, run_layerwise
-    from sparsellm.calibrate.engine import capture_layer_inputs, collect_stats, target_linears
+    from sparsellm.calibrate.engine import collect_stats, target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.compress import build_method
     from sparsellm.compress.dsnot import DSnoT
     from sparsellm.loading import get_adapter
@@ -363,7 +364,7 @@ def test_exact_criterion_in_a_layerwise_pass(windows):
     dsnot = DSnoT(spec)
     assert dsnot.needs == frozenset({"hessian"})
     run_layerwise(refined, adapter, windows, [build_method(r.stages[0].spec), dsnot], sel, batch_size=4)
-    acts = capture_layer_inputs(dense, adapter, windows, "cpu", 4)
+    acts = capture(dense, adapter, windows, "cpu", 4)
     layer0 = adapter.layers(dense)[0]
     linears = target_linears(layer0, adapter.layer_prefix(0), sel)
     stats = collect_stats(layer0, linears, {n: frozenset({"hessian"}) for n in linears}, acts)

@@ -87,13 +87,14 @@ def test_refit_rejects_bad_shapes():
 
 def _block_problem(windows, nm=None, sparsity=0.5):
     from conftest import tiny_model
-    from sparsellm.calibrate.engine import capture_layer_inputs, target_linears
+    from sparsellm.calibrate.engine import target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.calibrate import make_selector
     from sparsellm.loading import get_adapter
 
     model = tiny_model("llama")
     adapter = get_adapter(model)
-    acts = capture_layer_inputs(model, adapter, windows, "cpu", 2)  # 8 windows -> 4 batches
+    acts = capture(model, adapter, windows, "cpu", 2)  # 8 windows -> 4 batches
     dense = adapter.layers(model)[0]
     with torch.no_grad():
         targets = [dense(h, **kw)[0] if isinstance(dense(h, **kw), tuple) else dense(h, **kw) for h, kw in zip(acts.hidden, acts.kwargs)]
@@ -186,7 +187,8 @@ def test_sparsegpt_refit_option_in_a_layerwise_pass(windows):
     calibration output error no higher in any row; the default (no refit) is unchanged."""
     from conftest import tiny_model
     from sparsellm.calibrate import make_selector, run_layerwise
-    from sparsellm.calibrate.engine import capture_layer_inputs, collect_stats, target_linears
+    from sparsellm.calibrate.engine import collect_stats, target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.compress.sparsegpt import SparseGPT
     from sparsellm.loading import get_adapter
     from sparsellm.recipe import recipe_from_dict
@@ -197,7 +199,7 @@ def test_sparsegpt_refit_option_in_a_layerwise_pass(windows):
     sel = make_selector([], [])
     run_layerwise(plain, adapter, windows, [SparseGPT(spec)], sel, batch_size=4)
     run_layerwise(refit, adapter, windows, [SparseGPT(spec, refit=True)], sel, batch_size=4)
-    acts = capture_layer_inputs(dense, adapter, windows, "cpu", 4)
+    acts = capture(dense, adapter, windows, "cpu", 4)
     layer0 = adapter.layers(dense)[0]
     linears = target_linears(layer0, "", sel)
     stats = collect_stats(layer0, linears, {n: frozenset({"hessian"}) for n in linears}, acts)
