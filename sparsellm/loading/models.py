@@ -254,6 +254,8 @@ def check_architecture(cfg: dict) -> None:
         from .modeling_sliced import base_model_type
 
         model_type = base_model_type(cfg)
+    if model_type is not None and not isinstance(model_type, str):
+        raise ModelLoadError(f"config.json has model_type {model_type!r}, not a name; fix or re-download the file")
     if model_type is not None:
         get_adapter(model_type)  # raises the one-line refusal naming the supported architectures
 
