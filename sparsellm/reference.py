@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic.fields import PydanticUndefined
 
 BEGIN = "<!-- generated: python -m sparsellm.reference --write docs/recipes.md (tests/test_docs.py keeps it current) -->\n"
 END = "<!-- end of generated reference -->\n"

@@ -427,8 +427,8 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
     model_kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
+        require("gguf", ModelLoadError)  # the header check and transformers' dequantization need it
         check_gguf(Path(source.path) / source.gguf_file, source.spec)
-        require("gguf", ModelLoadError)  # transformers dequantizes through it
     elif not allow_pickle:
         model_kwargs["use_safetensors"] = True
         if source.kind == "local":
