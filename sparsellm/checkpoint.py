@@ -47,13 +47,14 @@ def _sha256_tensors(tensors) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model, recipe, windows: torch.Tensor | None) -> dict:
-    """What makes two runs the same: the dense weights as loaded (whatever their source), the recipe
-    (without its `model` field: the weights say which model), the calibration tokens, the version."""
+def fingerprint(weights, recipe, windows: torch.Tensor | None) -> dict:
+    """What makes two runs the same: the dense weights as loaded (whatever their source; `weights`:
+    (name, tensor) pairs in a fixed order, e.g. ModelHandle.weights()), the recipe (without its `model`
+    field: the weights say which model), the calibration tokens, the version."""
     recipe_json = json.dumps({k: v for k, v in recipe.dump().items() if k != "model"}, sort_keys=True)
     return {
         "sparsellm": __version__,
-        "model": _sha256_tensors(sorted(model.state_dict().items())),
+        "model": _sha256_tensors(weights),
         "recipe": hashlib.sha256(recipe_json.encode()).hexdigest(),
         "data": "none" if windows is None else _sha256_tensors([("windows", windows)]),
     }
@@ -125,8 +126,10 @@ class Checkpoint:
     def layers_done(self, pass_key: str) -> int:
         return self.state["passes"].get(pass_key, {}).get("layers_done", 0)
 
-    def restore(self, pass_key: str, layers, methods) -> int:
-        """Put back the layers a pass finished and the methods' state; returns how many."""
+    def restore(self, pass_key: str, layers, methods, io=None) -> int:
+        """Put back the layers a pass finished and the methods' state; returns how many. With the layer
+        walk's `io` (a streamed model), each layer is brought in, restored and released (written to the
+        output) in turn."""
         done = self.layers_done(pass_key)
         if done > len(layers):
             raise self._damaged(f"{pass_key} claims {done} decoder layers done, the model has {len(layers)}")
@@ -137,12 +140,16 @@ class Checkpoint:
             path = self._layer_file(pass_key, i)
             tensors = self._load(path)
             rng = tensors.pop(RNG_KEY, None)
+            if io is not None:
+                io.load(i, layers[i])
             try:
                 if rng is None or rng.dtype != torch.uint8:
                     raise ValueError("no RNG state")
                 layers[i].load_state_dict(tensors)  # strict: every tensor of the layer, each of its shape
             except (RuntimeError, ValueError) as e:
                 raise self._damaged(f"{path.name}: {' '.join(str(e).split())[:400]}") from None
+            if io is not None:
+                io.release(i, layers[i])
         if done:
             try:
                 torch.set_rng_state(rng)

@@ -86,6 +86,10 @@ class ModelHandle:
         """What the report says of a run that read and wrote the model layer by layer (None otherwise)."""
         return None
 
+    def weights(self):
+        """(name, tensor) of every weight as loaded, in a fixed order (what a checkpoint's fingerprint hashes)."""
+        return iter(sorted(self.model.state_dict().items()))
+
 
 class OffloadedHandle(ModelHandle):
     """A model dispatched by accelerate: decoder layers offloaded to CPU memory or disk."""
@@ -173,3 +177,12 @@ class StreamedHandle(OffloadedHandle):
 
     def report_block(self) -> dict:
         return {"reason": self.reason, "checkpoint_bytes": self.size, "shards": self.n_layers + 1}
+
+    def weights(self):
+        """Read from the source shards one decoder layer at a time (the tensors outside the layers first)."""
+        prefixes = [self.adapter.layer_prefix(i) + "." for i in range(self.n_layers)]
+        saved = self.stream.skeleton.saved
+        groups = [[n for n in saved if not n.startswith(self.adapter.layers_path + ".")]]
+        groups += [[n for n in saved if n.startswith(p)] for p in prefixes]
+        for names in groups:
+            yield from sorted(self.stream.source.get(names).items())

@@ -316,7 +316,7 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
     for stage in stages:
         stage.prepare(ctx)
     if options.checkpoint_dir:  # after loading: the fingerprint needs the dense weights and the windows
-        ctx.checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(ctx.model, recipe, ctx.windows), options.resume)
+        ctx.checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(handle.weights(), recipe, ctx.windows), options.resume)
 
     params_before = sum(p.numel() for p in ctx.model.parameters())
     nonzero_before = handle.nonzero()

@@ -809,10 +809,11 @@ def low_memory_with_lora_recovery(w):
 
 
 @case
-def low_memory_with_checkpoint(w):
-    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt", "--low-memory"), 2,
-                "--low-memory: --checkpoint-dir/--resume restore layers into a model held in memory; drop them (an "
-                "interrupted run leaves no output), or run without --low-memory")
+def device_map_with_checkpoint(w):
+    # (--low-memory resumes: tests/test_resume.py kills and resumes a streamed run)
+    return Case(w.prune(*WANDA, "--checkpoint-dir", w.tmp / "ckpt", "--device-map", "auto"), 2,
+                "--device-map: --checkpoint-dir/--resume restore layers into a model held in memory or streamed "
+                "(--low-memory); drop them (an interrupted run leaves no output), or run without --device-map")
 
 
 @case

@@ -417,7 +417,7 @@ def _resume(root: Path, ck: Path):
     from sparsellm.data import calibration_windows
 
     windows = calibration_windows(loaded.tokenizer, str(TEXT), 4, 32, 0)
-    c = Checkpoint(ck, fingerprint(loaded.model, recipe, windows), resume=True)
+    c = Checkpoint(ck, fingerprint(sorted(loaded.model.state_dict().items()), recipe, windows), resume=True)
     layers = get_adapter(loaded.model).layers(loaded.model)
     methods = [build_method(s.spec) for s in recipe.stages]
     done = c.restore("stage0", layers, methods)

@@ -104,3 +104,36 @@ def test_checkpointing_run_without_a_crash_matches_and_cleans_up(model4, recipe,
     assert_same_output(tmp_path / "out", reference)
     assert json.loads((tmp_path / "out" / "report.json").read_text())["resumed"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.fixture(scope="module")
+def reference_streamed(model4, recipe, tmp_path_factory):
+    """The same recipe with --low-memory (each decoder layer read from the shards and written to its own)."""
+    out = tmp_path_factory.mktemp("ref-lowmem") / "out"
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output", str(out),
+                                 "--low-memory"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "report.json").read_text())["low_memory"]["reason"] == "requested (--low-memory)"
+    return out
+
+
+@pytest.mark.parametrize("kill_at,restored", [
+    ("stats:0", {"ppl_before": True}),
+    ("save:1", {"allocation0": True, "ppl_before": True, "stage1": 1}),  # torn save of layer 1: layer 0 committed
+    ("save:3", {"allocation0": True, "ppl_before": True, "stage1": 3}),  # the last layer's save torn
+    ("export", {"allocation0": True, "ppl_before": True, "stage1": LAYERS}),
+])
+def test_kill_then_resume_a_low_memory_run(kill_at, restored, model4, recipe, reference_streamed, tmp_path):
+    """A streamed run killed anywhere resumes (layers restored from the checkpoint are written to the new
+    output's shards) to the bytes of an uninterrupted streamed run."""
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    killed = cli_process("prune", "--model", model4, "--recipe", recipe, "--output", out, "--checkpoint-dir", ckpt,
+                         "--low-memory", env={"SPARSELLM_TEST_KILL_AT": kill_at})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and (ckpt / "state.json").is_file()
+    resumed = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output", str(out),
+                                       "--checkpoint-dir", str(ckpt), "--resume", "--low-memory"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_output(out, reference_streamed)
+    assert json.loads((out / "report.json").read_text())["resumed"] == restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

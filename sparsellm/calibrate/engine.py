@@ -97,7 +97,7 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     true_seq = any(m.true_sequential for m in methods)
     keep_dense = any(m.needs_dense for m in methods)
     layers = adapter.layers(model)
-    start = checkpoint.restore(pass_key, layers, methods) if checkpoint is not None else 0
+    start = checkpoint.restore(pass_key, layers, methods, io) if checkpoint is not None else 0
     acts = None
     if needs and start < len(layers):  # data-free methods (magnitude) need no activations at all
         # the captured keyword arguments (masks, positions) are recomputed; a resumed pass takes the

@@ -29,9 +29,9 @@ def recipe_problem(recipe, options, flag: str = "--low-memory") -> str | None:
     ev = recipe.evaluation
     if ev.tasks or ev.speed is not None:
         return f"lm-eval tasks and speed need the whole model in memory; drop them, or run without {flag}"
-    if options.checkpoint_dir or options.resume:
-        return ("--checkpoint-dir/--resume restore layers into a model held in memory; drop them (an interrupted "
-                f"run leaves no output), or run without {flag}")
+    if flag == "--device-map" and (options.checkpoint_dir or options.resume):
+        return ("--checkpoint-dir/--resume restore layers into a model held in memory or streamed (--low-memory); "
+                "drop them (an interrupted run leaves no output), or run without --device-map")
     return None
 
 
