@@ -55,16 +55,6 @@ def test_wanda_beats_magnitude_and_reloads(smollm_dir, tmp_path):
     assert w < 0.5 * m, (dense, w, m)  # Wanda 50 % far better than magnitude 50 %
 
 
-def test_sparsegpt_2of4_and_eval_command(smollm_dir, tmp_path):
-    rep = prune(smollm_dir, tmp_path / "sgpt", {"method": "sparsegpt", "pattern": "2:4"}, tmp_path)
-    assert rep["sparsity"]["overall"] == pytest.approx(0.5)
-    r = CliRunner().invoke(cli, ["eval", "--model", str(tmp_path / "sgpt"), "--ppl", str(EVAL), "--limit", "8",
-                                 "--seqlen", "256", "--json"])
-    assert r.exit_code == 0, r.output
-    ppl = json.loads(r.output.strip().splitlines()[-1])["perplexity"][str(EVAL)]
-    assert 1 < ppl < 1e4
-
-
 def test_owl_allocation_and_dsnot_on_the_real_model(smollm_dir, tmp_path):
     rep = prune(smollm_dir, tmp_path / "owl", [{"allocate": {"method": "owl"}}, {"prune": {"method": "wanda", "sparsity": 0.7}},
                                                {"refine": {"method": "dsnot"}}], tmp_path)
