@@ -49,7 +49,7 @@ class ModelHandle:
         self.model.to("cpu")
 
     def perplexity(self, chunks: torch.Tensor, batch_size: int, device, desc: str) -> float:
-        return perplexity(self.model, chunks, batch_size, device, desc=desc)
+        return perplexity(self.model, chunks, batch_size, device, desc=desc, adapter=self.adapter)
 
     def count_dense(self) -> None:
         """Zeros before any stage (a walking handle counts them as it first loads each layer)."""

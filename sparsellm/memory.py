@@ -8,8 +8,13 @@ import sys
 import torch
 
 
+_process_peak = 0  # the highest VmHWM before any reset: process_peak_bytes covers the whole run
+
+
 def reset_peak() -> None:
     # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0); elsewhere the peak stays process-wide.
+    global _process_peak
+    _process_peak = max(_process_peak, peak_rss_bytes())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -36,6 +41,12 @@ def peak_rss_bytes() -> int:
         return kib * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def process_peak_bytes() -> int:
+    """The peak resident memory of the whole process so far, whatever reset_peak did since (the kernel's
+    ru_maxrss would not do: on Linux it follows the reset VmHWM)."""
+    return max(_process_peak, peak_rss_bytes())
 
 
 def current_rss_bytes() -> int:

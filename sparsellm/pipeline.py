@@ -242,7 +242,7 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
         "speed": after.get("speed"),
         "timings": timer.timings,
         "memory": {"rss_after_load_bytes": load_memory[0], "peak_rss_load_bytes": load_memory[1],
-                   "peak_rss_bytes": max(s["peak_rss_bytes"] for s in stage_reports)},
+                   "peak_rss_bytes": memory.process_peak_bytes()},
         # what a resumed run took from its checkpoint (passes: decoder layers restored), else null
         "resumed": (ctx.checkpoint.resumed or None) if ctx.checkpoint is not None else None,
         # a run that read and wrote the model layer by layer (lowmem): why, and the checkpoint's size
@@ -261,6 +261,7 @@ def write_extras(folder: Path, recipe, report: dict, name: str, artifacts: dict 
     (folder / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
     for file, write in (artifacts or {}).items():
         write(folder / file)
+    report["memory"]["peak_rss_bytes"] = memory.process_peak_bytes()  # the export included
     write_report(folder, report, name=name)
     fault_point("export")
 

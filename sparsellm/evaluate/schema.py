@@ -137,7 +137,8 @@ class Speed(_M):
 class Memory(_M):
     rss_after_load_bytes: int
     peak_rss_load_bytes: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int = Field(description="the whole process's peak resident memory: loading, stages, perplexity "
+                                "and export (each stage's own peak is in its entry)")
 
 
 class Export(_M):

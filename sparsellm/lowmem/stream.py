@@ -15,7 +15,7 @@ from ..errors import ModelLoadError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
 from ..calibrate.walk import capture, head_on, walk_layers
-from ..evaluate.perplexity import nll_sum
+from ..evaluate.perplexity import nll_from_hidden
 from ..measure import layer_zeros
 from ..loading.adapters import Adapter, _get
 from ..loading.models import DTYPES
@@ -143,7 +143,7 @@ def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: i
     nll, count = 0.0, 0
     with head_on(model, adapter, device, stream):
         for hidden, batch in zip(acts.hidden, chunks.split(batch_size)):
-            n, c = nll_sum(adapter.head_logits(model, hidden)[:, :-1], batch.to(device))
+            n, c = nll_from_hidden(model, adapter, hidden, batch.to(device))
             nll, count = nll + n, count + c
     return math.exp(nll / count)
 
