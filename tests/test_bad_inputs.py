@@ -817,14 +817,6 @@ def device_map_with_checkpoint(w):
 
 
 @case
-def low_memory_gguf(w):
-    path = write_gguf(w.tmp / "tiny.gguf", "llama")
-    return Case(["prune", "--model", path, *MAGNITUDE, "--low-memory", "-o", w.out], 3,
-                "--low-memory: {tmp}/tiny.gguf is a GGUF file, which is dequantized whole; convert it to a "
-                "safetensors folder first, or run without --low-memory")
-
-
-@case
 def low_memory_hub_id(w):
     return Case(["prune", "--model", "org/model", *MAGNITUDE, "--low-memory", "-o", w.out], 3,
                 "--low-memory: low-memory mode reads a local folder: download org/model first (hf download org/model "

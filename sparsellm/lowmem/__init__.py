@@ -36,10 +36,10 @@ def recipe_problem(recipe, options, flag: str = "--low-memory") -> str | None:
 
 
 def source_problem(source) -> str | None:
-    """Why this model cannot be read layer by layer, or None (a local folder of safetensors)."""
-    if source.kind in ("gguf", "demo"):
-        return (f"{source.spec} is a GGUF file, which is dequantized whole; convert it to a safetensors folder "
-                "first, or run without --low-memory")
+    """Why this model cannot be read layer by layer, or None (a local folder of safetensors, or a GGUF file:
+    converted tensor by tensor first)."""
+    if source.gguf_file:
+        return None
     if source.kind == "hub":
         return (f"low-memory mode reads a local folder: download {source.spec} first (hf download {source.spec} "
                 "--local-dir DIR) and give --model DIR")

@@ -148,6 +148,10 @@ def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: i
     return math.exp(nll / count)
 
 
+class _Owner:
+    """Keeps a converted GGUF's temporary folder alive (gguf.converted removes it when this is collected)."""
+
+
 def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
     """A LayerStream over a local safetensors folder (the empty skeleton with the embeddings loaded: every
     pass starts there), its source and its tokenizer."""
@@ -157,15 +161,23 @@ def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
     source = resolve_model(spec)
     if problem := source_problem(source):
         raise ModelLoadError(f"--low-memory: {problem}")
-    tensors = TensorSource(source.path, source.spec)
+    folder = source.path
+    if source.gguf_file:  # converted tensor by tensor into a temporary folder, removed with the stream
+        from .gguf import converted
+
+        owner = _Owner()
+        folder = converted(Path(source.path) / source.gguf_file, source.spec, trust_remote_code, owner)
+    tensors = TensorSource(folder, source.spec)
     try:
-        skeleton = empty_model(source.path, dtype, trust_remote_code, tensors)
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        skeleton = empty_model(folder, dtype, trust_remote_code, tensors)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _load_error(e, source) from e
     stream = LayerStream(skeleton, get_adapter(skeleton.model), tensors)
+    if source.gguf_file:
+        stream.converted = owner  # the temporary folder lives as long as the stream
     for path in stream.adapter.pre_layer_paths:
         if _get(skeleton.model, path) is not None:
             stream.load_module(path)
