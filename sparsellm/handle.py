@@ -87,6 +87,14 @@ class ModelHandle:
         return None
 
 
+def _check_layerwise(adapter) -> None:
+    """Refuse a family that cannot be read and written layer by layer (mixture of experts)."""
+    if adapter.low_memory_refusal:
+        from .errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(adapter.low_memory_refusal)
+
+
 class OffloadedHandle(ModelHandle):
     """A model dispatched by accelerate: decoder layers offloaded to CPU memory or disk."""
 
@@ -96,6 +104,7 @@ class OffloadedHandle(ModelHandle):
     def __init__(self, model, tokenizer, adapter, source, loaded=None):
         from .lowmem.offload import OffloadedLayers
 
+        _check_layerwise(adapter)
         super().__init__(model, tokenizer, adapter, source, loaded)
         self._io = OffloadedLayers(adapter)
 
@@ -130,6 +139,7 @@ class StreamedHandle(OffloadedHandle):
     def __init__(self, stream, tokenizer, source, reason: str):
         from . import memory
 
+        _check_layerwise(stream.adapter)
         memory.map_large_allocations()  # a streamed run's peak is one layer: keep freed layers out of the heap
         ModelHandle.__init__(self, stream.model, tokenizer, stream.adapter, source)
         self.stream, self._io, self.reason = stream, stream, reason

@@ -1,13 +1,13 @@
 """Layer-wise sparsity allocation: how much of each decoder layer the next prune stage removes."""
 from __future__ import annotations
 
-from ..calibrate.engine import target_linears
+from ..calibrate.engine import layer_targets
 from ..stage import implementation
 from .base import fit_mean, realized, round_nm
 
 
 def layer_shapes(model, adapter, select) -> list[list[tuple[int, int]]]:
-    return [[tuple(lin.weight.shape) for lin in target_linears(layer, adapter.layer_prefix(i), select).values()]
+    return [[tuple(lin.weight.shape) for lin in layer_targets(adapter, layer, adapter.layer_prefix(i), select).values()]
             for i, layer in enumerate(adapter.layers(model))]
 
 

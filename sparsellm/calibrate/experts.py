@@ -1,6 +1,6 @@
 """Mixture-of-experts layers for the per-Linear methods (Wanda, SparseGPT, N:M, DSnoT): each expert's
 matrices as 2-D views of transformers' 3-D expert parameters, and each expert's input statistics from the
-tokens the router sends to it. Not wired into the engine yet: see docs/moe-design.md.
+tokens the router sends to it. The engine (calibrate/engine.py) prunes them as it prunes Linears: see docs/moe.md.
 
 Layout (transformers 5, Mixtral / Qwen2-MoE / Qwen3-MoE): `mlp.experts.gate_up_proj` is (E, 2·I, H) with
 rows gate | up per expert, `mlp.experts.down_proj` is (E, H, I); the experts module is called as
@@ -29,6 +29,8 @@ class ExpertMatrix:
 
     weight: torch.Tensor
     bias: None = None
+    expert: int = 0  # which expert, and which of its matrices ("gate_proj", "up_proj", "down_proj")
+    part: str = "gate_proj"
 
     @property
     def in_features(self) -> int:
@@ -58,9 +60,9 @@ def expert_matrices(experts: nn.Module, prefix: str = "") -> dict[str, ExpertMat
     stem = f"{prefix}." if prefix else ""
     out = {}
     for e in range(e_count):
-        out[f"{stem}{e}.gate_proj"] = ExpertMatrix(gate_up[e, :inter])
-        out[f"{stem}{e}.up_proj"] = ExpertMatrix(gate_up[e, inter:])
-        out[f"{stem}{e}.down_proj"] = ExpertMatrix(down[e])
+        out[f"{stem}{e}.gate_proj"] = ExpertMatrix(gate_up[e, :inter], expert=e, part="gate_proj")
+        out[f"{stem}{e}.up_proj"] = ExpertMatrix(gate_up[e, inter:], expert=e, part="up_proj")
+        out[f"{stem}{e}.down_proj"] = ExpertMatrix(down[e], expert=e, part="down_proj")
     return out
 
 
@@ -76,10 +78,10 @@ class ExpertStats:
     The routing weights scale the expert's output, not these inputs, so they are not applied."""
 
     def __init__(self, experts: nn.Module, needs: frozenset[str], device: torch.device | str = "cpu",
-                 inner: bool = True):
+                 inner: bool = True, inputs: bool = True):
         self.experts = experts
         self.count, hidden, inter = expert_shapes(experts)
-        self.inputs = [InputStats(hidden, needs, device) for _ in range(self.count)]
+        self.inputs = [InputStats(hidden, needs, device) for _ in range(self.count)] if inputs else None
         self.inner = [InputStats(inter, needs, device) for _ in range(self.count)] if inner else None
         self.tokens = [0] * self.count
         self._handle = None
@@ -95,7 +97,8 @@ class ExpertStats:
                 continue
             x = hidden[idx]
             self.tokens[e] += x.shape[0]
-            self.inputs[e].update(x)
+            if self.inputs is not None:
+                self.inputs[e].update(x)
             if self.inner is not None:
                 gate_up = self.experts.gate_up_proj[e]
                 h = self.experts.act_fn(x @ gate_up[:inter].T.to(x.dtype)) * (x @ gate_up[inter:].T.to(x.dtype))

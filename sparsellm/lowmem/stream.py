@@ -108,7 +108,7 @@ class LayerStream:
     def load(self, index: int, layer: nn.Module) -> None:
         self.load_module(self.adapter.layer_prefix(index))
         if self.writer is not None and index not in self.dense_zeros:
-            self.dense_zeros[index] = layer_zeros(layer)
+            self.dense_zeros[index] = layer_zeros(layer, self.adapter)
 
     def release(self, index: int, layer: nn.Module) -> None:
         prefix = self.adapter.layer_prefix(index)
@@ -116,7 +116,7 @@ class LayerStream:
             tensors = {f"{prefix}.{n}": t for n, t in layer.state_dict().items()}
             path = self.writer.write(index + 2, tensors)
             self.source.redirect(tensors, path)
-            self.zeros[index] = layer_zeros(layer)
+            self.zeros[index] = layer_zeros(layer, self.adapter)
         self.release_module(prefix)
         memory.release_freed()
         log.debug("decoder layer %d released (%s); resident %.0f MiB (anonymous %s KiB, file %s KiB), peak %.0f MiB",
