@@ -88,7 +88,8 @@ class ModelHandle:
 
 
 def _check_layerwise(adapter) -> None:
-    """Refuse a family that cannot be read and written layer by layer (mixture of experts)."""
+    """Refuse a family that cannot be offloaded layer by layer (mixture of experts; a streamed one is refused
+    where its stream is opened)."""
     if adapter.low_memory_refusal:
         from .errors import UnsupportedArchitectureError
 
@@ -139,7 +140,6 @@ class StreamedHandle(OffloadedHandle):
     def __init__(self, stream, tokenizer, source, reason: str):
         from . import memory
 
-        _check_layerwise(stream.adapter)
         memory.map_large_allocations()  # a streamed run's peak is one layer: keep freed layers out of the heap
         ModelHandle.__init__(self, stream.model, tokenizer, stream.adapter, source)
         self.stream, self._io, self.reason = stream, stream, reason

@@ -279,13 +279,22 @@ def test_dsnot_after_wanda_per_expert_keeps_the_counts(family, windows):
     assert any(not torch.equal(ours[n], theirs[n]) for n in ours if ".experts." in n)
 
 
+ALLOCATIONS = {"owl": {"method": "owl", "lambda": 0.1, "M": 3},
+               "ecoflap": {"method": "ecoflap", "nsamples": 2, "num_noise": 1, "max_sparsity": 0.7}}
+
+
+@pytest.mark.parametrize("allocation", list(ALLOCATIONS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_owl_allocation_counts_the_experts_and_every_expert_gets_its_layers_sparsity(family, windows):
+def test_allocation_counts_the_experts_and_every_expert_gets_its_layers_sparsity(family, allocation, windows):
+    """OWL scores (and ECoFLaP perturbs) the expert matrices with the layer's Linears; every expert matrix then
+    gets its layer's own sparsity exactly, and ECoFLaP restores every weight it perturbed."""
     model = moe_model(family, layers=3)
-    recipe = recipe_from_dict({"stages": [{"allocate": {"method": "owl", "lambda": 0.1, "M": 3}},
+    dense = copy.deepcopy(model)
+    recipe = recipe_from_dict({"stages": [{"allocate": ALLOCATIONS[allocation]},
                                           {"prune": {"method": "wanda", "sparsity": 0.5}}]})
     adapter, select = get_adapter(model), make_selector([], [])
     result = allocate(recipe.stages[0].spec, recipe.stages[1].spec, model, adapter, windows, select, "cpu", 4, 0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), dense.parameters()))
     from sparsellm.allocate import layer_shapes
 
     sizes = layer_shapes(model, adapter, select)

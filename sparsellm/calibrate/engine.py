@@ -16,10 +16,9 @@ from torch import nn
 
 from ..errors import CompressionError, NumericalError
 from ..faults import fault_point
-from ..loading.adapters import Adapter
+from ..loading.adapters import Adapter, _get
 from .experts import ExpertMatrix, ExpertStats, expert_matrices
 from .stats import InputStats, Target
-from ..loading.adapters import _get
 from .walk import Activations, _overflow_hint, capture, check_finite, layer_forward, walk_layers
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
 
     handles = [m.register_forward_pre_hook(hook(n, lambda mod, a, kw, n=n: stats[n].update(a[0])), with_kwargs=True)
                for n, m in plain.items()]
-    handles += [modules[p].register_forward_pre_hook(hook(p, es._hook), with_kwargs=True) for p, es in experts.items()]
+    handles += [modules[p].register_forward_pre_hook(hook(p, es.record), with_kwargs=True) for p, es in experts.items()]
     try:
         for hidden, kw in zip(acts.hidden, acts.kwargs):
             seen.clear()

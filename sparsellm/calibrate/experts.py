@@ -104,13 +104,14 @@ class ExpertStats:
                 h = self.experts.act_fn(x @ gate_up[:inter].T.to(x.dtype)) * (x @ gate_up[inter:].T.to(x.dtype))
                 self.inner[e].update(h)
 
-    def _hook(self, module, args, kwargs):
+    def record(self, module, args, kwargs):
+        """Forward pre-hook of the experts module: accumulate the statistics of this call's routed tokens."""
         hidden = args[0] if args else kwargs["hidden_states"]
         top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         self.update(hidden, top_k_index)
 
     def attach(self) -> "ExpertStats":
-        self._handle = self.experts.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = self.experts.register_forward_pre_hook(self.record, with_kwargs=True)
         return self
 
     def detach(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
 from ..calibrate.walk import capture, head_on, walk_layers
@@ -165,7 +165,10 @@ def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _load_error(e, source) from e
-    stream = LayerStream(skeleton, get_adapter(skeleton.model), tensors)
+    adapter = get_adapter(skeleton.model)
+    if adapter.low_memory_refusal:  # also `sparsellm eval --low-memory`
+        raise UnsupportedArchitectureError(adapter.low_memory_refusal)
+    stream = LayerStream(skeleton, adapter, tensors)
     for path in stream.adapter.pre_layer_paths:
         if _get(skeleton.model, path) is not None:
             stream.load_module(path)
