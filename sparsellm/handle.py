@@ -87,15 +87,6 @@ class ModelHandle:
         return None
 
 
-def _check_layerwise(adapter) -> None:
-    """Refuse a family that cannot be offloaded layer by layer (mixture of experts; a streamed one is refused
-    where its stream is opened)."""
-    if adapter.low_memory_refusal:
-        from .errors import UnsupportedArchitectureError
-
-        raise UnsupportedArchitectureError(adapter.low_memory_refusal)
-
-
 class OffloadedHandle(ModelHandle):
     """A model dispatched by accelerate: decoder layers offloaded to CPU memory or disk."""
 
@@ -105,7 +96,6 @@ class OffloadedHandle(ModelHandle):
     def __init__(self, model, tokenizer, adapter, source, loaded=None):
         from .lowmem.offload import OffloadedLayers
 
-        _check_layerwise(adapter)
         super().__init__(model, tokenizer, adapter, source, loaded)
         self._io = OffloadedLayers(adapter)
 

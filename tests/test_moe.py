@@ -131,7 +131,8 @@ def test_moe_families_have_adapters_and_their_refusals():
         assert all(support[c] is None for c in ("magnitude", "Wanda", "SparseGPT", "DSnoT", "OWL"))
         for column, needle in (("SliceGPT uniform", "SliceGPT on mixture of experts"),
                                ("structure FFN", "structured pruning of mixture of experts"),
-                               ("MaskLLM", "MaskLLM on mixture of experts"), ("layer by layer", "--low-memory")):
+                               ("MaskLLM", "MaskLLM on mixture of experts"),
+                               ("--low-memory", "mixture of experts with --low-memory")):
             assert needle in support[column], column
 
 
@@ -323,7 +324,9 @@ def test_starved_experts_fall_back_to_magnitude_with_a_warning(windows, caplog):
     names = [f"model.layers.{i}.mlp.experts.{e}.{p}" for i in range(2) for e in range(E)
              for p in ("gate_proj", "up_proj", "down_proj")]
     assert sorted(info["experts_data_free"]) == sorted(names)
-    assert any("calibration tokens (< 1000000): data-free scores" in r.getMessage() for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if "calibration tokens (< 1000000): data-free" in r.getMessage()]
+    assert len(warned) == 2 * E  # once per expert of each layer
+    assert "model.layers.1.mlp.experts: expert 3 saw" in " ".join(warned)
 
 
 # ---- through the pipeline -----------------------------------------------------------------------------------
@@ -394,6 +397,28 @@ def test_bitmask_formats_compress_every_expert_and_reload(fmt, moe_dirs, tmp_pat
     assert torch.equal(_logits(load_model(str(out)).model), _logits(load_model(str(dense)).model))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offloaded_run_equals_the_in_memory_run(family, moe_dirs, tmp_path):
+    """--device-map with MoE layers offloaded to disk: OWL + SparseGPT change the weights accelerate keeps, and the
+    output files, perplexity, sparsity and the experts' token counts equal the in-memory run's."""
+    from safetensors.torch import load_file
+
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    recipe = recipe_from_dict({"calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 32, "min_expert_tokens": 40},
+                               "evaluation": {"ppl": [str(TEXT)], "limit": 4},
+                               "stages": [{"allocate": {"method": "owl"}}, {"prune": {"method": "sparsegpt", "sparsity": 0.5}}]})
+    whole = compress(recipe, tmp_path / "whole", RunOptions(), str(moe_dirs[family]))
+    options = RunOptions(device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"))
+    off = compress(recipe, tmp_path / "off", options, str(moe_dirs[family]))
+    assert (tmp_path / "offload" / "model.layers.0.mlp.experts.gate_up_proj.dat").is_file()
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert off["perplexity"] == whole["perplexity"] and off["sparsity"] == whole["sparsity"]
+    assert off["stages"][1]["details"] == whole["stages"][1]["details"]
+    assert "model.layers.0.mlp.experts" in off["stages"][1]["details"]["expert_tokens"]
+
+
 # ---- refusals -------------------------------------------------------------------------------------------------
 
 def _run(folder, stage: dict, tmp_path, *flags):
@@ -427,12 +452,4 @@ def test_low_memory_refused_before_any_weight_is_read(tmp_path, tokenizer):
     tokenizer.save_pretrained(d)
     (d / "model.safetensors").write_bytes(b"not read")
     _assert_refused(_run(d, {"prune": {"method": "magnitude", "sparsity": 0.5}}, tmp_path, "--low-memory"), tmp_path, 4,
-                    "mixture of experts layer by layer")
-
-
-def test_offloaded_model_refused():
-    from sparsellm.handle import OffloadedHandle
-
-    model = moe_model("mixtral", layers=1)
-    with pytest.raises(UnsupportedArchitectureError, match="run without --low-memory and --device-map"):
-        OffloadedHandle(model, None, get_adapter(model), None)
+                    "mixture of experts with --low-memory")

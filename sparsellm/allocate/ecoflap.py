@@ -108,7 +108,8 @@ def ecoflap_allocate(model, adapter, windows, select, device, target: float, max
     return water_fill(weights, params, target, max_sparsity), {"importance": scores}
 
 
-def ecoflap_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io):
+def ecoflap_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io,
+                       min_expert_tokens=None):  # forward-only: no input statistics
     return ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes, io)
 
 

@@ -85,6 +85,7 @@ class ExpertStats:
         self.inner = [InputStats(inter, needs, device) for _ in range(self.count)] if inner else None
         self.tokens = [0] * self.count
         self._handle = None
+        self._warned: set[int] = set()
 
     @torch.no_grad()
     def update(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
@@ -121,12 +122,14 @@ class ExpertStats:
 
     def for_matrix(self, expert: int, part: str, min_tokens: int = 1, name: str = "") -> InputStats:
         """The statistics a method gets for expert `expert`'s `part`: its own, or data-free ones (see
-        data_free_stats) with a warning when the router sent it fewer than `min_tokens` tokens."""
+        data_free_stats) when the router sent it fewer than `min_tokens` tokens, with a warning (once per expert)."""
         own = (self.inner if part == "down_proj" else self.inputs)[expert]
         if self.tokens[expert] >= max(min_tokens, 1):
             return own
-        log.warning("%s: expert %d saw %d calibration tokens (< %d): data-free scores for its %s", name or "experts",
-                    expert, self.tokens[expert], min_tokens, part)
+        if expert not in self._warned:
+            self._warned.add(expert)
+            log.warning("%s: expert %d saw %d calibration tokens (< %d): data-free scores (magnitude) for its matrices",
+                        name or "experts", expert, self.tokens[expert], min_tokens)
         return data_free_stats(own._sq.numel() if own._sq is not None else own._xtx.shape[0], own.needs,
                                (own._sq if own._sq is not None else own._xtx).device)
 

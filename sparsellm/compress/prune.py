@@ -94,7 +94,8 @@ class PruneStage(Stage):
         result = ctx.checkpoint.result(key) if ctx.checkpoint is not None else None
         if result is None:
             result = allocate(self.allocation.spec, self.spec, ctx.model, ctx.adapter, ctx.windows, select, ctx.device,
-                              ctx.batch_size, ctx.seed, io=ctx.handle.reading())
+                              ctx.batch_size, ctx.seed, io=ctx.handle.reading(),
+                              min_expert_tokens=ctx.recipe.calibration.min_expert_tokens)
             if ctx.checkpoint is not None:
                 ctx.checkpoint.put_result(key, result)
         log.info("%s allocation: layer sparsity %.3f..%.3f, realized overall %.4f", self.allocation.spec.method,

@@ -93,7 +93,7 @@ class Adapter:
     heads_refusal: str = ""
     structure_refusal: str = ""
     learn_refusal: str = ""
-    low_memory_refusal: str = ""
+    low_memory_refusal: str = ""  # --low-memory (the shard reader); --device-map offload works for every family
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
@@ -359,9 +359,9 @@ _MOE_STRUCTURE = ("structured pruning of mixture of experts: removing channels o
                   "(prune: wanda/sparsegpt), which works per expert")
 _MOE_LEARN = ("MaskLLM on mixture of experts: it learns masks of Linear layers and the experts are 3-D parameters; "
               "use prune: sparsegpt or wanda with pattern 2:4, which works per expert")
-_MOE_LOW_MEMORY = ("mixture of experts layer by layer: the checkpoint stores each expert's matrices apart while the "
-                   "model holds them fused, which the shard reader does not convert; run without --low-memory and "
-                   "--device-map (the model in memory)")
+_MOE_LOW_MEMORY = ("mixture of experts with --low-memory: the checkpoint stores each expert's matrices apart while "
+                   "the model holds them fused, which the shard reader does not convert; run in memory, or offload "
+                   "with --device-map")
 
 
 def _moe(name: str, model_type: str, **kw) -> Adapter:
@@ -420,7 +420,7 @@ MATRIX_COLUMNS = (
     ("structure FFN", "FFN channels, uniform: stock architecture"),
     ("structure heads", "whole KV groups, uniform: stock architecture"),
     ("structure per-layer", "uniform: false: runtime file"),
-    ("layer by layer", "--low-memory and --device-map"),
+    ("--low-memory", "layers read from the shards one at a time (--device-map offload works for every family)"),
 )
 
 
@@ -452,7 +452,7 @@ def method_support(adapter: Adapter) -> dict[str, str | None]:
     out["structure heads"] = no_structure or adapter.heads_refusal or None
     out["structure per-layer"] = no_structure or (None if adapter.per_layer_runtime() else adapter._runtime_refusal(
         "structure with uniform: false", "uniform: true (a stock architecture)"))
-    out["layer by layer"] = adapter.low_memory_refusal or None
+    out["--low-memory"] = adapter.low_memory_refusal or None
     return out
 
 
