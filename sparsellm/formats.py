@@ -141,7 +141,8 @@ def is_pruned(zeros: int, total: int) -> bool:
 
 def sparse_linears(model) -> dict[str, torch.Tensor]:
     """Module name -> weight of the pruned Linear layers (is_pruned), and of the pruned expert matrices of a
-    mixture of experts, named as the checkpoint stores them (model.layers.0.mlp.experts.3.up_proj: 2-D on disk).
+    mixture of experts, named as the checkpoint stores them (2-D on disk: model.layers.0.mlp.experts.3.up_proj,
+    Mixtral's model.layers.0.block_sparse_moe.experts.3.w3).
     The head is never pruned (it is often the embedding matrix itself)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weights = {name: mod.weight for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
@@ -161,7 +162,8 @@ def _expert_weights(model) -> dict[str, torch.Tensor]:
     out = {}
     for i, layer in enumerate(adapter.layers(model)):
         for path, experts in adapter.expert_modules(layer).items():
-            out.update({n: v.weight for n, v in expert_matrices(experts, f"{adapter.layer_prefix(i)}.{path}").items()})
+            out.update({f"{adapter.layer_prefix(i)}.{adapter.stored_module(n)}": v.weight
+                        for n, v in expert_matrices(experts, path).items()})
     return out
 
 

@@ -131,8 +131,7 @@ def test_moe_families_have_adapters_and_their_refusals():
         assert all(support[c] is None for c in ("magnitude", "Wanda", "SparseGPT", "DSnoT", "OWL"))
         for column, needle in (("SliceGPT uniform", "SliceGPT on mixture of experts"),
                                ("structure FFN", "structured pruning of mixture of experts"),
-                               ("MaskLLM", "MaskLLM on mixture of experts"),
-                               ("--low-memory", "mixture of experts with --low-memory")):
+                               ("MaskLLM", "MaskLLM on mixture of experts")):
             assert needle in support[column], column
 
 
@@ -381,19 +380,25 @@ def test_default_min_expert_tokens_stays_out_of_the_recipe(moe_dirs, tmp_path):
     assert recipe.calibration.min_expert_tokens == 128 and "min_expert_tokens" not in recipe.to_yaml()
 
 
-@pytest.mark.parametrize("fmt", ["sparse-bitmask", "sparse-24-bitmask"])
-def test_bitmask_formats_compress_every_expert_and_reload(fmt, moe_dirs, tmp_path):
+STORED_DOWN = {"qwen2_moe": "model.layers.0.mlp.experts.3.down_proj",  # what save_pretrained names expert 3's down_proj
+               "mixtral": "model.layers.0.block_sparse_moe.experts.3.w2"}
+
+
+@pytest.mark.parametrize("fmt,family", [("sparse-bitmask", "qwen2_moe"), ("sparse-24-bitmask", "qwen2_moe"),
+                                        ("sparse-24-bitmask", "mixtral")])
+def test_bitmask_formats_compress_every_expert_and_reload(fmt, family, moe_dirs, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "out"
     compress(_recipe({"prune": {"method": "wanda", "pattern": "2:4"}}, export={"format": fmt}),
-             out, RunOptions(), str(moe_dirs["qwen2_moe"]))
+             out, RunOptions(), str(moe_dirs[family]))
     with safe_open(out / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
-    assert "model.layers.0.mlp.experts.3.down_proj.bitmask" in keys
-    assert "model.layers.0.mlp.experts.3.down_proj.weight" not in keys
+    experts = {k.rsplit(".", 1)[0] for k in keys if ".experts." in k}
+    assert len(experts) == 3 * E * 2 and all(f"{m}.bitmask" in keys and f"{m}.weight" not in keys for m in experts)
+    assert STORED_DOWN[family] in experts
     dense = tmp_path / "dense"
-    compress(_recipe({"prune": {"method": "wanda", "pattern": "2:4"}}), dense, RunOptions(), str(moe_dirs["qwen2_moe"]))
+    compress(_recipe({"prune": {"method": "wanda", "pattern": "2:4"}}), dense, RunOptions(), str(moe_dirs[family]))
     assert torch.equal(_logits(load_model(str(out)).model), _logits(load_model(str(dense)).model))
 
 
@@ -417,6 +422,39 @@ def test_offloaded_run_equals_the_in_memory_run(family, moe_dirs, tmp_path):
     assert off["perplexity"] == whole["perplexity"] and off["sparsity"] == whole["sparsity"]
     assert off["stages"][1]["details"] == whole["stages"][1]["details"]
     assert "model.layers.0.mlp.experts" in off["stages"][1]["details"]["expert_tokens"]
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("fmt", ["dense", "sparse-24-bitmask"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_low_memory_run_equals_the_in_memory_run(family, fmt, tmp_path, tokenizer):
+    """--low-memory reads each layer's experts from their 2-D checkpoint tensors (Mixtral's block_sparse_moe
+    names included), fuses them, and writes them back split: the output tensors, perplexity, sparsity and expert
+    token counts equal the in-memory run's, in the dense and the 2:4 bitmask format."""
+    src = tmp_path / "src"
+    moe_model(family, layers=3).save_pretrained(src, max_shard_size="40KB")
+    tokenizer.save_pretrained(src)
+    stages = [{"allocate": {"method": "owl"}}, {"prune": {"method": "sparsegpt", "pattern": "2:4"}}]
+    recipe = recipe_from_dict({"calibration": {"dataset": str(TEXT), "nsamples": 4, "seqlen": 32, "min_expert_tokens": 40},
+                               "evaluation": {"ppl": [str(TEXT)], "limit": 4}, "stages": stages, "export": {"format": fmt}})
+    whole = compress(recipe, tmp_path / "whole", RunOptions(low_memory=False), str(src))
+    low = compress(recipe, tmp_path / "low", RunOptions(low_memory=True), str(src))
+    assert low["low_memory"] is not None and whole["low_memory"] is None
+    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "low")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(".experts." in k for k in a) and not any("gate_up_proj" in k for k in a)
+    assert low["perplexity"] == whole["perplexity"] and low["sparsity"] == whole["sparsity"]
+    assert low["stages"][1]["details"] == whole["stages"][1]["details"]
+    from transformers import AutoModelForCausalLM
+
+    if fmt == "dense":
+        assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "low").eval()),
+                           _logits(load_model(str(tmp_path / "whole")).model))
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------
@@ -444,12 +482,3 @@ def _assert_refused(r, tmp_path, code: int, needle: str):
 ])
 def test_methods_that_do_not_apply_are_refused_in_one_line(stage, needle, moe_dirs, tmp_path):
     _assert_refused(_run(moe_dirs["qwen3_moe"], stage, tmp_path), tmp_path, 4, needle)
-
-
-def test_low_memory_refused_before_any_weight_is_read(tmp_path, tokenizer):
-    d = tmp_path / "moe"
-    moe_model("qwen3_moe", layers=1).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    (d / "model.safetensors").write_bytes(b"not read")
-    _assert_refused(_run(d, {"prune": {"method": "magnitude", "sparsity": 0.5}}, tmp_path, "--low-memory"), tmp_path, 4,
-                    "mixture of experts with --low-memory")

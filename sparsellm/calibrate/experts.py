@@ -66,6 +66,28 @@ def expert_matrices(experts: nn.Module, prefix: str = "") -> dict[str, ExpertMat
     return out
 
 
+# ---- on disk: transformers' save_pretrained writes every expert's matrices as 2-D tensors ----------------
+
+def stored_parts(leaf: str) -> tuple[str, ...]:
+    """The matrices a fused parameter holds per expert, in the order fuse_stored takes them."""
+    return ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+
+
+def fuse_stored(leaf: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The fused parameter `leaf` ("gate_up_proj" or "down_proj") from each expert's stored 2-D matrices, in
+    expert order and stored_parts order within an expert: gate_up_proj[e] is gate_e above up_e."""
+    n = len(stored_parts(leaf))
+    return torch.stack([torch.cat(tensors[i:i + n]) for i in range(0, len(tensors), n)])
+
+
+def split_stored(leaf: str, fused: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of fuse_stored: each expert's matrices as row views of the fused parameter."""
+    if leaf == "gate_up_proj":
+        inter = fused.shape[1] // 2
+        return [m for e in range(fused.shape[0]) for m in (fused[e, :inter], fused[e, inter:])]
+    return list(fused)
+
+
 def routed_tokens(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
     """Indices of the tokens the router sends to `expert` (each once, in token order)."""
     return (top_k_index == expert).any(-1).nonzero().flatten()

@@ -88,12 +88,17 @@ class Adapter:
     # mixture of experts: the layer-relative path of the module holding the experts as 3-D parameters
     # (calibrate/experts.py: gate_up_proj (E, 2I, H), down_proj (E, H, I)), in the layers that have one
     experts: str = ""
+    # how the checkpoint stores them (transformers' save_pretrained splits the fused parameters): one 2-D tensor per
+    # expert and matrix at this layer-relative template, its {part} renamed by expert_store_parts (Mixtral: w1, w3,
+    # w2); and layer-relative module prefixes renamed on disk (Mixtral: mlp.gate. is block_sparse_moe.gate.)
+    expert_store: str = "mlp.experts.{e}.{part}"
+    expert_store_parts: tuple[tuple[str, str], ...] = ()
+    store_renames: tuple[tuple[str, str], ...] = ()
     # one-line reasons a method family does not apply (empty: it does)
     slice_refusal: str = ""
     heads_refusal: str = ""
     structure_refusal: str = ""
     learn_refusal: str = ""
-    low_memory_refusal: str = ""  # --low-memory (the shard reader); --device-map offload works for every family
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
@@ -104,6 +109,18 @@ class Adapter:
         """{layer-relative path: experts module} of a decoder layer (empty for a dense layer or family)."""
         mod = _get(layer, self.experts) if self.experts else None
         return {self.experts: mod} if mod is not None else {}
+
+    def stored_module(self, name: str) -> str:
+        """The layer-relative name the checkpoint stores a module or parameter under: an expert matrix's view
+        name (mlp.experts.3.up_proj) becomes its stored one (Mixtral: block_sparse_moe.experts.3.w3)."""
+        if self.experts and name.startswith(self.experts + "."):
+            e, _, part = name[len(self.experts) + 1:].partition(".")
+            if e.isdigit() and part in ("gate_proj", "up_proj", "down_proj"):
+                return self.expert_store.format(e=int(e), part=dict(self.expert_store_parts).get(part, part))
+        for memory_prefix, disk_prefix in self.store_renames:
+            if name.startswith(memory_prefix):
+                return disk_prefix + name[len(memory_prefix):]
+        return name
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)
@@ -359,18 +376,17 @@ _MOE_STRUCTURE = ("structured pruning of mixture of experts: removing channels o
                   "(prune: wanda/sparsegpt), which works per expert")
 _MOE_LEARN = ("MaskLLM on mixture of experts: it learns masks of Linear layers and the experts are 3-D parameters; "
               "use prune: sparsegpt or wanda with pattern 2:4, which works per expert")
-_MOE_LOW_MEMORY = ("mixture of experts with --low-memory: the checkpoint stores each expert's matrices apart while "
-                   "the model holds them fused, which the shard reader does not convert; run in memory, or offload "
-                   "with --device-map")
 
 
 def _moe(name: str, model_type: str, **kw) -> Adapter:
     return replace(LLAMA, name=name, model_types=(model_type,), sequential_groups=_MOE_GROUPS, experts="mlp.experts",
                    layer_types_key="layer_types", ffn_in=(), slice_refusal=_MOE_SLICE, structure_refusal=_MOE_STRUCTURE,
-                   learn_refusal=_MOE_LEARN, low_memory_refusal=_MOE_LOW_MEMORY, **kw)
+                   learn_refusal=_MOE_LEARN, **kw)
 
 
-MIXTRAL = _moe("mixtral", "mixtral")
+MIXTRAL = _moe("mixtral", "mixtral", expert_store="block_sparse_moe.experts.{e}.{part}",
+               expert_store_parts=(("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+               store_renames=(("mlp.", "block_sparse_moe."),))
 QWEN2_MOE = _moe("qwen2-moe", "qwen2_moe", dense_linears=("mlp.shared_expert_gate",))
 QWEN3_MOE = _moe("qwen3-moe", "qwen3_moe", config_eps_norms=("self_attn.q_norm", "self_attn.k_norm"))
 
@@ -407,7 +423,7 @@ def get_adapter(model_or_type) -> Adapter:
 
 # (column, what it covers); the per-Linear methods apply to every Linear of every family (fused ones
 # included: their rows are their parts' rows; each expert's matrices of a mixture of experts, from the tokens
-# routed to it), so only the methods that change shapes, MaskLLM and the layer-by-layer modes can be refused
+# routed to it), so only the methods that change shapes and MaskLLM can be refused
 MATRIX_COLUMNS = (
     ("magnitude", "unstructured and N:M (a fused Linear's rows are its parts' rows; experts one by one)"),
     ("Wanda", "unstructured and N:M (experts: from the tokens routed to each)"),
@@ -420,7 +436,6 @@ MATRIX_COLUMNS = (
     ("structure FFN", "FFN channels, uniform: stock architecture"),
     ("structure heads", "whole KV groups, uniform: stock architecture"),
     ("structure per-layer", "uniform: false: runtime file"),
-    ("--low-memory", "layers read from the shards one at a time (--device-map offload works for every family)"),
 )
 
 
@@ -452,7 +467,6 @@ def method_support(adapter: Adapter) -> dict[str, str | None]:
     out["structure heads"] = no_structure or adapter.heads_refusal or None
     out["structure per-layer"] = no_structure or (None if adapter.per_layer_runtime() else adapter._runtime_refusal(
         "structure with uniform: false", "uniform: true (a stock architecture)"))
-    out["--low-memory"] = adapter.low_memory_refusal or None
     return out
 
 

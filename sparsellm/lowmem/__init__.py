@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from .. import memory
-from ..errors import ModelLoadError, RecipeError, UnsupportedArchitectureError
+from ..errors import ModelLoadError, RecipeError
 from ..loading.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,6 @@ def source_problem(source) -> str | None:
     return None
 
 
-def architecture_problem(source) -> str | None:
-    """Why this local folder's family cannot be read layer by layer (its adapter's refusal), or None."""
-    import json
-
-    from ..loading.adapters import get_adapter
-
-    try:
-        model_type = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8")).get("model_type")
-        return get_adapter(model_type).low_memory_refusal or None
-    except (OSError, ValueError, AttributeError, UnsupportedArchitectureError):
-        return None  # an unreadable config or another architecture is refused where the model is opened
-
-
 def _gib(b: int) -> str:
     return f"{b / 2**30:.2f} GiB"
 
@@ -84,8 +71,6 @@ def low_memory_reason(spec: str | None, recipe, options) -> str | None:
         problem = source_problem(source)
         if problem:
             raise ModelLoadError(f"--low-memory: {problem}")
-        if problem := architecture_problem(source):
-            raise UnsupportedArchitectureError(f"--low-memory: {problem}")
         return "requested (--low-memory)"
     if source.kind != "local":
         return None
@@ -93,7 +78,7 @@ def low_memory_reason(spec: str | None, recipe, options) -> str | None:
     available = memory.available_bytes()
     if not size or available is None or size <= available:
         return None
-    problem = recipe_problem(recipe, options) or source_problem(source) or architecture_problem(source)
+    problem = recipe_problem(recipe, options) or source_problem(source)
     if problem:
         log.warning("the checkpoint (%s) is larger than the available memory (%s), but it cannot be pruned layer by "
                     "layer: %s; loading it whole", _gib(size), _gib(available), problem)

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from .. import memory
-from ..errors import ModelLoadError, UnsupportedArchitectureError
+from ..errors import ModelLoadError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
 from ..calibrate.walk import capture, head_on, walk_layers
 from ..evaluate.perplexity import nll_sum
 from ..measure import layer_zeros
+from ..calibrate.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..loading.adapters import Adapter, _get
 from ..loading.models import DTYPES
 from . import source_problem
@@ -58,6 +59,24 @@ def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors
     return Skeleton(model, aliases, saved)
 
 
+def disk_names(model: nn.Module, adapter: Adapter) -> dict[str, list[str]]:
+    """{parameter: the checkpoint tensors it is stored as} for the decoder layers' parameters stored otherwise
+    than under their own name: a fused experts parameter (mixture of experts) as one 2-D tensor per expert and
+    matrix, in fuse_stored's order; a module the family renames on disk (adapter.stored_module)."""
+    out = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        prefix = adapter.layer_prefix(i)
+        for n, _ in layer.named_parameters():
+            if (stored := adapter.stored_module(n)) != n:
+                out[f"{prefix}.{n}"] = [f"{prefix}.{stored}"]
+        for path, experts in adapter.expert_modules(layer).items():
+            count = expert_shapes(experts)[0]
+            for leaf in ("gate_up_proj", "down_proj"):
+                out[f"{prefix}.{path}.{leaf}"] = [f"{prefix}.{adapter.stored_module(f'{path}.{e}.{part}')}.weight"
+                                                  for e in range(count) for part in stored_parts(leaf)]
+    return out
+
+
 def _split(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
     return root.get_submodule(path) if path else root, leaf
@@ -75,6 +94,12 @@ class LayerStream:
         self.live: dict[str, nn.Parameter] = {}  # stored name -> loaded parameter
         self.zeros: dict[int, dict[str, tuple[int, int]]] = {}  # per written layer: Linear -> (zeros, total)
         self.dense_zeros: dict[int, dict[str, tuple[int, int]]] = {}  # the same, as first read (before any stage)
+        self.disk = disk_names(self.model, adapter)
+
+    def _stored(self, name: str) -> list[str]:
+        """The checkpoint tensors of a (stored) parameter name: itself, renamed, or a fused experts parameter's
+        2-D parts."""
+        return self.disk.get(name, [name])
 
     def reading(self) -> "LayerStream":
         """The same weights, never written: for passes that only measure (OWL, perplexity)."""
@@ -89,7 +114,10 @@ class LayerStream:
     def load_module(self, prefix: str) -> None:
         names = self._params(prefix)
         need = sorted({self.skeleton.aliases[n] for n in names} - set(self.live))
-        for stored, t in self.source.get(need).items():
+        found = self.source.get([s for n in need for s in self._stored(n)])
+        for stored in need:
+            parts = [found[s] for s in self._stored(stored)]
+            t = fuse_stored(stored.rpartition(".")[2], parts) if len(parts) > 1 else parts[0]
             dtype = self.model.get_parameter(stored).dtype  # from_pretrained casts to the model's dtype
             self.live[stored] = nn.Parameter(t.to(dtype), requires_grad=False)
         for n in names:
@@ -113,7 +141,10 @@ class LayerStream:
     def release(self, index: int, layer: nn.Module) -> None:
         prefix = self.adapter.layer_prefix(index)
         if self.writer is not None:
-            tensors = {f"{prefix}.{n}": t for n, t in layer.state_dict().items()}
+            tensors = {}
+            for n, t in layer.state_dict().items():  # fused experts go back to their 2-D checkpoint tensors
+                names = self._stored(f"{prefix}.{n}")
+                tensors.update(zip(names, split_stored(n.rpartition(".")[2], t)) if len(names) > 1 else {names[0]: t})
             path = self.writer.write(index + 2, tensors)
             self.source.redirect(tensors, path)
             self.zeros[index] = layer_zeros(layer, self.adapter)
@@ -128,7 +159,7 @@ class LayerStream:
         layers = self.adapter.layers_path + "."
         names = [n for n in self.skeleton.saved if not n.startswith(layers)]
         self.writer.write(1, self.source.get(names))
-        self.writer.finish(self.skeleton.saved)
+        self.writer.finish([s for n in self.skeleton.saved for s in self._stored(n)])
 
 
 @torch.no_grad()
@@ -165,10 +196,7 @@ def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _load_error(e, source) from e
-    adapter = get_adapter(skeleton.model)
-    if adapter.low_memory_refusal:  # also `sparsellm eval --low-memory`
-        raise UnsupportedArchitectureError(adapter.low_memory_refusal)
-    stream = LayerStream(skeleton, adapter, tensors)
+    stream = LayerStream(skeleton, get_adapter(skeleton.model), tensors)
     for path in stream.adapter.pre_layer_paths:
         if _get(skeleton.model, path) is not None:
             stream.load_module(path)
