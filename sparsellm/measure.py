@@ -13,7 +13,7 @@ from .loading.adapters import Adapter
 
 def layer_matrices(layer: nn.Module, adapter: Adapter | None = None) -> dict[str, torch.Tensor]:
     """Each Linear weight of a decoder layer and, with the family's `adapter`, each expert's matrices (2-D
-    views of the experts' 3-D parameters, named as the checkpoint stores them: mlp.experts.<e>.up_proj)."""
+    views of the experts' 3-D parameters, named as recipes and reports name them: mlp.experts.<e>.up_proj)."""
     out = {name: mod.weight for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
     if adapter is not None:
         for path, experts in adapter.expert_modules(layer).items():

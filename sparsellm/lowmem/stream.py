@@ -14,10 +14,10 @@ from .. import memory
 from ..errors import ModelLoadError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
+from ..calibrate.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..calibrate.walk import capture, head_on, walk_layers
 from ..evaluate.perplexity import nll_sum
 from ..measure import layer_zeros
-from ..calibrate.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..loading.adapters import Adapter, _get
 from ..loading.models import DTYPES
 from . import source_problem
