@@ -140,12 +140,31 @@ def is_pruned(zeros: int, total: int) -> bool:
 
 
 def sparse_linears(model) -> dict[str, torch.Tensor]:
-    """Module name -> weight of the pruned Linear layers (is_pruned). The head is never pruned (it is
-    often the embedding matrix itself)."""
+    """Module name -> weight of the pruned Linear layers (is_pruned), and of the pruned expert matrices of a
+    mixture of experts, named as the checkpoint stores them (2-D on disk: model.layers.0.mlp.experts.3.up_proj,
+    Mixtral's model.layers.0.block_sparse_moe.experts.3.w3).
+    The head is never pruned (it is often the embedding matrix itself)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name: mod.weight for name, mod in model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and mod is not head
-            and is_pruned(int((mod.weight == 0).sum()), mod.weight.numel())}
+    weights = {name: mod.weight for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+    weights.update(_expert_weights(model))
+    return {name: w for name, w in weights.items() if is_pruned(int((w == 0).sum()), w.numel())}
+
+
+def _expert_weights(model) -> dict[str, torch.Tensor]:
+    from .calibrate.experts import expert_matrices
+    from .errors import UnsupportedArchitectureError
+    from .loading.adapters import get_adapter
+
+    try:
+        adapter = get_adapter(model)
+    except UnsupportedArchitectureError:
+        return {}
+    out = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        for path, experts in adapter.expert_modules(layer).items():
+            out.update({f"{adapter.layer_prefix(i)}.{adapter.stored_module(n)}": v.weight
+                        for n, v in expert_matrices(experts, path).items()})
+    return out
 
 
 def _not_24(name: str) -> CompressionError:

@@ -172,7 +172,7 @@ class StreamedHandle(OffloadedHandle):
     def pruned_linears(self) -> set[str]:
         """The decoder Linears that the bitmask formats compress, from the zero counts taken as each layer
         was written (formats.sparse_linears' rule)."""
-        return {f"{self.adapter.layer_prefix(i)}.{name}" for i in range(self.n_layers)
+        return {f"{self.adapter.layer_prefix(i)}.{self.adapter.stored_module(name)}" for i in range(self.n_layers)
                 for name, (z, n) in self.stream.zeros[i].items() if is_pruned(z, n)}
 
     def report_block(self) -> dict:

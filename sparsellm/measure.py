@@ -7,21 +7,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calibrate.experts import expert_matrices
 from .loading.adapters import Adapter
 
 
+def layer_matrices(layer: nn.Module, adapter: Adapter | None = None) -> dict[str, torch.Tensor]:
+    """Each Linear weight of a decoder layer and, with the family's `adapter`, each expert's matrices (2-D
+    views of the experts' 3-D parameters, named as recipes and reports name them: mlp.experts.<e>.up_proj)."""
+    out = {name: mod.weight for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+    if adapter is not None:
+        for path, experts in adapter.expert_modules(layer).items():
+            out.update({n: m.weight for n, m in expert_matrices(experts, path).items()})
+    return out
+
+
 @torch.no_grad()
-def layer_zeros(layer: nn.Module) -> dict[str, tuple[int, int]]:
-    """(exact zeros, weights) of each Linear weight in a decoder layer."""
-    return {name: (int((mod.weight == 0).sum()), mod.weight.numel())
-            for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+def layer_zeros(layer: nn.Module, adapter: Adapter | None = None) -> dict[str, tuple[int, int]]:
+    """(exact zeros, weights) of each Linear weight (and expert matrix) in a decoder layer."""
+    return {name: (int((w == 0).sum()), w.numel()) for name, w in layer_matrices(layer, adapter).items()}
 
 
 def sparsity_summary(model: nn.Module, adapter: Adapter, zeros: list[dict[str, tuple[int, int]]] | None = None) -> dict:
     """Fraction of exact zeros in the Linear weights of the decoder layers, overall/per layer/per module.
     `zeros`: layer_zeros of every decoder layer, counted earlier (a low-memory run's layers are on disk)."""
     if zeros is None:
-        zeros = [layer_zeros(layer) for layer in adapter.layers(model)]
+        zeros = [layer_zeros(layer, adapter) for layer in adapter.layers(model)]
     per_layer, per_module = [], {}
     total_zero = total = 0
     for i, counts in enumerate(zeros):

@@ -27,6 +27,8 @@ class Calibration(_Strict):
     nsamples: int = Field(128, gt=0, description="calibration windows drawn at random (seeded) from the text")
     seqlen: int | None = Field(None, gt=0, description="default: min(2048, model context)")
     batch_size: int = Field(8, gt=0, description="windows per layer forward")
+    min_expert_tokens: int = Field(128, gt=0, description="mixture of experts: an expert the router sends fewer "
+                                   "calibration tokens is pruned by a data-free score (magnitude), with a warning")
 
     @field_validator("dataset")
     @classmethod
@@ -117,7 +119,8 @@ class Export(_Strict):
 
 
 # fields added to a section after recipes were first written, with their defaults (see _RecipeBase.dump)
-LATER_FIELDS = {("export", "dtype"): "auto", ("evaluation", "apply_chat_template"): False}
+LATER_FIELDS = {("export", "dtype"): "auto", ("evaluation", "apply_chat_template"): False,
+                ("calibration", "min_expert_tokens"): 128}
 
 
 class _RecipeBase(_Strict):

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 import torch.nn.functional as F
 
-from ..calibrate.engine import target_linears
+from ..calibrate.engine import layer_targets
 from ..calibrate.walk import capture, head_on, layer_forward, walk_layers
 from ..errors import RecipeError
 from ..stage import register
@@ -79,7 +79,7 @@ def layer_importance(model, adapter, windows, select, device, batch_size: int, n
     # after capturing: capture sends the embedding home again, and it may be tied to lm_head
     with head_on(model, adapter, device, io):
         for index, layer in walk_layers(model, adapter, device, io, "ecoflap importance"):
-            linears = list(target_linears(layer, adapter.layer_prefix(index), select).values())
+            linears = list(layer_targets(adapter, layer, adapter.layer_prefix(index), select).values())
             gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + index)
             probes = _perturbed_outputs(layer, linears, acts, num_noise, eps, gen)
             for j, later in walk_layers(model, adapter, device, io, f"ecoflap probes {index}", start=index + 1,
@@ -108,7 +108,8 @@ def ecoflap_allocate(model, adapter, windows, select, device, target: float, max
     return water_fill(weights, params, target, max_sparsity), {"importance": scores}
 
 
-def ecoflap_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io):
+def ecoflap_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io,
+                       min_expert_tokens=None):  # forward-only: no input statistics
     return ecoflap_allocate(model, adapter, windows, select, device, target, hi, spec, seed, sizes, io)
 
 

@@ -11,6 +11,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from ..calibrate import run_layerwise
+from ..calibrate.engine import MIN_EXPERT_TOKENS
 from ..compress.base import LayerwiseMethod, Target
 from ..compress.wanda import wanda_scores
 from ..stage import register
@@ -47,16 +48,19 @@ class OutlierRatios(LayerwiseMethod):
 
 
 def owl_allocate(model, adapter, windows, select, device, batch_size, target: float, lam: float, M: float,
-                 io=None) -> tuple[list[float], dict]:
+                 io=None, min_expert_tokens: int = MIN_EXPERT_TOKENS) -> tuple[list[float], dict]:
     probe = OutlierRatios(M)
-    run_layerwise(model, adapter, windows, [probe], select, device, batch_size, desc="owl outliers", io=io)
+    run_layerwise(model, adapter, windows, [probe], select, device, batch_size, desc="owl outliers", io=io,
+                  min_expert_tokens=min_expert_tokens)
     n = len(adapter.layers(model))
     ratios = [probe.ratios.get(i, 0.0) for i in range(n)]
     return owl_sparsities(ratios, target, lam), {"outlier_ratio": ratios}
 
 
-def owl_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io):
-    return owl_allocate(model, adapter, windows, select, device, batch_size, target, spec.lam, spec.M, io)
+def owl_allocation(spec, *, model, adapter, windows, select, device, batch_size, seed, target, hi, sizes, io,
+                   min_expert_tokens=MIN_EXPERT_TOKENS):
+    return owl_allocate(model, adapter, windows, select, device, batch_size, target, spec.lam, spec.M, io,
+                        min_expert_tokens)
 
 
 register("allocate", OWLAllocate, owl_allocation)

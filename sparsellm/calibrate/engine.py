@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import CompressionError, NumericalError
 from ..faults import fault_point
-from ..loading.adapters import Adapter
+from ..loading.adapters import Adapter, _get
+from .experts import ExpertMatrix, ExpertStats, expert_matrices
 from .stats import InputStats, Target
 from .walk import Activations, _overflow_hint, capture, check_finite, layer_forward, walk_layers
 
@@ -37,8 +38,27 @@ def make_selector(targets: list[str], ignore: list[str]):
     return select
 
 
+# experts the router sends fewer calibration tokens get data-free scores (calibration.min_expert_tokens)
+MIN_EXPERT_TOKENS = 128
+
+
 def target_linears(layer: nn.Module, prefix: str, select) -> dict[str, nn.Linear]:
     return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and select(f"{prefix}.{n}")}
+
+
+def layer_targets(adapter: Adapter, layer: nn.Module, prefix: str, select) -> dict[str, nn.Linear | ExpertMatrix]:
+    """What the per-Linear methods compress in a decoder layer, by layer-relative name: its selected Linears
+    but those the adapter keeps dense (a shared-expert gate), and each expert's matrices as 2-D views of the
+    experts' 3-D parameters (`mlp.experts.<e>.gate_proj`, ...: the names the checkpoint stores them under)."""
+    out = {n: m for n, m in target_linears(layer, prefix, select).items() if n not in adapter.dense_linears}
+    for path, experts in adapter.expert_modules(layer).items():
+        out.update({n: v for n, v in expert_matrices(experts, path).items() if select(f"{prefix}.{n}")})
+    return out
+
+
+def _experts_of(name: str) -> str:
+    """The experts module's layer-relative path of an expert matrix name (mlp.experts.3.up_proj -> mlp.experts)."""
+    return name.rsplit(".", 2)[0]
 
 
 class _Collected(Exception):
@@ -46,27 +66,45 @@ class _Collected(Exception):
 
 
 @torch.no_grad()
-def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[str, frozenset[str]], acts: Activations) -> dict[str, InputStats]:
+def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[str, frozenset[str]], acts: Activations,
+                  min_expert_tokens: int = MIN_EXPERT_TOKENS, routing: dict | None = None,
+                  prefix: str = "") -> dict[str, InputStats]:
     """Accumulate the statistics `needs[name]` of the inputs of `linears` over all calibration batches
     (Linears that need none are skipped). The layer's outputs are
     not needed here, so each forward stops as soon as every hooked Linear has seen its input
-    (this skips e.g. down_proj's own matmul, or the rest of the layer in true-sequential groups)."""
+    (this skips e.g. down_proj's own matmul, or the rest of the layer in true-sequential groups).
+    Expert matrices (ExpertMatrix) get the statistics of the tokens the router sends to their expert, from
+    one hook on their experts module (calibrate/experts.py); an expert with fewer than `min_expert_tokens`
+    gets data-free ones, with a warning. `routing` receives {experts path: ExpertStats} of those modules."""
     linears = {n: m for n, m in linears.items() if needs[n]}
-    stats = {n: InputStats(m.in_features, needs[n], m.weight.device) for n, m in linears.items()}
-    if not stats:
+    plain = {n: m for n, m in linears.items() if not isinstance(m, ExpertMatrix)}
+    stats = {n: InputStats(m.in_features, needs[n], m.weight.device) for n, m in plain.items()}
+    routed: dict[str, list[str]] = {}
+    for n, m in linears.items():
+        if isinstance(m, ExpertMatrix):
+            routed.setdefault(_experts_of(n), []).append(n)
+    if not linears:
         return stats
+    modules = {path: _get(layer, path) for path in routed}
+    experts = {path: ExpertStats(modules[path], frozenset().union(*(needs[n] for n in names)), linears[names[0]].weight.device,
+                                 inner=any(linears[n].part == "down_proj" for n in names),
+                                 inputs=any(linears[n].part != "down_proj" for n in names))
+               for path, names in routed.items()}
     seen: set[str] = set()
+    expected = len(plain) + len(experts)
 
-    def hook(name):
-        def record(module, args):
-            stats[name].update(args[0])
+    def hook(name, update):
+        def record(module, args, kwargs):
+            update(module, args, kwargs)
             seen.add(name)
-            if len(seen) == len(stats):
+            if len(seen) == expected:
                 raise _Collected
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_pre_hook(hook(n, lambda mod, a, kw, n=n: stats[n].update(a[0])), with_kwargs=True)
+               for n, m in plain.items()]
+    handles += [modules[p].register_forward_pre_hook(hook(p, es.record), with_kwargs=True) for p, es in experts.items()]
     try:
         for hidden, kw in zip(acts.hidden, acts.kwargs):
             seen.clear()
@@ -77,12 +115,28 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
     finally:
         for h in handles:
             h.remove()
+    for path, es in experts.items():
+        if routing is not None:
+            routing[path] = es
+        for n in routed[path]:
+            m = linears[n]
+            stats[n] = es.for_matrix(m.expert, m.part, min_expert_tokens, f"{prefix}.{path}" if prefix else path)
     return stats
+
+
+def _note_experts(out: dict, prefix: str, routing: dict, chosen: dict, min_tokens: int) -> None:
+    for path, es in routing.items():
+        out.setdefault("expert_tokens", {})[f"{prefix}.{path}"] = list(es.tokens)
+        starved = [f"{prefix}.{n}" for n, m in chosen.items()
+                   if isinstance(m, ExpertMatrix) and n.startswith(path + ".") and es.tokens[m.expert] < max(min_tokens, 1)]
+        if starved:
+            out.setdefault("experts_data_free", []).extend(starved)
 
 
 def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, methods: list, select,
                   device="cpu", batch_size: int = 8, desc: str = "compress", checkpoint=None,
-                  pass_key: str = "compress", io=None) -> list[float]:
+                  pass_key: str = "compress", io=None, min_expert_tokens: int = MIN_EXPERT_TOKENS,
+                  experts: dict | None = None) -> list[float]:
     """Apply `methods` (LayerwiseMethod, in order, sharing one calibration pass) to the selected Linear
     layers, layer by layer. `select`: one module-name predicate for all methods, or one per method.
     With a `checkpoint` (sparsellm.checkpoint.Checkpoint), the layers it holds for `pass_key` are
@@ -91,6 +145,9 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     are elsewhere (on disk, or offloaded by accelerate):
     `io.load(index, layer)` gives a layer its weights before it is used and `io.release(index, layer)`
     writes out and frees it afterwards, so only one layer is ever in memory.
+    Each expert of a mixture-of-experts layer is compressed from the tokens routed to it (collect_stats);
+    `experts` receives what the report says of them: `expert_tokens` {experts module: [tokens per expert]} and
+    `experts_data_free` (the matrices of experts that saw fewer than `min_expert_tokens`).
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
     selects = list(select) if isinstance(select, (list, tuple)) else [select] * len(methods)
     needs = frozenset().union(*(m.needs for m in methods))
@@ -109,14 +166,17 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     seconds = [0.0] * len(methods)
     for index, layer in walk_layers(model, adapter, device, io, desc, start):
         prefix = adapter.layer_prefix(index)
-        linears = target_linears(layer, prefix, lambda n: any(sel(n) for sel in selects))
+        linears = layer_targets(adapter, layer, prefix, lambda n: any(sel(n) for sel in selects))
         groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
         for group in groups:
             chosen = {n: linears[n] for n in group}
             # each Linear gets only what the methods that touch it need (no XᵀX for a layer DSnoT skips)
             own_needs = {n: frozenset().union(*(m.needs for m, sel in zip(methods, selects) if sel(f"{prefix}.{n}")))
                          for n in chosen}
-            stats = collect_stats(layer, chosen, own_needs, acts) if needs else {}
+            routing: dict[str, ExpertStats] = {}
+            stats = collect_stats(layer, chosen, own_needs, acts, min_expert_tokens, routing, prefix) if needs else {}
+            if experts is not None:
+                _note_experts(experts, prefix, routing, chosen, min_expert_tokens)
             fault_point(f"stats:{index}")
             for name, linear in chosen.items():
                 full = f"{prefix}.{name}"

@@ -1,6 +1,6 @@
 """Mixture-of-experts layers for the per-Linear methods (Wanda, SparseGPT, N:M, DSnoT): each expert's
 matrices as 2-D views of transformers' 3-D expert parameters, and each expert's input statistics from the
-tokens the router sends to it. Not wired into the engine yet: see docs/moe-design.md.
+tokens the router sends to it. The engine (calibrate/engine.py) prunes them as it prunes Linears: see docs/moe.md.
 
 Layout (transformers 5, Mixtral / Qwen2-MoE / Qwen3-MoE): `mlp.experts.gate_up_proj` is (E, 2·I, H) with
 rows gate | up per expert, `mlp.experts.down_proj` is (E, H, I); the experts module is called as
@@ -29,6 +29,8 @@ class ExpertMatrix:
 
     weight: torch.Tensor
     bias: None = None
+    expert: int = 0  # which expert, and which of its matrices ("gate_proj", "up_proj", "down_proj")
+    part: str = "gate_proj"
 
     @property
     def in_features(self) -> int:
@@ -58,10 +60,32 @@ def expert_matrices(experts: nn.Module, prefix: str = "") -> dict[str, ExpertMat
     stem = f"{prefix}." if prefix else ""
     out = {}
     for e in range(e_count):
-        out[f"{stem}{e}.gate_proj"] = ExpertMatrix(gate_up[e, :inter])
-        out[f"{stem}{e}.up_proj"] = ExpertMatrix(gate_up[e, inter:])
-        out[f"{stem}{e}.down_proj"] = ExpertMatrix(down[e])
+        out[f"{stem}{e}.gate_proj"] = ExpertMatrix(gate_up[e, :inter], expert=e, part="gate_proj")
+        out[f"{stem}{e}.up_proj"] = ExpertMatrix(gate_up[e, inter:], expert=e, part="up_proj")
+        out[f"{stem}{e}.down_proj"] = ExpertMatrix(down[e], expert=e, part="down_proj")
     return out
+
+
+# ---- on disk: transformers' save_pretrained writes every expert's matrices as 2-D tensors ----------------
+
+def stored_parts(leaf: str) -> tuple[str, ...]:
+    """The matrices a fused parameter holds per expert, in the order fuse_stored takes them."""
+    return ("gate_proj", "up_proj") if leaf == "gate_up_proj" else ("down_proj",)
+
+
+def fuse_stored(leaf: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The fused parameter `leaf` ("gate_up_proj" or "down_proj") from each expert's stored 2-D matrices, in
+    expert order and stored_parts order within an expert: gate_up_proj[e] is gate_e above up_e."""
+    n = len(stored_parts(leaf))
+    return torch.stack([torch.cat(tensors[i:i + n]) for i in range(0, len(tensors), n)])
+
+
+def split_stored(leaf: str, fused: torch.Tensor) -> list[torch.Tensor]:
+    """The inverse of fuse_stored: each expert's matrices as row views of the fused parameter."""
+    if leaf == "gate_up_proj":
+        inter = fused.shape[1] // 2
+        return [m for e in range(fused.shape[0]) for m in (fused[e, :inter], fused[e, inter:])]
+    return list(fused)
 
 
 def routed_tokens(top_k_index: torch.Tensor, expert: int) -> torch.Tensor:
@@ -76,13 +100,14 @@ class ExpertStats:
     The routing weights scale the expert's output, not these inputs, so they are not applied."""
 
     def __init__(self, experts: nn.Module, needs: frozenset[str], device: torch.device | str = "cpu",
-                 inner: bool = True):
+                 inner: bool = True, inputs: bool = True):
         self.experts = experts
         self.count, hidden, inter = expert_shapes(experts)
-        self.inputs = [InputStats(hidden, needs, device) for _ in range(self.count)]
+        self.inputs = [InputStats(hidden, needs, device) for _ in range(self.count)] if inputs else None
         self.inner = [InputStats(inter, needs, device) for _ in range(self.count)] if inner else None
         self.tokens = [0] * self.count
         self._handle = None
+        self._warned: set[int] = set()
 
     @torch.no_grad()
     def update(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
@@ -95,19 +120,21 @@ class ExpertStats:
                 continue
             x = hidden[idx]
             self.tokens[e] += x.shape[0]
-            self.inputs[e].update(x)
+            if self.inputs is not None:
+                self.inputs[e].update(x)
             if self.inner is not None:
                 gate_up = self.experts.gate_up_proj[e]
                 h = self.experts.act_fn(x @ gate_up[:inter].T.to(x.dtype)) * (x @ gate_up[inter:].T.to(x.dtype))
                 self.inner[e].update(h)
 
-    def _hook(self, module, args, kwargs):
+    def record(self, module, args, kwargs):
+        """Forward pre-hook of the experts module: accumulate the statistics of this call's routed tokens."""
         hidden = args[0] if args else kwargs["hidden_states"]
         top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
         self.update(hidden, top_k_index)
 
     def attach(self) -> "ExpertStats":
-        self._handle = self.experts.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handle = self.experts.register_forward_pre_hook(self.record, with_kwargs=True)
         return self
 
     def detach(self) -> None:
@@ -117,12 +144,14 @@ class ExpertStats:
 
     def for_matrix(self, expert: int, part: str, min_tokens: int = 1, name: str = "") -> InputStats:
         """The statistics a method gets for expert `expert`'s `part`: its own, or data-free ones (see
-        data_free_stats) with a warning when the router sent it fewer than `min_tokens` tokens."""
+        data_free_stats) when the router sent it fewer than `min_tokens` tokens, with a warning (once per expert)."""
         own = (self.inner if part == "down_proj" else self.inputs)[expert]
         if self.tokens[expert] >= max(min_tokens, 1):
             return own
-        log.warning("%s: expert %d saw %d calibration tokens (< %d): data-free scores for its %s", name or "experts",
-                    expert, self.tokens[expert], min_tokens, part)
+        if expert not in self._warned:
+            self._warned.add(expert)
+            log.warning("%s: expert %d saw %d calibration tokens (< %d): data-free scores (magnitude) for its matrices",
+                        name or "experts", expert, self.tokens[expert], min_tokens)
         return data_free_stats(own._sq.numel() if own._sq is not None else own._xtx.shape[0], own.needs,
                                (own._sq if own._sq is not None else own._xtx).device)
 

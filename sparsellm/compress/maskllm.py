@@ -435,6 +435,7 @@ class LearnStage(Stage):
     def check(self, ctx) -> None:
         from .prune import check_stage_fits
 
+        ctx.adapter.check_learn()
         check_stage_fits(ctx.model, ctx.adapter, self.spec)
 
     def prepare(self, ctx) -> None:

@@ -10,7 +10,7 @@ import time
 from .. import memory
 from ..allocate import allocate
 from ..calibrate import make_selector, run_layerwise
-from ..calibrate.engine import target_linears
+from ..calibrate.engine import layer_targets
 from ..errors import RecipeError
 from ..stage import Stage, implementation, order_rule, stage_kind
 
@@ -34,7 +34,7 @@ def check_stage_fits(model, adapter, spec) -> None:
     select = make_selector(spec.targets, spec.ignore)
     found = 0
     for i, layer in enumerate(adapter.layers(model)):
-        for name, lin in target_linears(layer, adapter.layer_prefix(i), select).items():
+        for name, lin in layer_targets(adapter, layer, adapter.layer_prefix(i), select).items():
             found += 1
             if spec.nm and lin.in_features % spec.nm[1]:
                 raise RecipeError(f"pattern {spec.pattern}: M={spec.nm[1]} does not divide the input width "
@@ -42,7 +42,8 @@ def check_stage_fits(model, adapter, spec) -> None:
                                   "every targeted layer's width (2:4, 4:8), or ignore that layer")
     if not found:
         raise RecipeError("stage targets/ignore match no Linear layer inside the decoder layers; check the globs "
-                          "against module names such as model.layers.0.mlp.down_proj")
+                          "against module names such as model.layers.0.mlp.down_proj (an expert's: "
+                          "model.layers.0.mlp.experts.0.down_proj)")
 
 
 def refine_selector(adapter, spec, prune_select):
@@ -93,7 +94,8 @@ class PruneStage(Stage):
         result = ctx.checkpoint.result(key) if ctx.checkpoint is not None else None
         if result is None:
             result = allocate(self.allocation.spec, self.spec, ctx.model, ctx.adapter, ctx.windows, select, ctx.device,
-                              ctx.batch_size, ctx.seed, io=ctx.handle.reading())
+                              ctx.batch_size, ctx.seed, io=ctx.handle.reading(),
+                              min_expert_tokens=ctx.recipe.calibration.min_expert_tokens)
             if ctx.checkpoint is not None:
                 ctx.checkpoint.put_result(key, result)
         log.info("%s allocation: layer sparsity %.3f..%.3f, realized overall %.4f", self.allocation.spec.method,
@@ -116,13 +118,18 @@ class PruneStage(Stage):
         methods = [build_method(self.spec, layer_sparsity)] + [build_method(e.spec, nm=self.spec.nm) for e in self.refines]
         selects = [select] + [refine_selector(ctx.adapter, e.spec, select) for e in self.refines]
         desc = " + ".join(label(e.spec) for e in group)
+        experts: dict = {}  # mixture of experts: the tokens each expert saw, and which fell back to data-free scores
         own = run_layerwise(ctx.model, ctx.adapter, ctx.windows, methods, selects, ctx.device, ctx.batch_size, desc=desc,
-                            checkpoint=ctx.checkpoint, pass_key=f"stage{self.entry.index}", io=ctx.handle.io())
+                            checkpoint=ctx.checkpoint, pass_key=f"stage{self.entry.index}", io=ctx.handle.io(),
+                            min_expert_tokens=ctx.recipe.calibration.min_expert_tokens, experts=experts)
         total = time.perf_counter() - t
+        if experts:
+            experts.setdefault("experts_data_free", [])
+            experts["min_expert_tokens"] = ctx.recipe.calibration.min_expert_tokens
         for n, e in enumerate(group):
             # the shared calibration forwards are booked on the prune stage
             secs = total - sum(own[1:]) if n == 0 else own[n]
-            reports.append(self.report(e, secs, compute_seconds=own[n]))
+            reports.append(self.report(e, secs, compute_seconds=own[n], details=(experts or None) if n == 0 else None))
         return reports
 
 

@@ -109,6 +109,14 @@ def render_markdown(r: dict) -> str:
                       f"{min(heads)}–{max(heads)}, parameters {p0:,} → {p1:,} ({p1 / p0:.1%}); {how}.", "",
                       "| layer | FFN channels | heads |", "|---|---|---|"]
             lines += [f"| {i} | {f} | {h} |" for i, (f, h) in enumerate(zip(ffn, heads))] + [""]
+        if "expert_tokens" in d:
+            free = d["experts_data_free"]
+            lines += [f"Mixture of experts: each expert pruned from the calibration tokens the router sent it; "
+                      f"{len(free)} expert matrices (experts under {d['min_expert_tokens']} tokens) by a data-free score "
+                      f"(magnitude){': ' + ', '.join(free[:12]) if free else ''}"
+                      f"{f' and {len(free) - 12} more (report.json)' if len(free) > 12 else ''}.", "",
+                      "| experts | tokens per expert |", "|---|---|"]
+            lines += [f"| {m} | {' '.join(map(str, t))} |" for m, t in d["expert_tokens"].items()] + [""]
         if "ranks" in d:
             lines += [f"LoRA recovery: {d['steps']} steps, {d['tokens']:,} tokens, {d['seconds']:.1f} s, loss "
                       f"{d['loss_first']:.3f} → {d['loss_mean_last10']:.3f} (mean of the last 10 steps), ranks per block "

@@ -7,6 +7,7 @@ Everything a method needs to know about a family is asked of its adapter, so the
 support table (`support_matrix`) and the refusals come from the same place."""
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, replace
 
 import torch
@@ -84,14 +85,42 @@ class Adapter:
     logits_divisor_key: str = ""
     # Linears inside the decoder layers that no method may touch (router and shared-expert gates)
     dense_linears: tuple[str, ...] = ()
+    # mixture of experts: the layer-relative path of the module holding the experts as 3-D parameters
+    # (calibrate/experts.py: gate_up_proj (E, 2I, H), down_proj (E, H, I)), in the layers that have one
+    experts: str = ""
+    # how the checkpoint stores them (transformers' save_pretrained splits the fused parameters): one 2-D tensor per
+    # expert and matrix at this layer-relative template, its {part} renamed by expert_store_parts (Mixtral: w1, w3,
+    # w2); and layer-relative module prefixes renamed on disk (Mixtral: mlp.gate. is block_sparse_moe.gate.)
+    expert_store: str = "mlp.experts.{e}.{part}"
+    expert_store_parts: tuple[tuple[str, str], ...] = ()
+    store_renames: tuple[tuple[str, str], ...] = ()
     # one-line reasons a method family does not apply (empty: it does)
     slice_refusal: str = ""
     heads_refusal: str = ""
+    structure_refusal: str = ""
+    learn_refusal: str = ""
 
     def is_attention(self, name: str) -> bool:
         """Whether a Linear (full or layer-relative name) belongs to self-attention: the first two
         true-sequential groups (q/k/v and the output projection)."""
         return any(name == a or name.endswith("." + a) for g in self.sequential_groups[:2] for a in g)
+
+    def expert_modules(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """{layer-relative path: experts module} of a decoder layer (empty for a dense layer or family)."""
+        mod = _get(layer, self.experts) if self.experts else None
+        return {self.experts: mod} if mod is not None else {}
+
+    def stored_module(self, name: str) -> str:
+        """The layer-relative name the checkpoint stores a module or parameter under: an expert matrix's view
+        name (mlp.experts.3.up_proj) becomes its stored one (Mixtral: block_sparse_moe.experts.3.w3)."""
+        if self.experts and name.startswith(self.experts + "."):
+            e, _, part = name[len(self.experts) + 1:].partition(".")
+            if e.isdigit() and part in ("gate_proj", "up_proj", "down_proj"):
+                return self.expert_store.format(e=int(e), part=dict(self.expert_store_parts).get(part, part))
+        for memory_prefix, disk_prefix in self.store_renames:
+            if name.startswith(memory_prefix):
+                return disk_prefix + name[len(memory_prefix):]
+        return name
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.layers_path)
@@ -197,6 +226,8 @@ class Adapter:
         A fused Linear appears under each name it stands for (Phi-3: q, k and v are all qkv_proj);
         names["fused"] maps it to its part count."""
         cfg = model.config
+        if self.structure_refusal:
+            raise UnsupportedArchitectureError(self.structure_refusal)
         if not self.ffn_in:
             raise UnsupportedArchitectureError(f"structured pruning does not support {cfg.model_type} models yet")
         attn_in, (o,), _, (down,) = self.sequential_groups
@@ -220,11 +251,17 @@ class Adapter:
             raise UnsupportedArchitectureError(self._runtime_refusal("structure with uniform: false",
                                                                      "uniform: true (a stock architecture)"))
 
+    def check_learn(self) -> None:
+        """Refuse, before any work, a learn stage (MaskLLM) this family cannot take."""
+        if self.learn_refusal:
+            raise UnsupportedArchitectureError(self.learn_refusal)
+
     def groups_for(self, names: list[str]) -> list[list[str]]:
-        """Split a layer's target Linear names into the true-sequential order; unknown names go last."""
+        """Split a layer's target Linear names into the true-sequential order; unknown names go last.
+        A group's entries may be globs (an expert's matrices: mlp.experts.*.gate_proj)."""
         groups, seen = [], set()
         for g in self.sequential_groups:
-            sel = [n for n in names if n in g]
+            sel = [n for n in names if n not in seen and any(fnmatch.fnmatchcase(n, p) for p in g)]
             seen.update(sel)
             if sel:
                 groups.append(sel)
@@ -321,15 +358,43 @@ GRANITE = replace(LLAMA, name="granite", model_types=("granite",), logits_diviso
                                 "rotated block walk does not model; use structured pruning (structure: cfsp/wanda-sp/"
                                 "magnitude) or unstructured/N:M pruning")
 
-ADAPTERS = (LLAMA, OPT, QWEN3, SMOLLM3, GEMMA2, GEMMA3, PHI3, OLMO2, GRANITE)
+# Mixture of experts (transformers 5): `mlp.experts` holds every expert's gate/up and down matrices as two 3-D
+# parameters, pruned expert by expert through 2-D views from the tokens the router sends to each expert
+# (calibrate/experts.py, docs/moe.md); the router (`mlp.gate`, no Linear) and Qwen2-MoE's shared-expert gate stay
+# dense; the shared expert (Qwen2-MoE) and Qwen3-MoE's dense-MLP layers are ordinary Linears.
+_MOE_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+     "mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj", "mlp.down_proj"),
+)
+_MOE_SLICE = ("SliceGPT on mixture of experts: the rotation walk and the sliced runtime do not know routed expert "
+              "blocks; use unstructured or N:M pruning (prune: wanda/sparsegpt), which works per expert")
+_MOE_STRUCTURE = ("structured pruning of mixture of experts: removing channels or heads would have to cut every expert "
+                  "and the router consistently, which sparsellm does not do; use unstructured or N:M pruning "
+                  "(prune: wanda/sparsegpt), which works per expert")
+_MOE_LEARN = ("MaskLLM on mixture of experts: it learns masks of Linear layers and the experts are 3-D parameters; "
+              "use prune: sparsegpt or wanda with pattern 2:4, which works per expert")
+
+
+def _moe(name: str, model_type: str, **kw) -> Adapter:
+    return replace(LLAMA, name=name, model_types=(model_type,), sequential_groups=_MOE_GROUPS, experts="mlp.experts",
+                   layer_types_key="layer_types", ffn_in=(), slice_refusal=_MOE_SLICE, structure_refusal=_MOE_STRUCTURE,
+                   learn_refusal=_MOE_LEARN, **kw)
+
+
+MIXTRAL = _moe("mixtral", "mixtral", expert_store="block_sparse_moe.experts.{e}.{part}",
+               expert_store_parts=(("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
+               store_renames=(("mlp.", "block_sparse_moe."),))
+QWEN2_MOE = _moe("qwen2-moe", "qwen2_moe", dense_linears=("mlp.shared_expert_gate",))
+QWEN3_MOE = _moe("qwen3-moe", "qwen3_moe", config_eps_norms=("self_attn.q_norm", "self_attn.k_norm"))
+
+ADAPTERS = (LLAMA, OPT, QWEN3, SMOLLM3, GEMMA2, GEMMA3, PHI3, OLMO2, GRANITE, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
-# mixture-of-experts families: experts are 3-D parameters, not Linears; see docs/moe-design.md
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
-MOE_REASON = ("sparsellm cannot prune expert weights yet: they are 3-D parameters, not Linear layers "
-              "(see docs/moe-design.md)")
-MOE_REFUSAL = "mixture-of-experts model {model_type!r}: " + MOE_REASON + "; use a dense model of a supported " \
-              "architecture: {supported}"
+# the mixture-of-experts families (experts as 3-D parameters; see docs/moe.md)
+MOE_MODEL_TYPES = tuple(t for a in ADAPTERS if a.experts for t in a.model_types)
 
 
 def gguf_model_type(architecture: str) -> str | None:
@@ -348,9 +413,6 @@ def get_adapter(model_or_type) -> Adapter:
     for a in ADAPTERS:
         if model_type in a.model_types:
             return a
-    if model_type in MOE_MODEL_TYPES:
-        raise UnsupportedArchitectureError(MOE_REFUSAL.format(model_type=model_type,
-                                                              supported=", ".join(SUPPORTED_MODEL_TYPES)))
     raise UnsupportedArchitectureError(
         f"unsupported architecture {model_type!r}; use a model of a supported architecture: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -360,13 +422,15 @@ def get_adapter(model_or_type) -> Adapter:
 # ---- the support matrix ----------------------------------------------------------------------------
 
 # (column, what it covers); the per-Linear methods apply to every Linear of every family (fused ones
-# included: their rows are their parts' rows), so only SliceGPT and structured pruning can be refused
+# included: their rows are their parts' rows; each expert's matrices of a mixture of experts, from the tokens
+# routed to it), so only the methods that change shapes and MaskLLM can be refused
 MATRIX_COLUMNS = (
-    ("magnitude", "unstructured and N:M (a fused Linear's rows are its parts' rows)"),
-    ("Wanda", "unstructured and N:M"),
-    ("SparseGPT", "unstructured and N:M"),
+    ("magnitude", "unstructured and N:M (a fused Linear's rows are its parts' rows; experts one by one)"),
+    ("Wanda", "unstructured and N:M (experts: from the tokens routed to each)"),
+    ("SparseGPT", "unstructured and N:M (experts: from the tokens routed to each)"),
     ("DSnoT", "refines any of the above"),
     ("OWL", "per-layer sparsity allocation"),
+    ("MaskLLM", "learned N:M masks"),
     ("SliceGPT uniform", "one rotation: stock architecture"),
     ("SliceGPT per-layer", "per-layer rotations: runtime file"),
     ("structure FFN", "FFN channels, uniform: stock architecture"),
@@ -393,10 +457,12 @@ def method_support(adapter: Adapter) -> dict[str, str | None]:
     slice_probe = type("M", (), {"config": _Spec(do_layer_norm_before=True, model_type=adapter.model_types[0])})()
     structure_ok = bool(adapter.ffn_in)
     out: dict[str, str | None] = {c: None for c, _ in MATRIX_COLUMNS[:5]}
+    out["MaskLLM"] = _refusal(adapter.check_learn)
     out["SliceGPT uniform"] = adapter.slice_refusal or None
     out["SliceGPT per-layer"] = out["SliceGPT uniform"] or _refusal(
         lambda: adapter.check_sliceable(slice_probe, _Spec(rotation="per-layer")))
-    no_structure = None if structure_ok else f"structured pruning does not support {adapter.name} models yet"
+    no_structure = adapter.structure_refusal or (
+        None if structure_ok else f"structured pruning does not support {adapter.name} models yet")
     out["structure FFN"] = no_structure
     out["structure heads"] = no_structure or adapter.heads_refusal or None
     out["structure per-layer"] = no_structure or (None if adapter.per_layer_runtime() else adapter._runtime_refusal(
@@ -420,8 +486,5 @@ def support_matrix() -> str:
                     notes.append(reason)
                 cells.append(f"no [{notes.index(reason) + 1}]")
         rows.append(f"| {a.name} ({', '.join(a.model_types)}) | " + " | ".join(cells) + " |")
-    notes.append(MOE_REASON)
-    rows.append(f"| mixture of experts ({', '.join(MOE_MODEL_TYPES)}) | "
-                + " | ".join([f"no [{len(notes)}]"] * len(MATRIX_COLUMNS)) + " |")
     legend = [f"- {c}: {what}" for c, what in MATRIX_COLUMNS]
     return "\n".join(rows + [""] + [f"[{i + 1}] {n}" for i, n in enumerate(notes)] + ["", "Columns:"] + legend) + "\n"

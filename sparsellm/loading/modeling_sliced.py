@@ -19,7 +19,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt")
+BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "qwen3", "smollm3")
 PREFIX = "sparsellm_sliced_"
 
 

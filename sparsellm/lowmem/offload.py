@@ -68,13 +68,13 @@ class OffloadedLayers:
                 set_module_tensor_to_device(m, name, hook.execution_device, value=hook.weights_map[name])
             hook.offload = False  # until release: the weights stay in, the methods change them in place
         if self.write and index not in self.dense_zeros:
-            self.dense_zeros[index] = layer_zeros(layer)
+            self.dense_zeros[index] = layer_zeros(layer, self.adapter)
 
     def release(self, index: int, layer: nn.Module) -> None:
         from accelerate.utils import offload_weight, set_module_tensor_to_device
 
         if self.write:
-            self.zeros[index] = layer_zeros(layer)
+            self.zeros[index] = layer_zeros(layer, self.adapter)
         for m, hook in self._held.pop(index, []):
             stored = hook.weights_map.dataset  # accelerate's OffloadedWeightsLoader
             for name, p in [(n, p) for n, p in m._parameters.items() if p is not None]:

@@ -14,6 +14,7 @@ from .. import memory
 from ..errors import ModelLoadError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
+from ..calibrate.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..calibrate.walk import capture, head_on, walk_layers
 from ..evaluate.perplexity import nll_from_hidden
 from ..measure import layer_zeros
@@ -58,6 +59,24 @@ def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors
     return Skeleton(model, aliases, saved)
 
 
+def disk_names(model: nn.Module, adapter: Adapter) -> dict[str, list[str]]:
+    """{parameter: the checkpoint tensors it is stored as} for the decoder layers' parameters stored otherwise
+    than under their own name: a fused experts parameter (mixture of experts) as one 2-D tensor per expert and
+    matrix, in fuse_stored's order; a module the family renames on disk (adapter.stored_module)."""
+    out = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        prefix = adapter.layer_prefix(i)
+        for n, _ in layer.named_parameters():
+            if (stored := adapter.stored_module(n)) != n:
+                out[f"{prefix}.{n}"] = [f"{prefix}.{stored}"]
+        for path, experts in adapter.expert_modules(layer).items():
+            count = expert_shapes(experts)[0]
+            for leaf in ("gate_up_proj", "down_proj"):
+                out[f"{prefix}.{path}.{leaf}"] = [f"{prefix}.{adapter.stored_module(f'{path}.{e}.{part}')}.weight"
+                                                  for e in range(count) for part in stored_parts(leaf)]
+    return out
+
+
 def _split(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     path, _, leaf = name.rpartition(".")
     return root.get_submodule(path) if path else root, leaf
@@ -75,6 +94,12 @@ class LayerStream:
         self.live: dict[str, nn.Parameter] = {}  # stored name -> loaded parameter
         self.zeros: dict[int, dict[str, tuple[int, int]]] = {}  # per written layer: Linear -> (zeros, total)
         self.dense_zeros: dict[int, dict[str, tuple[int, int]]] = {}  # the same, as first read (before any stage)
+        self.disk = disk_names(self.model, adapter)
+
+    def _stored(self, name: str) -> list[str]:
+        """The checkpoint tensors of a (stored) parameter name: itself, renamed, or a fused experts parameter's
+        2-D parts."""
+        return self.disk.get(name, [name])
 
     def reading(self) -> "LayerStream":
         """The same weights, never written: for passes that only measure (OWL, perplexity)."""
@@ -89,7 +114,10 @@ class LayerStream:
     def load_module(self, prefix: str) -> None:
         names = self._params(prefix)
         need = sorted({self.skeleton.aliases[n] for n in names} - set(self.live))
-        for stored, t in self.source.get(need).items():
+        found = self.source.get([s for n in need for s in self._stored(n)])
+        for stored in need:
+            parts = [found[s] for s in self._stored(stored)]
+            t = fuse_stored(stored.rpartition(".")[2], parts) if len(parts) > 1 else parts[0]
             dtype = self.model.get_parameter(stored).dtype  # from_pretrained casts to the model's dtype
             self.live[stored] = nn.Parameter(t.to(dtype), requires_grad=False)
         for n in names:
@@ -108,15 +136,18 @@ class LayerStream:
     def load(self, index: int, layer: nn.Module) -> None:
         self.load_module(self.adapter.layer_prefix(index))
         if self.writer is not None and index not in self.dense_zeros:
-            self.dense_zeros[index] = layer_zeros(layer)
+            self.dense_zeros[index] = layer_zeros(layer, self.adapter)
 
     def release(self, index: int, layer: nn.Module) -> None:
         prefix = self.adapter.layer_prefix(index)
         if self.writer is not None:
-            tensors = {f"{prefix}.{n}": t for n, t in layer.state_dict().items()}
+            tensors = {}
+            for n, t in layer.state_dict().items():  # fused experts go back to their 2-D checkpoint tensors
+                names = self._stored(f"{prefix}.{n}")
+                tensors.update(zip(names, split_stored(n.rpartition(".")[2], t)) if len(names) > 1 else {names[0]: t})
             path = self.writer.write(index + 2, tensors)
             self.source.redirect(tensors, path)
-            self.zeros[index] = layer_zeros(layer)
+            self.zeros[index] = layer_zeros(layer, self.adapter)
         self.release_module(prefix)
         memory.release_freed()
         log.debug("decoder layer %d released (%s); resident %.0f MiB (anonymous %s KiB, file %s KiB), peak %.0f MiB",
@@ -128,7 +159,7 @@ class LayerStream:
         layers = self.adapter.layers_path + "."
         names = [n for n in self.skeleton.saved if not n.startswith(layers)]
         self.writer.write(1, self.source.get(names))
-        self.writer.finish(self.skeleton.saved)
+        self.writer.finish([s for n in self.skeleton.saved for s in self._stored(n)])
 
 
 @torch.no_grad()
