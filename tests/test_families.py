@@ -197,9 +197,10 @@ def test_gguf_architecture_names_map_to_model_types(tmp_path):
     from sparsellm.loading.models import check_gguf
 
     assert gguf_model_type("gemma3") == "gemma3_text" and gguf_model_type("gemma2") == "gemma2"
+    assert gguf_model_type("qwen2moe") == "qwen2_moe" and gguf_model_type("qwen3moe") == "qwen3_moe"
     assert gguf_model_type("phi3") == "phi3" and gguf_model_type("qwen3") == "qwen3"
     assert gguf_model_type("llama") == "llama" and gguf_model_type("rwkv6") is None
-    for arch, ok in (("gemma3", True), ("qwen3moe", False)):
+    for arch, ok in (("gemma3", True), ("qwen3moe", True), ("rwkv6", False)):
         path = tmp_path / f"{arch}.gguf"
         writer = gguf.GGUFWriter(str(path), arch)
         writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
@@ -210,7 +211,7 @@ def test_gguf_architecture_names_map_to_model_types(tmp_path):
         if ok:
             check_gguf(path, str(path))
         else:
-            with pytest.raises(UnsupportedArchitectureError, match="'qwen3moe' model"):
+            with pytest.raises(UnsupportedArchitectureError, match="'rwkv6' model"):
                 check_gguf(path, str(path))
 
 

@@ -387,8 +387,9 @@ def _moe(name: str, model_type: str, **kw) -> Adapter:
 MIXTRAL = _moe("mixtral", "mixtral", expert_store="block_sparse_moe.experts.{e}.{part}",
                expert_store_parts=(("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")),
                store_renames=(("mlp.", "block_sparse_moe."),))
-QWEN2_MOE = _moe("qwen2-moe", "qwen2_moe", dense_linears=("mlp.shared_expert_gate",))
-QWEN3_MOE = _moe("qwen3-moe", "qwen3_moe", config_eps_norms=("self_attn.q_norm", "self_attn.k_norm"))
+QWEN2_MOE = _moe("qwen2-moe", "qwen2_moe", gguf_architectures=("qwen2moe",), dense_linears=("mlp.shared_expert_gate",))
+QWEN3_MOE = _moe("qwen3-moe", "qwen3_moe", gguf_architectures=("qwen3moe",),
+                 config_eps_norms=("self_attn.q_norm", "self_attn.k_norm"))
 
 ADAPTERS = (LLAMA, OPT, QWEN3, SMOLLM3, GEMMA2, GEMMA3, PHI3, OLMO2, GRANITE, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
