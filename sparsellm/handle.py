@@ -97,7 +97,7 @@ class OffloadedHandle(ModelHandle):
         from .lowmem.offload import OffloadedLayers
 
         super().__init__(model, tokenizer, adapter, source, loaded)
-        self._io = OffloadedLayers(adapter)
+        self._io = OffloadedLayers(model, adapter)
 
     def io(self):
         return self._io
@@ -116,6 +116,19 @@ class OffloadedHandle(ModelHandle):
 
     def nonzero(self) -> int | None:
         return None
+
+    def save(self, folder: Path, fmt: str, dtype=None) -> int:
+        self._tie_again()
+        return super().save(folder, fmt, dtype)
+
+    def _tie_again(self) -> None:
+        """accelerate's hooks give an offloaded parameter a new object each time they bring it in or take it
+        out, so a tied pair kept on disk (input embeddings and head) no longer looks tied to save_pretrained,
+        which would write it twice: the head shares the embeddings' parameter again, as the config says."""
+        inp, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if (out is not None and getattr(self.model.config.get_text_config(), "tie_word_embeddings", False)
+                and inp.weight is not out.weight and inp.weight.is_meta and out.weight.is_meta):
+            out.weight = inp.weight
 
     def _layer_zeros(self):
         n = range(len(self.adapter.layers(self.model)))
