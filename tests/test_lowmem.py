@@ -183,6 +183,25 @@ def test_slicegpt_layer_by_layer_equals_in_memory(model, slicing, mode, sharded,
         assert ("lm_head.weight" in index["weight_map"]) == (slicing != "uniform-tied")
 
 
+def test_a_released_layer_keeps_no_loaded_tensor(sharded, tmp_path):
+    """A stage that replaces a module of a layer (SliceGPT: a norm by one without weights) leaves the old
+    module's tensors unreferenced by the layer; released, the stream holds none of the layer's tensors
+    either: a memory-mapped tensor kept there holds its whole shard's pages (every layer stayed resident)."""
+    from sparsellm.lowmem.stream import open_stream
+    from sparsellm.lowmem.tensors import ShardWriter
+
+    _, stream, _ = open_stream(str(sharded["llama-tied"]), "auto", False)
+    stream.writer = ShardWriter(tmp_path, 5)
+    layer = stream.model.model.layers[1]
+    stream.load(1, layer)
+    assert any(k.startswith("model.layers.1.") for k in stream.live)
+    layer.input_layernorm = torch.nn.Identity()
+    stream.release(1, layer)
+    assert not any(k.startswith("model.layers.1.") for k in stream.live)
+    assert "model.embed_tokens.weight" in stream.live  # the modules before the layers stay loaded
+    assert "model.layers.1.input_layernorm.weight" not in json.dumps(stream.writer.weight_map)
+
+
 def test_output_loads_with_transformers(sharded, tmp_path):
     from transformers import AutoModelForCausalLM
 

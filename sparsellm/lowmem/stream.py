@@ -126,6 +126,10 @@ class LayerStream:
             else:
                 mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
                 self.live.pop(n, None)
+        if not keep:  # also what a stage took out of the module (a norm replaced by one without weights): a
+            # loaded tensor kept here would keep its whole shard's mapped pages resident
+            for stored in [s for s in self.live if s.startswith(prefix + ".")]:
+                del self.live[stored]
 
     def _stash(self, prefix: str) -> None:
         """Write a changed module outside the layers; a parameter that is no longer the loaded tensor it was
