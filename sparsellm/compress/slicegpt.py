@@ -207,7 +207,7 @@ def fuse_head(model: nn.Module, names: dict, keep_final_scale: bool = False) -> 
         final_scale = None
         _set_linear(head, *fold_norm(head.weight, head.bias, scale, shift))
     _replace(model, names["final_norm"], RMSN(scale.numel(), final_eps))
-    return {"final_eps": final_eps, "final_scale": final_scale, "hidden": scale.numel()}
+    return {"final_eps": final_eps, "final_scale": final_scale, "hidden": scale.numel(), "final_device": scale.device}
 
 
 @torch.no_grad()
@@ -366,7 +366,7 @@ def _uniform_basis(model, adapter, acts: Activations, d: int, width: int, damp: 
 
 def _uniform_rotate(model, adapter, q: torch.Tensor, device, names, keep_tied: bool, stock: dict | None,
                     io=None) -> None:
-    """Rotate every signal into the one basis `q`; with `stock` (see to_stock) also turn each layer and
+    """Rotate every signal into the one basis `q`; with `stock` (see stock_conversion) also turn each layer and
     the final norm back into the stock architecture's. A tied head (`keep_tied`) is tied again to the
     rotated embeddings."""
     with modules_in(model, names["embeddings"] + ([names["lm_head"]] if keep_tied else []), io):
@@ -384,11 +384,10 @@ def _uniform_rotate(model, adapter, q: torch.Tensor, device, names, keep_tied: b
     if not keep_tied:
         with modules_in(model, [names["lm_head"]], io):
             rotate_input(_get(model, names["lm_head"]), q)
-    if stock is not None:
+    if stock is not None:  # on the device the final norm had (where accelerate ran it)
         with modules_in(model, [names["final_norm"]], io):
-            device = _get(model, names["lm_head"]).weight.device
             final = torch.ones(stock["width"], dtype=torch.float64) if stock["final_scale"] is None else stock["final_scale"].cpu()
-            _replace(model, names["final_norm"], stock_norm(stock, final, "cpu" if device.type == "meta" else device))
+            _replace(model, names["final_norm"], stock_norm(stock, final, stock["final_device"]))
 
 
 # ---- the stage ---------------------------------------------------------------------------------
@@ -438,7 +437,7 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
         q, cov_u = _uniform_basis(model, adapter, acts, d, width, spec.damp, device, names, fused, keep_tied, io)
         if keep_tied:
             final_scale = fit_tied_scale(gram, cov_u, q, fused["final_scale"].to(device))
-        conversion = stock_conversion(fused, width, final_scale) if stock else None
+        conversion = stock_conversion(fused, width, final_scale, next(model.parameters()).dtype) if stock else None
         del acts
         _uniform_rotate(model, adapter, q, device, names, keep_tied, conversion, io)
     else:
@@ -474,13 +473,13 @@ def _stock_accepts(config, width: int) -> bool:
     return True
 
 
-def stock_conversion(fused: dict, width: int, final_scale: torch.Tensor | None) -> dict:
+def stock_conversion(fused: dict, width: int, final_scale: torch.Tensor | None, dtype: torch.dtype) -> dict:
     """Uniform rotation on an RMSNorm architecture turns the runtime form back into the stock one. The
     stock norm divides by the new width, not the original; the constant sqrt(d/d') goes into the norm
     weights and the epsilon scales by d/d', which is exact. What stock_layer and stock_config need."""
     d = fused["hidden"]
     return {"width": width, "scale": math.sqrt(d / width), "eps": fused["eps"] * d / width,
-            "norm_cls": fused["norm_cls"], "final_scale": final_scale}
+            "norm_cls": fused["norm_cls"], "final_scale": final_scale, "final_device": fused["final_device"], "dtype": dtype}
 
 
 def stock_norm(stock: dict, scale: torch.Tensor, device) -> nn.Module:
@@ -493,7 +492,6 @@ def stock_norm(stock: dict, scale: torch.Tensor, device) -> nn.Module:
 def stock_layer(layer: nn.Module, adapter: Adapter, names: dict, stock: dict) -> None:
     """One decoder layer of the runtime form as the stock architecture's (see stock_conversion)."""
     device = next(layer.parameters()).device
-    stock["dtype"] = next(layer.parameters()).dtype
     ones = torch.ones(stock["width"], dtype=torch.float64)
     for key in ("norm1", "norm2"):
         _replace(layer, names[key], stock_norm(stock, ones, device))
