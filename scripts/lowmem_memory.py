@@ -11,7 +11,7 @@ path for comparison. Prints one JSON object (also written to --json):
 
 The model is wide with few layers (hidden 1536, MLP 6144: ~138 MB per layer in float32) and a
 320-token vocabulary trained on tests/data/tiny.txt, so that one layer is a small part of the model
-and the run is quick (4 calibration windows of 64 tokens, Wanda 50 %)."""
+and the run is quick (4 calibration windows of 64 tokens, Wanda 50 %; or --structure, --slice)."""
 from __future__ import annotations
 
 import argparse
@@ -97,11 +97,14 @@ def prune_in_child(model: Path, out: Path, recipe: Path, mode: str) -> dict:
             "seconds": time.perf_counter() - t,
             "rss_after_load_bytes": report["memory"]["rss_after_load_bytes"],
             "sparsity": report["sparsity"]["overall"], "removed": report["sparsity"]["removed"],
+            "stage_peak_rss_bytes": [s["peak_rss_bytes"] for s in report["stages"]],
             "parameters": [report["model"]["parameters_before"], report["model"]["parameters"]],
             "perplexity_after": report["perplexity"]["after"]}
 
 
 def stages(args) -> list[dict]:
+    if args.slice:
+        return [{"slice": {"method": "slicegpt", "slicing": 0.25, "rotation": args.slice}}]
     if args.structure:
         return [{"structure": {"method": args.structure, "ffn": 0.5, "heads": 0.5}}]
     allocate = [{"allocate": {"method": args.allocate, **({"nsamples": 1, "num_noise": 1} if args.allocate == "ecoflap"
@@ -118,6 +121,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--method", default="wanda")
     ap.add_argument("--structure", help="instead of --method: structured pruning (cfsp, wanda-sp) of half the FFN "
                     "channels and heads")
+    ap.add_argument("--slice", choices=["per-layer", "uniform"], help="instead of --method: SliceGPT, 25 %% of the "
+                    "hidden dimension, with this rotation")
     ap.add_argument("--allocate", help="an allocation (owl, ecoflap) before --method")
     ap.add_argument("--in-memory", action="store_true", help="also prune it with the whole model loaded")
     ap.add_argument("--workdir", type=Path, help="where the model and outputs go (default: a temp folder, removed)")

@@ -101,7 +101,7 @@ class OffloadedHandle(ModelHandle):
         from .lowmem.offload import OffloadedLayers
 
         super().__init__(model, tokenizer, adapter, source, loaded)
-        self._io = OffloadedLayers(adapter)
+        self._io = OffloadedLayers(model, adapter)
 
     def io(self):
         return self._io
@@ -120,6 +120,19 @@ class OffloadedHandle(ModelHandle):
 
     def nonzero(self) -> int | None:
         return None
+
+    def save(self, folder: Path, fmt: str, dtype=None) -> int:
+        self._tie_again()
+        return super().save(folder, fmt, dtype)
+
+    def _tie_again(self) -> None:
+        """accelerate's hooks give an offloaded parameter a new object each time they bring it in or take it
+        out, so a tied pair kept on disk (input embeddings and head) no longer looks tied to save_pretrained,
+        which would write it twice: the head shares the embeddings' parameter again, as the config says."""
+        inp, out = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if (out is not None and getattr(self.model.config.get_text_config(), "tie_word_embeddings", False)
+                and inp.weight is not out.weight and inp.weight.is_meta and out.weight.is_meta):
+            out.weight = inp.weight
 
     def _layer_zeros(self):
         n = range(len(self.adapter.layers(self.model)))
@@ -184,5 +197,5 @@ class StreamedHandle(OffloadedHandle):
         saved = self.stream.skeleton.saved
         groups = [[n for n in saved if not n.startswith(self.adapter.layers_path + ".")]]
         groups += [[n for n in saved if n.startswith(p)] for p in prefixes]
-        for names in groups:
-            yield from sorted(self.stream.source.get(names).items())
+        for names in groups:  # as stored on disk (a fused experts parameter as its 2-D parts)
+            yield from sorted(self.stream.source.get([d for n in names for d in self.stream._stored(n)]).items())

@@ -11,6 +11,27 @@ from .calibrate.experts import expert_matrices
 from .loading.adapters import Adapter
 
 
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the head is the input embeddings' matrix."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None:
+        return False
+    if inp.weight is out.weight:
+        return True
+    # accelerate's hooks give an offloaded pair two parameters each time they bring it in: the config says
+    hooked = any(getattr(m, "_hf_hook", None) is not None for m in (inp, out))
+    return hooked and bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+
+
+def parameters(model: nn.Module) -> int:
+    """Parameters of the model, a tied pair once (also where accelerate's hooks keep it as two objects)."""
+    n = sum(p.numel() for p in model.parameters())
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is not None and out.weight is not inp.weight and tied_embeddings(model):
+        n -= out.weight.numel()
+    return n
+
+
 def layer_matrices(layer: nn.Module, adapter: Adapter | None = None) -> dict[str, torch.Tensor]:
     """Each Linear weight of a decoder layer and, with the family's `adapter`, each expert's matrices (2-D
     views of the experts' 3-D parameters, named as recipes and reports name them: mlp.experts.<e>.up_proj)."""

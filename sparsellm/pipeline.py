@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, memory
+from . import __version__, measure, memory
 from .calibrate import default_seqlen
 from .checkpoint import Checkpoint, check_folder, fingerprint
 from .data import calibration_windows, evaluation_chunks
@@ -218,7 +218,7 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
         "versions": versions(lm_eval=bool(ev.tasks)),
         "model": {"spec": source.spec, "kind": source.kind, "model_type": model.config.model_type,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                  "parameters_before": params_before, "parameters": sum(p.numel() for p in model.parameters()),
+                  "parameters_before": params_before, "parameters": measure.parameters(model),
                   "nonzero_parameters_before": nonzero_before, "nonzero_parameters": ctx.handle.nonzero(),
                   "hidden_size": model.config.hidden_size, "sliced": getattr(model.config, "sparsellm_slicing", None) is not None,
                   "per_layer_widths": getattr(model.config, "sparsellm_structure", None) is not None,
@@ -319,7 +319,7 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
     if options.checkpoint_dir:  # after loading: the fingerprint needs the dense weights and the windows
         ctx.checkpoint = Checkpoint(options.checkpoint_dir, fingerprint(handle.weights(), recipe, ctx.windows), options.resume)
 
-    params_before = sum(p.numel() for p in ctx.model.parameters())
+    params_before = measure.parameters(ctx.model)
     nonzero_before = handle.nonzero()
     handle.count_dense()
     before: dict = {}

@@ -794,10 +794,13 @@ def semi_structured_without_cuda(w):
                 "--device cuda, or drop --semi-structured")
 # -- low-memory mode (sparsellm/lowmem) ----------------------------------------------------------------
 @case
-def low_memory_with_slicegpt(w):
-    return Case(w.prune("--slicing", "0.25", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16, "--low-memory"), 2,
-                "--low-memory: stages.0: SliceGPT changes the shapes of the embeddings, every decoder layer and the "
-                "head together, which needs the whole model; run it without --low-memory")
+def low_memory_with_maskllm(w):
+    # (SliceGPT runs layer by layer now: tests/test_lowmem.py compares it with in-memory runs)
+    path = w.tmp / "r.yaml"
+    path.write_text(yaml.safe_dump({"calibration": {"dataset": str(TEXT), "nsamples": 2, "seqlen": 16},
+                                    "stages": [{"learn": {"method": "maskllm", "prior": "none", "steps": 2}}]}))
+    return Case(w.prune("--recipe", path, "--low-memory"), 2,
+                "--low-memory: stages.0: maskllm changes or trains the whole model at once; run it without --low-memory")
 
 
 @case

@@ -119,6 +119,89 @@ def test_streamed_equals_in_memory_opt(sharded, tmp_path):
     assert_same_output(tmp_path / "whole", tmp_path / "low")
 
 
+SLICES = {"per-layer": {"rotation": "per-layer"}, "per-layer-head": {"rotation": "per-layer", "slice_head": True},
+          "uniform": {"rotation": "uniform"}, "uniform-tied": {"rotation": "uniform", "keep_tied": True}}
+
+
+def offload_map(model_dir: Path) -> dict:
+    """accelerate's device map that keeps decoder layer 0 (and modules without weights) in CPU memory and puts
+    every other module, embeddings and head included, on disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsellm.loading import get_adapter
+    from sparsellm.loading.adapters import _get
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    adapter = get_adapter(model)
+    paths = [p for p in (*adapter.pre_layer_paths, *adapter.head_paths) if _get(model, p) is not None]
+    out = {p: "disk" if any(True for _ in _get(model, p).parameters()) else "cpu" for p in paths}
+    out.update((adapter.layer_prefix(i), "cpu" if i == 0 else "disk") for i in range(cfg.num_hidden_layers))
+    return out
+
+
+@pytest.mark.parametrize("model,slicing,mode", [
+    ("llama-tied", "per-layer", "low"), ("llama-tied", "uniform", "low"), ("llama-tied", "uniform-tied", "low"),
+    ("opt", "per-layer-head", "low"), ("opt", "uniform", "low"),
+    ("llama-tied", "per-layer", "offloaded"), ("llama-tied", "uniform", "offloaded"),
+    ("llama-tied", "uniform-tied", "offloaded"), ("opt", "per-layer", "offloaded")])
+def test_slicegpt_layer_by_layer_equals_in_memory(model, slicing, mode, sharded, tmp_path):
+    """SliceGPT streamed from the shards (--low-memory) or offloaded by accelerate (--device-map), both
+    rotations: the embeddings, the head (untied, the final norm fused in, new shape), the new per-layer
+    shortcut matrices and the sliced config are the in-memory run's, bit for bit, as are the report's
+    perplexity, sparsity, parameter counts and stage details; then a prune stage reads the sliced layers."""
+    stages = [{"slice": {"method": "slicegpt", "slicing": 0.25, **SLICES[slicing]}}]
+    if slicing == "per-layer":
+        stages.append({"prune": {"method": "wanda", "sparsity": 0.5}})
+    whole = run(sharded[model], stages, tmp_path / "whole", low_memory=False)
+    options = ({"low_memory": True} if mode == "low" else
+               {"low_memory": False, "device_map": json.dumps(offload_map(sharded[model])),
+                "offload_folder": str(tmp_path / "offload")})
+    other = run(sharded[model], stages, tmp_path / mode, **options)
+    assert_same_output(tmp_path / "whole", tmp_path / mode)
+    assert other["perplexity"] == whole["perplexity"] and other["sparsity"] == whole["sparsity"]
+    for key in ("parameters_before", "parameters", "hidden_size", "sliced"):
+        assert other["model"][key] == whole["model"][key], key
+    assert [s["details"] for s in other["stages"]] == [s["details"] for s in whole["stages"]]
+    assert whole["stages"][0]["details"]["hidden_size"] == [64, 48]
+    cfg = json.loads((tmp_path / mode / "config.json").read_text())
+    assert ("sparsellm_slicing" in cfg) == (model == "opt" or not slicing.startswith("uniform"))
+    if mode == "offloaded":  # the sliced layers and head went where accelerate keeps them
+        assert {"model.layers.1.self_attn.q_proj.weight.dat", "lm_head.weight.dat"} <= {
+            f.name.replace("decoder.", "") for f in (tmp_path / "offload").iterdir()}
+    if mode == "low":
+        # the index names every tensor in the in-memory model's state_dict order, with the in-memory total size
+        index = json.loads((tmp_path / "low" / "model.safetensors.index.json").read_text())
+        from sparsellm import load
+
+        ref = load(str(tmp_path / "whole"))[0]
+        saved = [n for n in ref.state_dict() if n in tensors(tmp_path / "whole")]
+        assert list(index["weight_map"]) == sorted(saved)  # written sorted, as save_pretrained does
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors(tmp_path / "whole").values())
+        assert not list((tmp_path / "low").glob(".*"))  # the stash of changed embeddings and head is gone
+        assert ("lm_head.weight" in index["weight_map"]) == (slicing != "uniform-tied")
+
+
+def test_a_released_layer_keeps_no_loaded_tensor(sharded, tmp_path):
+    """A stage that replaces a module of a layer (SliceGPT: a norm by one without weights) leaves the old
+    module's tensors unreferenced by the layer; released, the stream holds none of the layer's tensors
+    either: a memory-mapped tensor kept there holds its whole shard's pages (every layer stayed resident)."""
+    from sparsellm.lowmem.stream import open_stream
+    from sparsellm.lowmem.tensors import ShardWriter
+
+    _, stream, _ = open_stream(str(sharded["llama-tied"]), "auto", False)
+    stream.writer = ShardWriter(tmp_path, 5)
+    layer = stream.model.model.layers[1]
+    stream.load(1, layer)
+    assert any(k.startswith("model.layers.1.") for k in stream.live)
+    layer.input_layernorm = torch.nn.Identity()
+    stream.release(1, layer)
+    assert not any(k.startswith("model.layers.1.") for k in stream.live)
+    assert "model.embed_tokens.weight" in stream.live  # the modules before the layers stay loaded
+    assert "model.layers.1.input_layernorm.weight" not in json.dumps(stream.writer.weight_map)
+
+
 def test_output_loads_with_transformers(sharded, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -135,9 +218,9 @@ def test_automatic_when_the_checkpoint_exceeds_available_memory(sharded, tmp_pat
     assert "pruning it layer by layer from disk" in caplog.text
     # a recipe that needs the whole model loads it whole, and says why
     monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
-    report = run(sharded["llama-tied"], [{"slice": {"method": "slicegpt", "slicing": 0.25}}], tmp_path / "whole", None,
-                 ppl=False)
-    assert report["low_memory"] is None and "SliceGPT changes the shapes" in caplog.text
+    report = run(sharded["llama-tied"], [{"learn": {"method": "maskllm", "prior": "none", "steps": 1, "batch_size": 2}}],
+                 tmp_path / "whole", None, ppl=False)
+    assert report["low_memory"] is None and "maskllm changes or trains the whole model at once" in caplog.text
     monkeypatch.setattr(memory, "available_bytes", lambda: 10**12)
     assert run(sharded["llama-tied"], RECIPES["magnitude"], tmp_path / "big", None, ppl=False)["low_memory"] is None
 

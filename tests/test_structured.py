@@ -114,6 +114,20 @@ def test_cfsp_score_depends_on_the_weights_not_only_on_activations():
     assert torch.allclose(reference, 3 / hidden * act) and torch.equal(top_units(reference, 6), top_units(act, 6))
 
 
+@pytest.mark.parametrize("b,c", [(1.0, 1.0), (0.5, 2.0), (0.0, 0.0)])
+def test_cfsp_scores_computed_in_place_equal_the_formula_bit_for_bit(b, c):
+    """cfsp_scores builds one float64 term at a time, in place (a streamed run's peak); the bits are those of
+    the formula written out with every term at once, zero rows and columns included."""
+    g = torch.Generator().manual_seed(0)
+    down, sq = torch.randn(24, 96, generator=g), torch.rand(96, generator=g) + 0.1
+    ins = [torch.randn(96, 24, generator=g) for _ in range(2)]
+    down[3], ins[0][:, 5] = 0, 0
+    act = sq.double().sqrt()
+    terms = [down.abs().double() * act[None, :] ** b] + [w.abs().double().T for w in ins]
+    formula = sum(t / t.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny) for t in terms)
+    assert torch.equal(cfsp_scores(down, ins, sq, b, c), formula.mean(0) * 96 * act ** c)
+
+
 def test_block_ranks_follow_importance():
     assert block_ranks(8, None, 3) == [8, 8, 8]
     assert block_ranks(8, [0.5, 1.0, 1.5], 3) == [4, 8, 12]

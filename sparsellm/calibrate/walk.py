@@ -109,7 +109,8 @@ def capture(model: nn.Module, adapter: Adapter, windows: torch.Tensor, device, b
     device = torch.device(device)
     container = adapter.layers(model)
     layers = list(container)
-    pre = adapter.pre_layer_modules(model)
+    # accelerate places a dispatched module itself (an offloaded one has no weights to move)
+    pre = [m for m in adapter.pre_layer_modules(model) if getattr(m, "_hf_hook", None) is None]
     homes = [module_device(m) for m in pre]
     acts = Activations(hidden=[], per_layer=[[] for _ in layers])
     try:
@@ -154,25 +155,34 @@ def walk_layers(model: nn.Module, adapter: Adapter, device, io=None, desc: str =
 
 
 @contextmanager
-def head_on(model: nn.Module, adapter: Adapter, device, io=None):
-    """The modules after the decoder layers (final norm, head) with their weights and on `device` for the
-    block; an io that streams weights (LayerStream) brings them in and takes them back out afterwards."""
-    paths = [p for p in adapter.head_paths if _get(model, p) is not None]
-    streams = hasattr(io, "load_module")
-    if streams:
+def modules_in(model: nn.Module, paths: list[str], io=None, device=None):
+    """The modules at `paths` outside the decoder layers (embeddings, final norm, head) with their weights
+    for the block, and on `device` when given. An io that holds weights elsewhere (streamed from disk,
+    offloaded by accelerate) brings them in and takes them back afterwards; one that writes keeps what
+    the block changed (new tensors, shapes, untied parameters). A block that raises releases nothing."""
+    paths = [p for p in paths if _get(model, p) is not None]
+    held = hasattr(io, "load_module")
+    if held:
         for p in paths:
             io.load_module(p)
     modules = [_get(model, p) for p in paths]
     homes = [module_device(m) for m in modules]
+    moved = device is not None
     try:
         for m in modules:
-            if getattr(m, "_hf_hook", None) is None:  # accelerate places a dispatched module itself
+            if moved and getattr(m, "_hf_hook", None) is None:  # accelerate places a dispatched module itself
                 m.to(device)
         yield modules
     finally:
         for m, home in zip(modules, homes):
-            if getattr(m, "_hf_hook", None) is None:
+            if moved and getattr(m, "_hf_hook", None) is None:
                 m.to(home)
-        if streams:
-            for p in paths:
-                io.release_module(p)
+    if held:
+        for p in paths:
+            io.release_module(p)
+
+
+def head_on(model: nn.Module, adapter: Adapter, device, io=None):
+    """The modules after the decoder layers (final norm, head) with their weights and on `device` for the
+    block (see modules_in)."""
+    return modules_in(model, list(adapter.head_paths), io, device)

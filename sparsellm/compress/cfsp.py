@@ -66,8 +66,14 @@ def cfsp_scores(out_w: torch.Tensor, in_ws: list[torch.Tensor], sq_norm: torch.T
     (Σ_M n·mean_k |M_kj| / Σ_j' |M_kj'|)·‖x_j‖^c, M over |out_w|·‖x‖^b and each |in_wᵀ| (hidden × channels)."""
     act = sq_norm.double().sqrt().to(out_w.device)
     n = out_w.shape[1]
-    terms = [out_w.abs().double() * act[None, :] ** b] + [w.abs().double().T for w in in_ws]
-    rel = sum(t / t.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny) for t in terms)
+    # one term at a time, in place: a layer's three float64 terms at once were the peak of a streamed run
+    terms = [lambda: out_w.abs().double().mul_(act[None, :] ** b)] + [lambda w=w: w.abs().double().T for w in in_ws]
+    rel = None
+    for term in terms:
+        t = term()
+        t = t.div_(t.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny))
+        rel = t if rel is None else rel.add_(t)
+        del t
     return rel.mean(0) * n * act ** c
 
 

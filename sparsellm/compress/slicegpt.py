@@ -23,10 +23,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..calibrate.walk import Activations, capture, check_finite, layer_forward, walk_layers
+from ..calibrate.walk import Activations, capture, check_finite, layer_forward, modules_in, walk_layers
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
 from ..loading.modeling_sliced import RMSN, make_sliced_layer
+from ..measure import parameters, tied_embeddings
 from ..specs import Strict
 from ..stage import Stage, order_rule, register, stage_kind
 
@@ -167,45 +168,37 @@ def _norm_params(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, fl
     return norm.weight.detach(), getattr(norm, "bias", None), float(eps)
 
 
-def tied(model: nn.Module) -> bool:
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    return out is not None and inp.weight is out.weight
+tied = tied_embeddings
+
+
+def _sliced_forward(layer: nn.Module, names: dict) -> None:
+    """The sliced forward on a decoder layer; under accelerate's hook (a dispatched model) it becomes
+    the forward the hook wraps, so that the hook still places the layer's inputs."""
+    wrapper = layer.__dict__.get("forward") if hasattr(layer, "_hf_hook") else None
+    make_sliced_layer(layer, names)
+    if wrapper is not None:
+        layer._old_forward, layer.forward = layer.forward, wrapper
+
+
+def _stock_forward(layer: nn.Module) -> None:
+    """The layer's own class forward again (see _sliced_forward)."""
+    if hasattr(layer, "_hf_hook"):
+        layer._old_forward = type(layer).forward.__get__(layer)
+    else:
+        layer.__dict__.pop("forward", None)
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module, adapter: Adapter, keep_final_scale: bool = False) -> dict:
-    """Make the model rotation invariant without changing its function (module surgery in place).
-    Returns what later steps need: the norms' epsilon, the class of the original norm, and the final
-    norm's scale when `keep_final_scale` (tied embeddings kept tied: the scale stays on the norm)."""
-    names = adapter.slicing_names()
-    layers = adapter.layers(model)
+def fuse_head(model: nn.Module, names: dict, keep_final_scale: bool = False) -> dict:
+    """The part of norm fusion outside the decoder layers, before the embeddings change: a tied head
+    gets its own copy of the embeddings (unless `keep_final_scale`: it stays tied, and the final norm's
+    scale stays on the norm), the final norm's affine part moves into the head, and the final norm
+    becomes a plain RMS norm. Needs the final norm and the head loaded."""
     head = _get(model, names["lm_head"])
     if tied(model) and not keep_final_scale:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
-    layernorm = adapter.norm_kind == "layernorm"
-    if layernorm:  # LayerNorm = RMS norm of the centered input: make the residual stream mean-free
-        for path in names["embeddings"]:
-            emb = _get(model, path)
-            w = emb.weight.double()
-            emb.weight = nn.Parameter((w - w.mean(-1, keepdim=True)).to(emb.weight.dtype), requires_grad=False)
-    norm_cls, eps = None, None
-    for layer in layers:
-        for norm_name, readers in ((names["norm1"], names["attn_in"]), (names["norm2"], names["mlp_in"])):
-            norm = _get(layer, norm_name)
-            norm_cls = norm_cls or type(norm)
-            scale, shift, eps = _norm_params(norm)
-            for r in readers:
-                lin = _get(layer, r)
-                _set_linear(lin, *fold_norm(lin.weight, lin.bias, scale, shift))
-            _replace(layer, norm_name, RMSN(scale.numel(), eps))
-        if layernorm:
-            for w in (names["attn_out"], names["mlp_out"]):
-                lin = _get(layer, w)
-                _set_linear(lin, *center_output(lin.weight, lin.bias))
-        make_sliced_layer(layer, names)
-    final = _get(model, names["final_norm"])
-    scale, shift, final_eps = _norm_params(final)
+    scale, shift, final_eps = _norm_params(_get(model, names["final_norm"]))
     if keep_final_scale:
         final_scale = scale.detach().clone()
         if shift is not None:
@@ -214,8 +207,51 @@ def fuse_norms(model: nn.Module, adapter: Adapter, keep_final_scale: bool = Fals
         final_scale = None
         _set_linear(head, *fold_norm(head.weight, head.bias, scale, shift))
     _replace(model, names["final_norm"], RMSN(scale.numel(), final_eps))
-    return {"eps": eps, "final_eps": final_eps, "norm_cls": norm_cls, "final_scale": final_scale,
-            "hidden": scale.numel()}
+    return {"final_eps": final_eps, "final_scale": final_scale, "hidden": scale.numel(), "final_device": scale.device}
+
+
+@torch.no_grad()
+def center_embeddings(model: nn.Module, names: dict) -> None:
+    """LayerNorm = RMS norm of the centered input: a mean-free residual stream starts at the embeddings."""
+    for path in names["embeddings"]:
+        emb = _get(model, path)
+        w = emb.weight.double()
+        emb.weight = nn.Parameter((w - w.mean(-1, keepdim=True)).to(emb.weight.dtype), requires_grad=False)
+
+
+@torch.no_grad()
+def fuse_layer(layer: nn.Module, names: dict, layernorm: bool, fused: dict) -> None:
+    """Norm fusion in one decoder layer: each norm's affine part moves into the Linears that read it
+    and the norm becomes a plain RMS norm; LayerNorm models also get mean-free block outputs. Records
+    the norms' class (the first seen) and epsilon (the last seen) in `fused`."""
+    for norm_name, readers in ((names["norm1"], names["attn_in"]), (names["norm2"], names["mlp_in"])):
+        norm = _get(layer, norm_name)
+        fused["norm_cls"] = fused.get("norm_cls") or type(norm)
+        scale, shift, fused["eps"] = _norm_params(norm)
+        for r in readers:
+            lin = _get(layer, r)
+            _set_linear(lin, *fold_norm(lin.weight, lin.bias, scale, shift))
+        _replace(layer, norm_name, RMSN(scale.numel(), fused["eps"]))
+    if layernorm:
+        for w in (names["attn_out"], names["mlp_out"]):
+            lin = _get(layer, w)
+            _set_linear(lin, *center_output(lin.weight, lin.bias))
+    _sliced_forward(layer, names)
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, adapter: Adapter, keep_final_scale: bool = False) -> dict:
+    """Make the model rotation invariant without changing its function (module surgery in place, the
+    whole model in memory; the stage does the same one layer at a time). Returns what later steps
+    need: the norms' epsilon, the class of the original norm, and the final norm's scale when
+    `keep_final_scale` (tied embeddings kept tied: the scale stays on the norm)."""
+    names = adapter.slicing_names()
+    fused = fuse_head(model, names, keep_final_scale)
+    if adapter.norm_kind == "layernorm":
+        center_embeddings(model, names)
+    for layer in adapter.layers(model):
+        fuse_layer(layer, names, adapter.norm_kind == "layernorm", fused)
+    return fused
 
 
 # ---- signals -----------------------------------------------------------------------------------
@@ -254,14 +290,21 @@ def _normalized(x: torch.Tensor, mean_dim: int) -> torch.Tensor:
 
 
 # ---- the two rotation schemes ------------------------------------------------------------------
+# Every pass goes through the layer walk: with an `io` (a model streamed from disk or offloaded by
+# accelerate) each layer is brought in, changed and written out in turn, and the modules outside the
+# layers (embeddings, final norm, head) are brought in only for the step that changes them.
 
-def _per_layer(model, adapter, acts: Activations, dims: list[dict], damp: float, device, names) -> None:
+def _per_layer(model, adapter, acts: Activations, dims: list[dict], damp: float, device, names, fused: dict,
+               io=None) -> None:
     """The paper's sequential scheme: every signal gets its own basis, computed on inputs that went
     through the already-sliced layers; shortcuts Q_iᵀQ_j carry the residual between bases."""
     _, q = pca_basis(covariance(acts.hidden), damp)
-    for path in names["embeddings"]:
-        rotate_embedding(_get(model, path), q[:, :dims[0]["in"]])
-    for i, layer in walk_layers(model, adapter, device, desc="slicegpt rotate+slice"):
+    with modules_in(model, names["embeddings"], io):
+        for path in names["embeddings"]:
+            rotate_embedding(_get(model, path), q[:, :dims[0]["in"]])
+    layernorm = adapter.norm_kind == "layernorm"
+    for i, layer in walk_layers(model, adapter, device, io, desc="slicegpt rotate+slice"):
+        fuse_layer(layer, names, layernorm, fused)
         dim = dims[i]
         q = q.to(device)
         q_in = q[:, :dim["in"]]
@@ -288,16 +331,17 @@ def _per_layer(model, adapter, acts: Activations, dims: list[dict], damp: float,
         layer.mlp_shortcut_Q = nn.Parameter((q_mid.T @ q_out).to(dtype), requires_grad=False)
         rotate_output(_get(layer, names["mlp_out"]), q_out)
         acts.advance(layer, outs)  # next layer's inputs, still in the original basis
-    rotate_input(_get(model, names["lm_head"]), q[:, :dims[-1]["out"]])
+    with modules_in(model, [names["lm_head"]], io):
+        rotate_input(_get(model, names["lm_head"]), q[:, :dims[-1]["out"]])
 
 
-def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float, device, names,
-             final_cov: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _uniform_basis(model, adapter, acts: Activations, d: int, width: int, damp: float, device, names, fused: dict,
+                   final_cov: bool, io=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One basis for the whole residual stream: the PCA of every signal that enters a norm (each
     layer's input, the attention block's output sum, the final hidden state), each weighted by its
-    own energy so that the deep layers' large activations do not drown the early ones. Returns the
-    basis and, when `final_cov`, Σuuᵀ of the normalized final states (for fit_tied_scale)."""
-    layers = adapter.layers(model)
+    own energy so that the deep layers' large activations do not drown the early ones. The layers'
+    norms are fused on the way. Returns the basis and, when `final_cov`, Σuuᵀ of the normalized final
+    states (for fit_tied_scale)."""
     total = torch.zeros(d, d, dtype=torch.float64, device=device)
     cov_u = None
 
@@ -307,7 +351,9 @@ def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float,
         total += c / c.diagonal().sum()
 
     add(acts.hidden)
-    for i, layer in walk_layers(model, adapter, device, desc="slicegpt signals"):
+    layernorm = adapter.norm_kind == "layernorm"
+    for i, layer in walk_layers(model, adapter, device, io, desc="slicegpt signals"):
+        fuse_layer(layer, names, layernorm, fused)
         mids, outs = _block_signals(layer, i, _get(layer, names["norm2"]), acts.hidden, acts.kwargs, full=True)
         add(mids)
         add(outs)
@@ -315,35 +361,52 @@ def _uniform(model, adapter, acts: Activations, d: int, width: int, damp: float,
     if final_cov:
         cov_u = covariance([_normalized(h, d) for h in acts.hidden])
     _, q = pca_basis(total, damp)
-    q = q[:, :width]
-    was_tied = tied(model)
-    for path in names["embeddings"]:
-        rotate_embedding(_get(model, path), q)
-    for layer in layers:
+    return q[:, :width], cov_u
+
+
+def _uniform_rotate(model, adapter, q: torch.Tensor, device, names, keep_tied: bool, stock: dict | None,
+                    io=None) -> None:
+    """Rotate every signal into the one basis `q`; with `stock` (see stock_conversion) also turn each layer and
+    the final norm back into the stock architecture's. A tied head (`keep_tied`) is tied again to the
+    rotated embeddings."""
+    with modules_in(model, names["embeddings"] + ([names["lm_head"]] if keep_tied else []), io):
+        for path in names["embeddings"]:
+            rotate_embedding(_get(model, path), q)
+        if keep_tied:
+            _get(model, names["lm_head"]).weight = model.get_input_embeddings().weight
+    for _, layer in walk_layers(model, adapter, device, io, desc="slicegpt rotate"):
         for n in names["attn_in"] + names["mlp_in"]:
             rotate_input(_get(layer, n), q)
         for n in (names["attn_out"], names["mlp_out"]):
             rotate_output(_get(layer, n), q)
-    head = _get(model, names["lm_head"])
-    if was_tied:
-        head.weight = model.get_input_embeddings().weight
-    else:
-        rotate_input(head, q)
-    return q, cov_u
+        if stock is not None:
+            stock_layer(layer, adapter, names, stock)
+    if not keep_tied:
+        with modules_in(model, [names["lm_head"]], io):
+            rotate_input(_get(model, names["lm_head"]), q)
+    if stock is not None:  # on the device the final norm had (where accelerate ran it)
+        with modules_in(model, [names["final_norm"]], io):
+            final = torch.ones(stock["width"], dtype=torch.float64) if stock["final_scale"] is None else stock["final_scale"].cpu()
+            _replace(model, names["final_norm"], stock_norm(stock, final, stock["final_device"]))
 
 
 # ---- the stage ---------------------------------------------------------------------------------
 
-def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, device, batch_size: int) -> dict:
-    """Rotate and slice `model` in place per `spec` (a SliceGPTSlice); returns the report details."""
+def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, device, batch_size: int, io=None) -> dict:
+    """Rotate and slice `model` in place per `spec` (a SliceGPTSlice); returns the report details. Layer by
+    layer: with an `io` (a streamed or offloaded model) each layer is brought in, sliced and written out."""
     adapter.check_sliceable(model, spec)
     names = adapter.slicing_names()
     device = torch.device(device)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = parameters(model)
     uniform = spec.rotation == "uniform"
     stock = uniform and adapter.norm_kind == "rms"
-    keep_tied = stock and tied(model) and spec.keep_tied
-    fused = fuse_norms(model, adapter, keep_final_scale=keep_tied)
+    with modules_in(model, [names["final_norm"], names["lm_head"]], io):
+        keep_tied = stock and tied(model) and spec.keep_tied
+        fused = fuse_head(model, names, keep_final_scale=keep_tied)
+    if adapter.norm_kind == "layernorm":
+        with modules_in(model, names["embeddings"], io):
+            center_embeddings(model, names)
     d = fused["hidden"]
     try:
         width = sliced_dim(d, spec.slicing, spec.round_to)
@@ -364,29 +427,36 @@ def slicegpt(model: nn.Module, adapter: Adapter, windows: torch.Tensor, spec, de
     dims[-1]["out"] = head_width
 
     acts = capture(model, adapter, windows, device, batch_size)
+    final_scale = None
     if uniform:
-        embed = model.get_input_embeddings().weight.detach()
-        gram = (embed.double().T @ embed.double()).to(device) if keep_tied else None
-        q, cov_u = _uniform(model, adapter, acts, d, width, spec.damp, device, names, final_cov=keep_tied)
-        final_scale = fit_tied_scale(gram, cov_u, q, fused["final_scale"].to(device)) if keep_tied else None
+        gram = None
+        if keep_tied:
+            with modules_in(model, names["embeddings"], io.reading() if io is not None else None):
+                embed = model.get_input_embeddings().weight.detach()
+                gram = (embed.double().T @ embed.double()).to(device)
+        q, cov_u = _uniform_basis(model, adapter, acts, d, width, spec.damp, device, names, fused, keep_tied, io)
+        if keep_tied:
+            final_scale = fit_tied_scale(gram, cov_u, q, fused["final_scale"].to(device))
+        conversion = stock_conversion(fused, width, final_scale, next(model.parameters()).dtype) if stock else None
+        del acts
+        _uniform_rotate(model, adapter, q, device, names, keep_tied, conversion, io)
     else:
-        _per_layer(model, adapter, acts, dims, spec.damp, device, names)
-        final_scale = None
-    del acts
+        _per_layer(model, adapter, acts, dims, spec.damp, device, names, fused, io)
+        del acts
 
     if stock:
-        to_stock(model, adapter, fused, width, final_scale)
+        stock_config(model.config, conversion)
     else:  # keep_tied implies stock: the runtime form never carries a fitted final-norm scale
         model.config.sparsellm_slicing = {
             "base_model_type": model.config.model_type, "rotation": spec.rotation, "slicing": spec.slicing,
             "names": names, "mean_dim": d, "eps": fused["eps"], "embedding_dim": width, "layers": dims,
             "head_dim": head_width, "head_bias": _get(model, names["lm_head"]).bias is not None,
             "final_norm_weight": False}
-    params_after = sum(p.numel() for p in model.parameters())
+    params_after = parameters(model)
     log.info("slicegpt %s %.2f: hidden %d -> %d, parameters %d -> %d%s", spec.rotation, spec.slicing, d, width,
              params_before, params_after, " (stock architecture)" if stock else " (needs modeling_sliced.py)")
     return {"hidden_size": [d, width], "head_dim": head_width, "parameters": [params_before, params_after],
-            "stock_architecture": stock, "tied_embeddings": tied(model),
+            "stock_architecture": stock, "tied_embeddings": keep_tied,  # a tied head is untied unless kept tied
             "final_norm_fit": None if final_scale is None else "least squares in the rotated basis"}
 
 
@@ -403,41 +473,44 @@ def _stock_accepts(config, width: int) -> bool:
     return True
 
 
-@torch.no_grad()
-def to_stock(model: nn.Module, adapter: Adapter, fused: dict, width: int, final_scale: torch.Tensor | None) -> None:
-    """Uniform rotation on an RMSNorm architecture: turn the runtime form back into the stock one.
-    The stock norm divides by the new width, not the original; the constant sqrt(d/d') goes into the
-    norm weights and the epsilon scales by d/d', which is exact."""
-    names = adapter.slicing_names()
+def stock_conversion(fused: dict, width: int, final_scale: torch.Tensor | None, dtype: torch.dtype) -> dict:
+    """Uniform rotation on an RMSNorm architecture turns the runtime form back into the stock one. The
+    stock norm divides by the new width, not the original; the constant sqrt(d/d') goes into the norm
+    weights and the epsilon scales by d/d', which is exact. What stock_layer and stock_config need."""
     d = fused["hidden"]
-    c = math.sqrt(d / width)
-    eps = fused["eps"] * d / width
-    norm_cls = fused["norm_cls"]
-    dtype = next(model.parameters()).dtype
+    return {"width": width, "scale": math.sqrt(d / width), "eps": fused["eps"] * d / width,
+            "norm_cls": fused["norm_cls"], "final_scale": final_scale, "final_device": fused["final_device"], "dtype": dtype}
 
-    def stock_norm(scale):
-        norm = norm_cls(width, eps=eps)
-        norm.weight = nn.Parameter((scale * c).to(dtype), requires_grad=False)
-        return norm.to(_get(model, names["lm_head"]).weight.device)
 
-    ones = torch.ones(width, dtype=torch.float64)
-    for layer in adapter.layers(model):
-        for key in ("norm1", "norm2"):
-            _replace(layer, names[key], stock_norm(ones))
-        for attr in ("forward", "sparsellm_names", "attn_shortcut_Q", "mlp_shortcut_Q"):
-            layer.__dict__.pop(attr, None)
-            layer._parameters.pop(attr, None)
-        if hasattr(layer, "hidden_size"):
-            layer.hidden_size = width
-        for n in adapter.config_eps_norms:  # they read the same config epsilon when the export is loaded
-            norm = _get(layer, n)
-            setattr(norm, "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps", eps)
-    _replace(model, names["final_norm"], stock_norm(ones if final_scale is None else final_scale.cpu()))
-    cfg = model.config
+def stock_norm(stock: dict, scale: torch.Tensor, device) -> nn.Module:
+    norm = stock["norm_cls"](stock["width"], eps=stock["eps"])
+    norm.weight = nn.Parameter((scale * stock["scale"]).to(stock["dtype"]), requires_grad=False)
+    return norm.to(device)
+
+
+@torch.no_grad()
+def stock_layer(layer: nn.Module, adapter: Adapter, names: dict, stock: dict) -> None:
+    """One decoder layer of the runtime form as the stock architecture's (see stock_conversion)."""
+    device = next(layer.parameters()).device
+    ones = torch.ones(stock["width"], dtype=torch.float64)
+    for key in ("norm1", "norm2"):
+        _replace(layer, names[key], stock_norm(stock, ones, device))
+    _stock_forward(layer)
+    for attr in ("sparsellm_names", "attn_shortcut_Q", "mlp_shortcut_Q"):
+        layer.__dict__.pop(attr, None)
+        layer._parameters.pop(attr, None)
+    if hasattr(layer, "hidden_size"):
+        layer.hidden_size = stock["width"]
+    for n in adapter.config_eps_norms:  # they read the same config epsilon when the export is loaded
+        norm = _get(layer, n)
+        setattr(norm, "variance_epsilon" if hasattr(norm, "variance_epsilon") else "eps", stock["eps"])
+
+
+def stock_config(cfg, stock: dict) -> None:
     if getattr(cfg, "head_dim", None) is None:
         cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-    cfg.hidden_size = width
-    cfg.rms_norm_eps = eps
+    cfg.hidden_size = stock["width"]
+    cfg.rms_norm_eps = stock["eps"]
 
 
 @stage_kind
@@ -445,14 +518,14 @@ class SliceStage(Stage):
     kind = "slice"
 
     def whole_model_reason(self, flag: str) -> str | None:
-        return ("SliceGPT changes the shapes of the embeddings, every decoder layer and the head together, which "
-                f"needs the whole model; run it without {flag}")
+        return None  # layer by layer: the embeddings and the head are brought in only for the steps that change them
 
     def check(self, ctx) -> None:
         ctx.adapter.check_sliceable(ctx.model, self.spec)
 
     def run(self, ctx) -> list[dict]:
-        return self.timed(ctx, lambda: slicegpt(ctx.model, ctx.adapter, ctx.windows, self.spec, ctx.device, ctx.batch_size))
+        return self.timed(ctx, lambda: slicegpt(ctx.model, ctx.adapter, ctx.windows, self.spec, ctx.device, ctx.batch_size,
+                                                ctx.handle.io()))
 
 
 register("slice", SliceGPTSlice, slicegpt)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..calibrate.engine import collect_stats
 from ..calibrate.walk import capture, check_finite, walk_layers
+from .. import measure
 from ..errors import CompressionError
 from ..loading.adapters import Adapter, _get
 from ..specs import Strict
@@ -272,7 +273,7 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
     names = adapter.structure_names(model)
     device = torch.device(device)
     layers = adapter.layers(model)
-    params_before = sum(p.numel() for p in model.parameters())
+    params_before = measure.parameters(model)
     ffn, groups, details = plan_widths(method, spec, model, adapter, names, windows, device, batch_size,
                                        io.reading() if io is not None else None)
     rep, hd = names["heads"] // names["kv_heads"], names["head_dim"]
@@ -301,7 +302,7 @@ def structure(model: nn.Module, adapter: Adapter, windows, spec, method: Structu
             acts.advance(layer)
     del acts
     stock = _finish_config(model, adapter, names, ffn, groups)
-    params_after = sum(p.numel() for p in model.parameters())
+    params_after = measure.parameters(model)
     log.info("structure %s: FFN %d -> %d..%d channels, KV groups %d -> %d..%d, parameters %d -> %d%s", spec.method,
              names["intermediate"], min(ffn), max(ffn), names["kv_heads"], min(groups), max(groups), params_before,
              params_after, " (stock architecture)" if stock else " (per-layer widths: needs the modeling file)")

@@ -48,34 +48,47 @@ def _offload_hooks(module: nn.Module):
 
 
 class OffloadedLayers:
-    """The engine's io (calibrate/engine.py: run_layerwise) for a dispatched model."""
+    """The engine's io (calibrate/engine.py: run_layerwise) for a dispatched model; `load_module` and
+    `release_module` do the same for a module outside the decoder layers (embeddings, head)."""
 
-    def __init__(self, adapter, write: bool = True):
-        self.adapter, self.write = adapter, write
+    def __init__(self, model: nn.Module, adapter, write: bool = True):
+        self.model, self.adapter, self.write = model, adapter, write
         self.zeros: dict[int, dict[str, tuple[int, int]]] = {}
         self.dense_zeros: dict[int, dict[str, tuple[int, int]]] = {}  # as first loaded (before any stage)
-        self._held: dict[int, list] = {}  # per loaded layer (a probe pass holds one while it walks the later ones)
+        self._held: dict[str | int, list] = {}  # per loaded module (a probe pass holds one while it walks the later ones)
 
     def reading(self) -> "OffloadedLayers":
-        return OffloadedLayers(self.adapter, write=False)
+        return OffloadedLayers(self.model, self.adapter, write=False)
 
     def load(self, index: int, layer: nn.Module) -> None:
-        from accelerate.utils import set_module_tensor_to_device
-
-        self._held[index] = list(_offload_hooks(layer))
-        for m, hook in self._held[index]:
-            for name in [n for n, p in m._parameters.items() if p is not None]:
-                set_module_tensor_to_device(m, name, hook.execution_device, value=hook.weights_map[name])
-            hook.offload = False  # until release: the weights stay in, the methods change them in place
+        self._bring_in(index, layer)
         if self.write and index not in self.dense_zeros:
             self.dense_zeros[index] = layer_zeros(layer, self.adapter)
 
     def release(self, index: int, layer: nn.Module) -> None:
-        from accelerate.utils import offload_weight, set_module_tensor_to_device
-
         if self.write:
             self.zeros[index] = layer_zeros(layer, self.adapter)
-        for m, hook in self._held.pop(index, []):
+        self._take_out(index)
+
+    def load_module(self, path: str) -> None:
+        self._bring_in(path, self.model.get_submodule(path))
+
+    def release_module(self, path: str) -> None:
+        self._take_out(path)
+
+    def _bring_in(self, key, module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        self._held[key] = list(_offload_hooks(module))
+        for m, hook in self._held[key]:
+            for name in [n for n, p in m._parameters.items() if p is not None]:
+                set_module_tensor_to_device(m, name, hook.execution_device, value=hook.weights_map[name])
+            hook.offload = False  # until release: the weights stay in, the methods change them in place
+
+    def _take_out(self, key) -> None:
+        from accelerate.utils import offload_weight, set_module_tensor_to_device
+
+        for m, hook in self._held.pop(key, []):
             stored = hook.weights_map.dataset  # accelerate's OffloadedWeightsLoader
             for name, p in [(n, p) for n, p in m._parameters.items() if p is not None]:
                 full = hook.weights_map.prefix + name

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 class Skeleton:
     model: nn.Module  # every parameter on the meta device until a stream loads it
     aliases: dict[str, str]  # parameter name -> the name it is stored under (tied weights share one)
-    saved: list[str]  # the tensor names save_pretrained writes, in state_dict order
 
 
 def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors: TensorSource) -> Skeleton:
@@ -55,8 +54,7 @@ def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors
     model.eval().requires_grad_(False)
     first: dict[int, str] = {}
     aliases = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
-    saved = [n for n in model.state_dict() if aliases.get(n, n) == n]
-    return Skeleton(model, aliases, saved)
+    return Skeleton(model, aliases)
 
 
 def disk_names(model: nn.Module, adapter: Adapter) -> dict[str, list[str]]:
@@ -84,9 +82,11 @@ def _split(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 class LayerStream:
     """Gives modules of a skeleton their weights from `source` on `load` and takes them back on
-    `release`; with a `writer`, a released decoder layer is first written to its own shard (shard
-    index + 2: shard 1 holds the tensors outside the decoder layers), and later reads of it come from
-    there. Tied parameters share one tensor while loaded."""
+    `release`. With a `writer` (a pass that changes the model), a released decoder layer is first written
+    to its own shard (shard index + 2: shard 1 holds the tensors outside the decoder layers), whatever
+    its shapes and parameters are now, and later reads of it come from there; a released module outside
+    the layers (a stage changed the embeddings or the head) is stashed until shard 1 is written at save.
+    Tied parameters share one tensor while loaded; a stage may untie them (a new parameter) or tie them."""
 
     def __init__(self, skeleton: Skeleton, adapter: Adapter, source: TensorSource, writer: ShardWriter | None = None):
         self.skeleton, self.adapter, self.source, self.writer = skeleton, adapter, source, writer
@@ -111,9 +111,12 @@ class LayerStream:
         module = self.model.get_submodule(prefix)
         return [f"{prefix}.{n}" for n, _ in module.named_parameters(remove_duplicate=False)]
 
+    def _alias(self, name: str) -> str:
+        return self.skeleton.aliases.get(name, name)  # a parameter a stage added is stored under its own name
+
     def load_module(self, prefix: str) -> None:
         names = self._params(prefix)
-        need = sorted({self.skeleton.aliases[n] for n in names} - set(self.live))
+        need = sorted({self._alias(n) for n in names} - set(self.live))
         found = self.source.get([s for n in need for s in self._stored(n)])
         for stored in need:
             parts = [found[s] for s in self._stored(stored)]
@@ -122,15 +125,55 @@ class LayerStream:
             self.live[stored] = nn.Parameter(t.to(dtype), requires_grad=False)
         for n in names:
             mod, leaf = _split(self.model, n)
-            mod._parameters[leaf] = self.live[self.skeleton.aliases[n]]
+            mod._parameters[leaf] = self.live[self._alias(n)]
+        self._share(need)
+
+    def _share(self, stored_names) -> None:
+        """Parameters tied to `stored_names` elsewhere in the model (a tied head) are the loaded tensors too,
+        as in a model held whole (the parameter count sees one tensor)."""
+        stored_names = set(stored_names)
+        for n, stored in self.skeleton.aliases.items():
+            if stored != n and stored in stored_names and stored in self.live:
+                mod, leaf = _split(self.model, n)
+                mod._parameters[leaf] = self.live[stored]
 
     def release_module(self, prefix: str) -> None:
+        """Take the module's weights out (the modules before the layers stay loaded: every pass starts
+        there); with a writer, its tensors as the stage left them are stashed first."""
+        if self.writer is not None and not prefix.startswith(self.adapter.layers_path + "."):
+            self._stash(prefix)
+        keep = prefix in self.adapter.pre_layer_paths
+        for n in self._params(prefix):
+            mod, leaf = _split(self.model, n)
+            p, stored = mod._parameters[leaf], self._alias(n)
+            if keep:
+                self.live[stored] = p
+                self._share([stored])
+            elif stored != n and stored in self.live:  # a tied head: the embedding it shares stays loaded
+                mod._parameters[leaf] = self.live[stored]
+            else:
+                mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                self.live.pop(n, None)
+        if not keep:  # also what a stage took out of the module (a norm replaced by one without weights): a
+            # loaded tensor kept here would keep its whole shard's mapped pages resident
+            for stored in [s for s in self.live if s.startswith(prefix + ".")]:
+                del self.live[stored]
+
+    def _stash(self, prefix: str) -> None:
+        """Write a changed module outside the layers; a parameter that is no longer the loaded tensor it was
+        tied to is stored under its own name from now on, one that is now a loaded tensor of another name
+        is tied to it."""
+        own = {}
         for n in self._params(prefix):
             mod, leaf = _split(self.model, n)
             p = mod._parameters[leaf]
-            mod._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-            if self.skeleton.aliases[n] == n:  # a tied head leaves the embedding it shares loaded
-                self.live.pop(n, None)
+            other = next((s for s, q in self.live.items() if q is p and s != n), None)
+            self.skeleton.aliases[n] = other or n
+            if other is None:
+                own[n] = p
+        if own:
+            path = self.writer.stash(prefix, own)
+            self.source.redirect(own, path)
 
     # the engine's io interface (calibrate/engine.py: run_layerwise)
     def load(self, index: int, layer: nn.Module) -> None:
@@ -154,12 +197,19 @@ class LayerStream:
                   index, "written" if self.writer is not None else "read", memory.current_rss_bytes() / 2**20,
                   memory._status_kib("RssAnon"), memory._status_kib("RssFile"), memory.peak_rss_bytes() / 2**20)
 
+    def saved(self) -> list[str]:
+        """The tensor names save_pretrained would write for the model as it is now, in state_dict order
+        (a tied parameter once, under the name it is stored under)."""
+        return [n for n in self.model.state_dict() if self._alias(n) == n]
+
     def copy_rest(self) -> None:
-        """Shard 1: every saved tensor outside the decoder layers (embeddings, final norm, head), as read."""
+        """Shard 1: every saved tensor outside the decoder layers (embeddings, final norm, head), as read or
+        as a stage changed it; then the index."""
         layers = self.adapter.layers_path + "."
-        names = [n for n in self.skeleton.saved if not n.startswith(layers)]
-        self.writer.write(1, self.source.get(names))
-        self.writer.finish([s for n in self.skeleton.saved for s in self._stored(n)])
+        saved = self.saved()
+        self.writer.write(1, self.source.get([n for n in saved if not n.startswith(layers)]))
+        self.writer.unstash()
+        self.writer.finish([s for n in saved for s in self._stored(n)])
 
 
 @torch.no_grad()

@@ -71,6 +71,13 @@ class TensorSource:
         self.files.update((n, Path(file)) for n in names)
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # a new file, renamed over the old one: a later pass may still have the old one memory-mapped
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
 class ShardWriter:
     """Shard k of n goes to model-0000k-of-0000n.safetensors; `finish` writes the index."""
 
@@ -83,15 +90,26 @@ class ShardWriter:
         return self.folder / f"model-{shard:05d}-of-{self.shards:05d}.safetensors"
 
     def write(self, shard: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Shard `shard` holds `tensors` now (a rewritten shard: what it held before no longer counts)."""
         path = self.path(shard)
-        # a new file, renamed over the old one: a later pass may still have the old one memory-mapped
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
+        _save(tensors, path)
+        for n in [n for n, f in self.weight_map.items() if f == path.name]:
+            del self.weight_map[n], self.sizes[n]
         for n, t in tensors.items():
             self.weight_map[n] = path.name
             self.sizes[n] = (t.numel(), t.numel() * t.element_size())
         return path
+
+    def stash(self, key: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """Tensors outside the decoder layers that a stage changed (embeddings, head), kept in a hidden file of
+        the folder until `unstash`: shard 1, which holds them, is written once, when the model is saved."""
+        path = self.folder / f".sparsellm-stash-{key}.tmp"
+        _save(tensors, path)
+        return path
+
+    def unstash(self) -> None:
+        for f in self.folder.glob(".sparsellm-stash-*.tmp"):
+            f.unlink()
 
     def finish(self, order: list[str]) -> None:
         """The index, tensors listed in `order` (the model's state_dict order)."""
