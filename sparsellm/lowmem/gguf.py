@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import memory
 from ..errors import ModelLoadError
 from ..loading.models import check_gguf
 from ..optional import require
@@ -45,6 +46,8 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # a tied head shares the embedding: the file holds it once
     parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata the processors read
+    parsed.pop("tokenizer", None)  # (saved above; a 262k vocabulary is hundreds of MB of Python strings)
+    memory.release_freed()  # what parsing the metadata three times left in the heap
     reader = GGUFReader(str(path))
     architecture = read_field(reader, "general.architecture")[0]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed.get("config", {}))
@@ -75,7 +78,9 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
             flush()
             groups.append({})
             current = key
-        groups[-1][name] = torch.from_numpy(np.copy(result.weights)).to(torch.float32)
+        w = result.weights  # a new array when dequantized; a read-only view of the file when stored as float32
+        groups[-1][name] = torch.from_numpy(w if w.flags.writeable else np.array(w)).to(torch.float32)
+        del w, result
         written.append(name)
     flush()
     missing = sorted(expected - set(written) - _tied(skeleton))
