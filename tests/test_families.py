@@ -355,16 +355,11 @@ def test_pipeline_sparsegpt_2of4_report_and_reload(family, family_dirs, tmp_path
 
 # ---- per-layer forward arguments --------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", [
-    "gemma3_text", "gemma2", "qwen3", "smollm3", "granite",
-])
-def test_engine_layer_inputs_equal_a_plain_forwards_hidden_states(family, windows):
+def assert_engine_layer_inputs_are_a_plain_forwards(model, windows):
     """Layer by layer, the hidden states the engine feeds each decoder layer during calibration are those of
     one plain forward of the whole model (output_hidden_states=True). Wanda at 0 % leaves the weights as they
     are, so the plain forward of the dense model is the reference."""
-    model = family_model(family, layers=4)
     adapter = get_adapter(model)
-    windows = windows[:4]
     with torch.no_grad():
         ref = model(windows, output_hidden_states=True, use_cache=False).hidden_states
     seen: dict[int, list[torch.Tensor]] = {}
@@ -381,10 +376,18 @@ def test_engine_layer_inputs_equal_a_plain_forwards_hidden_states(family, window
     finally:
         for h in handles:
             h.remove()
-    for i in range(len(adapter.layers(model))):
+    assert sorted(seen) == list(range(len(adapter.layers(model))))
+    for i in seen:
         captured = seen[i][0]  # the first call of layer i: collecting its statistics, on the whole batch
         assert captured.shape == ref[i].shape
         assert torch.allclose(captured, ref[i], atol=1e-5), f"layer {i}: max diff {(captured - ref[i]).abs().max()}"
+
+
+@pytest.mark.parametrize("family", [
+    "gemma3_text", "gemma2", "qwen3", "smollm3", "granite",
+])
+def test_engine_layer_inputs_equal_a_plain_forwards_hidden_states(family, windows):
+    assert_engine_layer_inputs_are_a_plain_forwards(family_model(family, layers=4), windows[:4])
 
 
 # ---- structured pruning --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TEXT
+from test_families import assert_engine_layer_inputs_are_a_plain_forwards
 from sparsellm.allocate import allocate
 from sparsellm.calibrate import make_selector, run_layerwise
 from sparsellm.calibrate.experts import expert_matrices
@@ -206,27 +207,7 @@ def test_per_expert_statistics_equal_a_hand_computation_with_forced_routing(wind
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_layer_inputs_equal_a_plain_forwards_hidden_states(family, windows):
     model = moe_model(family, layers=4, **({"mlp_only_layers": [1]} if family == "qwen3_moe" else {}))
-    adapter = get_adapter(model)
-    windows = windows[:4]
-    with torch.no_grad():
-        ref = model(windows, output_hidden_states=True, use_cache=False).hidden_states
-    seen: dict[int, list[torch.Tensor]] = {}
-
-    def record(index):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            seen.setdefault(index, []).append(h.detach().clone())
-        return hook
-
-    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(adapter.layers(model))]
-    try:
-        _prune(model, windows, [{"prune": {"method": "wanda", "sparsity": 0.0}}])
-    finally:
-        for h in handles:
-            h.remove()
-    for i in range(4):
-        assert seen[i][0].shape == ref[i].shape
-        assert torch.allclose(seen[i][0], ref[i], atol=1e-5), f"layer {i}: max diff {(seen[i][0] - ref[i]).abs().max()}"
+    assert_engine_layer_inputs_are_a_plain_forwards(model, windows[:4])
 
 
 # ---- exact counts per expert matrix ----------------------------------------------------------------------
