@@ -194,7 +194,7 @@ class StreamedHandle(OffloadedHandle):
     def weights(self):
         """Read from the source shards one decoder layer at a time (the tensors outside the layers first)."""
         prefixes = [self.adapter.layer_prefix(i) + "." for i in range(self.n_layers)]
-        saved = self.stream.skeleton.saved
+        saved = self.stream.saved()
         groups = [[n for n in saved if not n.startswith(self.adapter.layers_path + ".")]]
         groups += [[n for n in saved if n.startswith(p)] for p in prefixes]
         for names in groups:  # as stored on disk (a fused experts parameter as its 2-D parts)
