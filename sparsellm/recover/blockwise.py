@@ -229,7 +229,6 @@ def reconstruct(ctx, spec, dense: DenseLayers, pass_key: str) -> dict:
     ck = ctx.checkpoint
     start = ck.restore(pass_key, layers, [book]) if ck is not None else 0
     two = spec.target == "dense"
-    t0 = time.perf_counter()
     if start < len(layers):
         acts = capture(model, adapter, ctx.windows, device, spec.batch_size)
         dense_hidden = [h.clone() for h in acts.hidden] if two else None
@@ -248,22 +247,21 @@ def reconstruct(ctx, spec, dense: DenseLayers, pass_key: str) -> dict:
             entry, dense_hidden = reconstruct_layer(layer, dense_layer, adapter, acts.hidden, acts.kwargs,
                                                     dense_hidden, spec)
             del dense_layer
-            entry = {"layer": index, **entry, "seconds": time.perf_counter() - t}
-            book.blocks.append(entry)
+            seconds = time.perf_counter() - t  # logged, not reported: a resumed run's report equals an uninterrupted one's
+            book.blocks.append({"layer": index, **entry})
             last = index + 1 == len(layers)
             if not last:
                 acts.advance(layer)
                 if two:
                     check_finite(dense_hidden, f"leaving dense decoder layer {index}", layer)
-            parts = list(entry.values())[1:-1]
             log.info("reconstruct layer %d: held-back mse %s in %.1f s", index,
-                     ", ".join(f"{p['heldout_before']:.4g} -> {p['heldout_after']:.4g}" for p in parts), entry["seconds"])
+                     ", ".join(f"{p['heldout_before']:.4g} -> {p['heldout_after']:.4g}" for p in entry.values()), seconds)
             fault_point(f"reconstruct:{index}")
             if ck is not None:
                 inputs = None if last else acts.hidden + (dense_hidden if two else [])
                 ck.save_layer(pass_key, index, layer, inputs, [book])
         del acts
-    return {"blocks": book.blocks, "dense_copy_bytes": dense.nbytes(), "seconds_walk": time.perf_counter() - t0}
+    return {"blocks": book.blocks, "dense_copy_bytes": dense.nbytes()}
 
 
 @stage_kind
