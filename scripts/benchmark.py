@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,12 @@ MASKLLM = {"method": "maskllm", "steps": 50, "batch_size": 2, "lr": 1e-3, "min_l
 for _p0 in ("sparsegpt", "wanda"):
     SETTINGS[f"maskllm-prior-{_p0}-2:4"] = [{"learn": {"method": "maskllm", "prior": _p0, "steps": 0, "prior_strength": 1e4}}]
     SETTINGS[f"maskllm-{_p0}-2:4"] = [{"learn": {**MASKLLM, "prior": _p0}}]
+# Reconstruction (issue 19): the one-shot masks frozen, the kept weights and norm scales trained block by
+# block toward the dense model's outputs (sparsellm/recover/blockwise.py); the variants are the tuning runs
+REC = {"method": "blockwise"}
+for _s in ("2:4", 0.6, 0.7):
+    _tag = _s if ":" in str(_s) else int(_s * 100)
+    SETTINGS[f"sparsegpt+rec-{_tag}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
 # Structured pruning (issue 5): FFN channels removed; CFSP's block distances are computed once and reused
 # (they do not depend on the target); recovery = LoRA on the calibration windows, sized to take a few minutes
 # on 2 idle cores: 64 steps of one 512-token window = two epochs over the 32 calibration windows
@@ -169,10 +176,11 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
         built = build_stages(recipe)
         for st in built:  # a learn stage draws its training windows (as many as its steps need)
             st.prepare(ctx)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         stages = run_stages(built, ctx)
         allocation = ctx.results.get("allocation")
         row["seconds"] = time.perf_counter() - t
+        row["cpu_seconds"] = time.process_time() - cpu  # all threads: the machine's cores are shared
         row["stage_seconds"] = {f"{st['kind']} {st['method']}": st["seconds"] for st in stages}
         row["allocation"] = allocation
     row["peak_rss_bytes"] = memory.peak_rss_bytes()
@@ -247,8 +255,11 @@ def main() -> None:
         for name in names:
             extra = ["--importance", json.dumps(importance)] if importance else []
             extra += ["--block-distance", json.dumps(distance)] if distance else []
+            # passive OpenMP waits: on shared cores spinning threads steal the time of the others (a 2-thread
+            # SparseGPT pass ran 6x slower among other busy processes); the results do not depend on it
+            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
             proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp, "--data", str(args.data)] + extra,
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -269,6 +280,8 @@ def main() -> None:
     for r in rows:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}" + (" *" if r.get("importance_reused") else "")
         ratio = "-" if r["seconds"] is None or not dense_fwd else f"{r['seconds'] / dense_fwd:.2f}"
+        if r.get("cpu_seconds") is not None:
+            secs += f" (cpu {r['cpu_seconds']:.0f})"
         if r["dense_forward_seconds"]:
             secs = f"(fwd {r['dense_forward_seconds']:.1f})"
         st = r.get("stage_seconds") or {}
