@@ -84,7 +84,7 @@ for _p0 in ("sparsegpt", "wanda"):
     SETTINGS[f"maskllm-{_p0}-2:4"] = [{"learn": {**MASKLLM, "prior": _p0}}]
 # Reconstruction (issue 19): the one-shot masks frozen, the kept weights and norm scales trained block by
 # block toward the dense model's outputs (sparsellm/recover/blockwise.py); the variants are the tuning runs
-REC = {"method": "blockwise"}
+REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3}
 for _s in ("2:4", 0.6, 0.7):
     _tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"sparsegpt+rec-{_tag}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]

@@ -29,7 +29,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from ..calibrate.walk import capture, check_finite, layer_forward, walk_layers
@@ -51,20 +51,20 @@ class BlockwiseReconstruct(Strict):
     parts: Literal["block", "attention-mlp"] = Field(
         "block", description="block: the whole decoder block at once; attention-mlp: the attention half, then the "
         "MLP half, each with its norm (pre-norm blocks only)")
-    epochs: int = Field(4, ge=0, description="passes over the training windows per block (or half-block)")
-    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate (constant)")
+    epochs: int = Field(2, ge=0, description="passes over the training windows per block (or half-block)")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate (constant)")
     batch_size: int = Field(1, gt=0, description="calibration windows per Adam step")
-    holdout: int = Field(4, ge=0, description="calibration windows held back (the last ones): after every epoch their "
-                         "error picks the parameters kept, the starting ones included; 0: the training error decides")
+    holdout: float = Field(0.125, ge=0.0, lt=1.0, description="share of the calibration windows held back (the last ones, "
+                           "rounded down to whole batches): after every epoch their error picks the parameters kept, the "
+                           "starting ones included; none held back: the training error decides")
     patience: int = Field(2, ge=1, description="stop a block after this many epochs without a new lowest error")
     norms: bool = Field(True, description="train the norm scales (and shifts) too, besides the kept Linear weights")
     grad_clip: float | None = Field(1.0, gt=0.0, description="gradient norm clip per step (null: none)")
 
-    @model_validator(mode="after")
-    def _holdout_in_batches(self):
-        if self.holdout % self.batch_size:
-            raise ValueError(f"holdout ({self.holdout} windows) must be a multiple of batch_size ({self.batch_size})")
-        return self
+
+def held_batches(spec, windows: int) -> int:
+    """Batches held back: the share `holdout` of the windows, rounded down to whole batches."""
+    return int(spec.holdout * windows) // spec.batch_size
 
 
 # ---- the dense reference -------------------------------------------------------------------------
@@ -154,8 +154,8 @@ def _attention_kwargs(block: nn.Module, attention: str, hidden: list, kwargs: li
 
 def _train(module, masks, hidden, kwargs, targets, spec) -> ReconstructResult:
     return reconstruct_block(module, masks, hidden, kwargs, targets, epochs=spec.epochs, lr=spec.lr,
-                             holdout=spec.holdout // spec.batch_size, patience=spec.patience, norms=spec.norms,
-                             grad_clip=spec.grad_clip)
+                             holdout=held_batches(spec, spec.batch_size * len(hidden)), patience=spec.patience,
+                             norms=spec.norms, grad_clip=spec.grad_clip)
 
 
 def _result(r: ReconstructResult) -> dict:
@@ -282,12 +282,10 @@ class ReconstructStage(Stage):
                                   "use parts: block for this model")
 
     def prepare(self, ctx) -> None:
-        s, n = self.spec, int(ctx.windows.shape[0]) if ctx.windows is not None else 0
-        if n - s.holdout < s.batch_size:
-            raise RecipeError(f"reconstruct: {n} calibration windows leave fewer than batch_size ({s.batch_size}) "
-                              f"to train on after holdout ({s.holdout}); raise calibration.nsamples or lower holdout")
-        if n % s.batch_size:
-            raise RecipeError(f"reconstruct: batch_size {s.batch_size} does not divide the {n} calibration windows")
+        s, n = self.spec, int(ctx.windows.shape[0])
+        if n % s.batch_size or n < s.batch_size:
+            raise RecipeError(f"reconstruct: batch_size {s.batch_size} does not divide the {n} calibration windows; "
+                              "use a batch_size that divides calibration.nsamples")
         with ctx.timer(f"dense copy {self.entry.index}"):
             self.dense = DenseLayers(ctx.handle, ctx.adapter)  # before any stage changes the weights
 
