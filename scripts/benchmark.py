@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,12 @@ MASKLLM = {"method": "maskllm", "steps": 50, "batch_size": 2, "lr": 1e-3, "min_l
 for _p0 in ("sparsegpt", "wanda"):
     SETTINGS[f"maskllm-prior-{_p0}-2:4"] = [{"learn": {"method": "maskllm", "prior": _p0, "steps": 0, "prior_strength": 1e4}}]
     SETTINGS[f"maskllm-{_p0}-2:4"] = [{"learn": {**MASKLLM, "prior": _p0}}]
+# Reconstruction (issue 19): the one-shot masks frozen, the kept weights and norm scales trained block by
+# block toward the dense model's outputs (sparsellm/recover/blockwise.py); the variants are the tuning runs
+REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3}
+for _s in ("2:4", 0.6, 0.7):
+    _tag = _s if ":" in str(_s) else int(_s * 100)
+    SETTINGS[f"sparsegpt+rec-{_tag}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
 # Structured pruning (issue 5): FFN channels removed; CFSP's block distances are computed once and reused
 # (they do not depend on the target); recovery = LoRA on the calibration windows, sized to take a few minutes
 # on 2 idle cores: 64 steps of one 512-token window = two epochs over the 32 calibration windows
@@ -110,14 +117,16 @@ GROUPS = {
                       + ["wanda+dsnot(attn)-60", "wanda+dsnot(mlp)-60", "wanda+dsnot(ref)-2:4"],
     "issue6": ["sparsegpt-2:4", "wanda-2:4", "maskllm-prior-sparsegpt-2:4", "maskllm-prior-wanda-2:4",
                "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
+    "issue19": ["sparsegpt-2:4", "sparsegpt+rec-2:4", "sparsegpt-70", "sparsegpt+rec-70", "sparsegpt-60", "sparsegpt+rec-60"],
     "issue5": [f"{m}-ffn{t}" for t in ("20", "50") for m in ("cfsp", "wanda-sp", "magnitude")]
               + ["cfsp-ffn20+lora", "cfsp-ffn50+lora", "cfsp-uniform-ffn20", "dense+lora"],
 }
 NSAMPLES, SEQLEN, BATCH = 32, 512, 8
+ALSO_CHUNKS = 24  # chunks of the --also-eval text (data/wiki_eval.txt: 51 in all)
 
 
 def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None,
-           block_distance: list[float] | None = None) -> dict:
+           block_distance: list[float] | None = None, also_eval: str | None = None) -> dict:
     import torch
 
     from sparsellm import memory
@@ -169,10 +178,11 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
         built = build_stages(recipe)
         for st in built:  # a learn stage draws its training windows (as many as its steps need)
             st.prepare(ctx)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         stages = run_stages(built, ctx)
         allocation = ctx.results.get("allocation")
         row["seconds"] = time.perf_counter() - t
+        row["cpu_seconds"] = time.process_time() - cpu  # all threads: the machine's cores are shared
         row["stage_seconds"] = {f"{st['kind']} {st['method']}": st["seconds"] for st in stages}
         row["allocation"] = allocation
     row["peak_rss_bytes"] = memory.peak_rss_bytes()
@@ -189,6 +199,9 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     if name in EXPORTED:
         row["export"] = export_check(model, tok, chunks[:2])
     row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
+    if also_eval:  # a second text of another domain: its first ALSO_CHUNKS chunks
+        row["ppl_also"] = perplexity(model, evaluation_chunks(tok, also_eval, SEQLEN, ALSO_CHUNKS), batch_size=4,
+                                     desc=f"ppl {name} {Path(also_eval).name}")
     row["eval_tokens"] = int(chunks.numel())
     return row
 
@@ -219,6 +232,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--only", help="comma-separated settings or groups (" + ", ".join(GROUPS) + "); settings: " + ", ".join(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--also-eval", help="also the perplexity on the first 24 chunks of this text (e.g. data/wiki_eval.txt "
+                    "from scripts/get_wiki_eval.sh: another domain than the calibration's)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--importance", help=argparse.SUPPRESS)
@@ -227,7 +242,7 @@ def main() -> None:
     if args.worker:
         imp = json.loads(args.importance) if args.importance else None
         dist = json.loads(args.block_distance) if args.block_distance else None
-        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist, args.also_eval)), flush=True)
         return
 
     names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
@@ -247,15 +262,20 @@ def main() -> None:
         for name in names:
             extra = ["--importance", json.dumps(importance)] if importance else []
             extra += ["--block-distance", json.dumps(distance)] if distance else []
+            extra += ["--also-eval", args.also_eval] if args.also_eval else []
+            # passive OpenMP waits: on shared cores spinning threads steal the time of the others (a 2-thread
+            # SparseGPT pass ran 6x slower among other busy processes); the results do not depend on it
+            env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
             proc = subprocess.run([sys.executable, __file__, "--worker", name, "--model-dir", tmp, "--data", str(args.data)] + extra,
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=env)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if proc.returncode or line is None:
                 sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
             rows.append(json.loads(line[7:]))
             importance = importance or (rows[-1].get("allocation") or {}).get("importance")
             distance = distance or next((d["block_distance"] for d in rows[-1].get("details") or [] if d and "block_distance" in d), None)
-            print(f"done {name}: ppl {rows[-1]['ppl']:.3f} in {rows[-1]['seconds'] or 0:.1f} s "
+            also = f" ({Path(args.also_eval).name}: {rows[-1]['ppl_also']:.3f})" if args.also_eval else ""
+            print(f"done {name}: ppl {rows[-1]['ppl']:.3f}{also} in {rows[-1]['seconds'] or 0:.1f} s "
                   f"{rows[-1].get('stage_seconds') or ''}", file=sys.stderr, flush=True)
             if args.json:  # after every setting, so a long run can be inspected or resumed
                 args.json.write_text(json.dumps(rows, indent=2))
@@ -269,6 +289,8 @@ def main() -> None:
     for r in rows:
         secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}" + (" *" if r.get("importance_reused") else "")
         ratio = "-" if r["seconds"] is None or not dense_fwd else f"{r['seconds'] / dense_fwd:.2f}"
+        if r.get("cpu_seconds") is not None:
+            secs += f" (cpu {r['cpu_seconds']:.0f})"
         if r["dense_forward_seconds"]:
             secs = f"(fwd {r['dense_forward_seconds']:.1f})"
         st = r.get("stage_seconds") or {}

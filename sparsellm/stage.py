@@ -1,7 +1,7 @@
 """The one interface of the recipe's stages, their registry, and the run context they work on.
 
 A recipe is a list of entries, one stage kind each (slice, learn, structure, recover, allocate,
-prune, refine). Every method registers its recipe spec (a pydantic model whose `method` literal names
+prune, refine, reconstruct). Every method registers its recipe spec (a pydantic model whose `method` literal names
 it) and its implementation under its kind, next to its code; the recipe schema and the CLI choices
 are built from this registry. A kind with a `Stage` class runs on its own; the kinds `allocate` and
 `refine` are owned by the prune stage next to them (it runs them in its own pass).
@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 from . import memory
 
 # the recipe's stage keys in the schema's order
-KINDS = ("slice", "learn", "structure", "recover", "allocate", "prune", "refine")
+KINDS = ("slice", "learn", "structure", "recover", "allocate", "prune", "refine", "reconstruct")
 # what an entry of each kind does, for the recipe reference (docs/recipes.md)
 KIND_HELP = {
     "slice": "make the hidden dimension smaller (a smaller dense model)",
@@ -29,6 +29,7 @@ KIND_HELP = {
     "allocate": "per-layer sparsities for the prune entry right after it (same overall target)",
     "prune": "set weights to zero, unstructured or N:M",
     "refine": "change the mask of the prune entry right before it, same sparsity",
+    "reconstruct": "train the kept weights block by block toward the dense model's outputs, masks frozen",
 }
 # modules whose import registers the built-in methods and stage kinds
 # (in this order: the schema and the CLI list a kind's methods by their module's place here, whatever
@@ -36,7 +37,8 @@ KIND_HELP = {
 BUILTIN = ("sparsellm.compress.prune", "sparsellm.compress.magnitude", "sparsellm.compress.wanda",
            "sparsellm.compress.sparsegpt", "sparsellm.compress.dsnot", "sparsellm.allocate.owl",
            "sparsellm.allocate.ecoflap", "sparsellm.compress.slicegpt", "sparsellm.compress.cfsp",
-           "sparsellm.compress.structured", "sparsellm.recover.lora", "sparsellm.compress.maskllm")
+           "sparsellm.compress.structured", "sparsellm.recover.lora", "sparsellm.compress.maskllm",
+           "sparsellm.recover.blockwise")
 
 _methods: dict[str, dict[str, tuple[type, Any]]] = {k: {} for k in KINDS}
 _kinds: dict[str, type["Stage"]] = {}

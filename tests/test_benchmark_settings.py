@@ -55,7 +55,7 @@ def named_settings() -> list[tuple[str, str]]:
                 found = re.findall(r"`([^`]+)`", cell)
                 assert found and re.sub(r"`[^`]+`|,|\s", "", cell) == "", f"row {row[0]!r}: {cell!r} names no setting"
                 names += [(row[0], n) for n in found]
-    assert tables_with_names == 7, tables_with_names  # main, speed, allocation/DSnoT, DSnoT variants, SliceGPT, structured, MaskLLM
+    assert tables_with_names == 8, tables_with_names  # main, speed, allocation/DSnoT, DSnoT variants, SliceGPT, structured, MaskLLM, reconstruction
     return names
 
 

@@ -28,6 +28,7 @@ class FirstColumns(PruneMethod):
 
 @pytest.fixture
 def toy(monkeypatch):
+    stage.load_builtin()  # every built-in method in the registry that comes back (none registers into the copy)
     monkeypatch.setattr(stage, "_methods", {k: dict(v) for k, v in stage._methods.items()})
     stage.register("prune", FirstColumnsPrune, FirstColumns)
     yield

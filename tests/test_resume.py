@@ -107,6 +107,43 @@ def test_checkpointing_run_without_a_crash_matches_and_cleans_up(model4, recipe,
 
 
 @pytest.fixture(scope="module")
+def rec_recipe(tmp_path_factory):
+    """A prune pass, then the reconstruct stage's own pass (two activation streams between blocks)."""
+    path = tmp_path_factory.mktemp("rec") / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "seed": 0, "calibration": {"dataset": str(TEXT), "nsamples": 6, "seqlen": 32, "batch_size": 4},
+        "evaluation": {"ppl": [str(TEXT)], "seqlen": 32, "limit": 2, "before": False},
+        "stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}},
+                   {"reconstruct": {"method": "blockwise", "epochs": 2, "lr": 1e-3, "batch_size": 2, "holdout": 0.34}}]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rec_reference(model4, rec_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recref") / "out"
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(rec_recipe), "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("kill_at,restored", [
+    ("reconstruct:0", {"stage0": LAYERS}),  # first block trained, not saved: the prune pass is all there is
+    ("reconstruct:2", {"stage0": LAYERS, "stage1": 2}),  # blocks 0 and 1 reconstructed and committed
+])
+def test_reconstruct_kill_then_resume_gives_identical_output(kill_at, restored, model4, rec_recipe, rec_reference, tmp_path):
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    killed = prune_process(model4, rec_recipe, out, ckpt, kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    resumed = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(rec_recipe), "--output", str(out),
+                                       "--checkpoint-dir", str(ckpt), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_output(out, rec_reference)
+    assert json.loads((out / "report.json").read_text())["resumed"] == restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.fixture(scope="module")
 def reference_streamed(model4, recipe, tmp_path_factory):
     """The same recipe with --low-memory (each decoder layer read from the shards and written to its own)."""
     out = tmp_path_factory.mktemp("ref-lowmem") / "out"

@@ -54,7 +54,7 @@ class Calibration(_M):
 
 
 class StageReport(_M):
-    kind: Literal["slice", "structure", "recover", "learn", "allocate", "prune", "refine"]
+    kind: Literal["slice", "structure", "recover", "learn", "allocate", "prune", "refine", "reconstruct"]
     method: str
     settings: dict[str, Any]
     seconds: float
