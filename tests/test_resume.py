@@ -174,3 +174,20 @@ def test_kill_then_resume_a_low_memory_run(kill_at, restored, model4, recipe, re
     assert_same_output(out, reference_streamed)
     assert json.loads((out / "report.json").read_text())["resumed"] == restored
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_reconstruct_kill_then_resume_a_low_memory_run(model4, rec_recipe, tmp_path):
+    """The reconstruct pass of a streamed run (dense layers re-read from the source shards) resumes too."""
+    ref = tmp_path / "uninterrupted" / "out"  # the same folder name: the model card names it
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(rec_recipe), "--output", str(ref),
+                                 "--low-memory"])
+    assert r.exit_code == 0, r.output
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    killed = cli_process("prune", "--model", model4, "--recipe", rec_recipe, "--output", out, "--checkpoint-dir", ckpt,
+                         "--low-memory", env={"SPARSELLM_TEST_KILL_AT": "reconstruct:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(rec_recipe), "--output", str(out),
+                                       "--checkpoint-dir", str(ckpt), "--resume", "--low-memory"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_output(out, ref)
+    assert json.loads((out / "report.json").read_text())["resumed"] == {"stage0": LAYERS, "stage1": 2}

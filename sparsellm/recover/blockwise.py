@@ -227,7 +227,8 @@ def reconstruct(ctx, spec, dense: DenseLayers, pass_key: str) -> dict:
     layers = adapter.layers(model)
     book = _Log()
     ck = ctx.checkpoint
-    start = ck.restore(pass_key, layers, [book]) if ck is not None else 0
+    io = ctx.handle.io()
+    start = ck.restore(pass_key, layers, [book], io) if ck is not None else 0
     two = spec.target == "dense"
     if start < len(layers):
         acts = capture(model, adapter, ctx.windows, device, spec.batch_size)
@@ -238,7 +239,6 @@ def reconstruct(ctx, spec, dense: DenseLayers, pass_key: str) -> dict:
             acts.hidden, acts.index = saved[:n], start
             if two:
                 dense_hidden = saved[n:]
-        io = ctx.handle.io()
         for index, layer in walk_layers(model, adapter, device, io, f"reconstruct ({spec.parts})", start):
             t = time.perf_counter()
             dense_layer = dense.layer(index, layer)
