@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import TEXT, cli_process, tiny_model, write_gguf
 from sparsellm.cli import cli
 
-SUPPORTED = "llama, mistral, qwen2, opt, qwen3, smollm3, gemma2, gemma3_text, phi3, olmo2, granite"
+SUPPORTED = "llama, mistral, qwen2, opt, qwen3, smollm3, gemma2, gemma3_text, phi3, olmo2, granite, mixtral, qwen2_moe, qwen3_moe"
 MAGNITUDE = ["--method", "magnitude", "--sparsity", "0.5"]  # data-free: the quickest complete run
 WANDA = ["--method", "wanda", "--sparsity", "0.5", "--calib", TEXT, "--nsamples", 2, "--seqlen", 16]
 RECIPE_FIX = "fix that field (see 'Recipe reference' in README.md)"
