@@ -19,14 +19,15 @@ PKG = ROOT / "sparsellm"
 
 # module (or package prefix) -> its place along the pipeline; the longest matching prefix wins
 RANKS = {
-    "errors": 0, "faults": 0, "memory": 0, "stage": 0,  # foundations every stage may use
-    "loading": 1, "formats": 1, "data": 1, "specs": 1, "optional": 1,  # load (and what a spec may name)
+    "errors": 0, "faults": 0, "memory": 0, "stage": 0, "safe_yaml": 0,  # foundations every stage may use
+    "loading": 1, "lowmem.tensors": 1, "formats": 1, "data": 1, "specs": 1, "optional": 1,  # load (and what a spec may name)
     "calibrate": 2, "measure": 2,  # calibrate, count
     "compress": 3, "allocate": 3, "recover": 3,  # the stages
     "export": 4, "checkpoint": 4,  # write
     "evaluate": 5,  # measure quality, render reports
     "lowmem": 6, "handle": 6, "recipe": 6, "pipeline": 6, "publish": 6,  # run a recipe
     "api": 7, "cli": 7, "__init__": 7, "__main__": 7,  # the user's entry points
+    "reference": 7,  # generates docs/recipes.md from the registry
 }
 
 

@@ -151,7 +151,7 @@ def sparse_linears(model) -> dict[str, torch.Tensor]:
 
 
 def _expert_weights(model) -> dict[str, torch.Tensor]:
-    from .calibrate.experts import expert_matrices
+    from .loading.experts import expert_matrices
     from .errors import UnsupportedArchitectureError
     from .loading.adapters import get_adapter
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibrate.experts import expert_matrices
+from .loading.experts import expert_matrices
 from .loading.adapters import Adapter
 
 

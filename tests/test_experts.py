@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from sparsellm.calibrate.experts import (ExpertMatrix, ExpertStats, data_free_stats, expert_matrices, expert_shapes,
-                                         routed_tokens)
+from sparsellm.calibrate.experts import ExpertStats, data_free_stats, routed_tokens
+from sparsellm.loading.experts import ExpertMatrix, expert_matrices, expert_shapes
 from sparsellm.compress import build_method
 from sparsellm.compress.base import Target
 from sparsellm.compress.magnitude import magnitude_mask

@@ -145,7 +145,7 @@ def test_fused_parts_compressed_as_views_match_separate_projections(stage):
     """Rules that compare across rows (magnitude scope: layer, SparseGPT scope: block) pool q, k and v of a fused
     matrix; compressing each part through a row view of the fused weight (what the engine can do with
     fused_parts) gives exactly the result on separate projections."""
-    from sparsellm.calibrate.experts import ExpertMatrix
+    from sparsellm.loading.experts import ExpertMatrix
     from sparsellm.calibrate.stats import InputStats
     from sparsellm.compress.base import Target
 

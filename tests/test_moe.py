@@ -18,7 +18,7 @@ from conftest import TEXT
 from test_families import assert_engine_layer_inputs_are_a_plain_forwards
 from sparsellm.allocate import allocate
 from sparsellm.calibrate import make_selector, run_layerwise
-from sparsellm.calibrate.experts import expert_matrices
+from sparsellm.loading.experts import expert_matrices
 from sparsellm.cli import cli
 from sparsellm.compress import build_method
 from sparsellm.compress.base import LayerwiseMethod

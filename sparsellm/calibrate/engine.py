@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import CompressionError, NumericalError
 from ..faults import fault_point
 from ..loading.adapters import Adapter, _get
-from .experts import ExpertMatrix, ExpertStats, expert_matrices
+from ..loading.experts import ExpertMatrix, expert_matrices
+from .experts import ExpertStats
 from .stats import InputStats, Target
 from .walk import Activations, _overflow_hint, capture, check_finite, layer_forward, walk_layers
 

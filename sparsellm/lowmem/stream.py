@@ -14,7 +14,7 @@ from .. import memory
 from ..errors import ModelLoadError
 from ..loading import get_adapter
 from ..loading.models import _load_error, resolve_model
-from ..calibrate.experts import expert_shapes, fuse_stored, split_stored, stored_parts
+from ..loading.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..calibrate.walk import capture, head_on, walk_layers
 from ..evaluate.perplexity import nll_from_hidden
 from ..measure import layer_zeros
