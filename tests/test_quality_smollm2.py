@@ -67,19 +67,20 @@ def prune(method: str, **kw) -> list[dict]:
 
 
 def test_sparsegpt_beats_wanda_beats_magnitude_at_2of4(runs):
-    """2:4 on every decoder Linear. Measured: SparseGPT ~, Wanda ~, magnitude ~.
+    """2:4 on every decoder Linear. Measured: SparseGPT 100.10, Wanda 252.43, magnitude 1841.66.
     The benchmark protocol (32 x 512 calibration tokens, all of lee_eval) gives 91.4 / 260.5 / 1958.4."""
     sgpt = runs.ppl("sparsegpt-2:4", prune("sparsegpt", pattern="2:4"))
     wanda = runs.ppl("wanda-2:4", prune("wanda", pattern="2:4"), keep=True)
     mag = runs.ppl("magnitude-2:4", prune("magnitude", pattern="2:4"))
     assert sgpt < wanda < mag, (sgpt, wanda, mag)
     for name in ("sparsegpt-2:4", "wanda-2:4", "magnitude-2:4"):
-        assert runs.reports[name]["sparsity"]["overall"] == pytest.approx(0.5, abs=1e-6)  # + a few of the GGUF's own zeros
+        # exactly half of every group zeroed; the Q4 GGUF's own zeros among the kept weights add up to 1e-5 more
+        assert 0.5 <= runs.reports[name]["sparsity"]["overall"] < 0.5 + 1e-5
 
 
 def test_dsnot_lowers_wanda_60(runs):
     """DSnoT with its defaults on top of Wanda 60 %: the same sparsity, a lower perplexity.
-    Measured: Wanda 60 % ~, + DSnoT ~ (benchmark protocol: 197.967 -> 187.774)."""
+    Measured: Wanda 60 % 200.24, + DSnoT 164.50 (benchmark protocol: 197.967 -> 187.774)."""
     wanda = runs.ppl("wanda-60", prune("wanda", sparsity=0.6))
     dsnot = runs.ppl("wanda+dsnot-60", prune("wanda", sparsity=0.6) + [{"refine": {"method": "dsnot"}}])
     assert dsnot < wanda, (wanda, dsnot)
@@ -94,7 +95,7 @@ CFSP = [{"structure": {"method": "cfsp", "ffn": 0.2}}]
 def test_cfsp_beats_wanda_sp_at_the_same_ffn_budget(runs):
     """20 % of the FFN channels removed by CFSP (per-block widths from the block distances) and by
     Wanda-sp (the same width everywhere): CFSP keeps no more channels and has the lower perplexity.
-    Measured: CFSP ~, Wanda-sp ~ (benchmark protocol: 40.102 vs 43.019)."""
+    Measured: CFSP 38.87, Wanda-sp 43.47 (benchmark protocol: 40.102 vs 43.019)."""
     cfsp = runs.ppl("cfsp-ffn20", CFSP)
     wsp = runs.ppl("wanda-sp-ffn20", [{"structure": {"method": "wanda-sp", "ffn": 0.2}}])
     kept_cfsp = sum(runs.reports["cfsp-ffn20"]["stages"][0]["details"]["intermediate_size"])
@@ -106,7 +107,7 @@ def test_cfsp_beats_wanda_sp_at_the_same_ffn_budget(runs):
 def test_lora_recovery_lowers_the_pruned_perplexity(runs):
     """LoRA recovery (16 steps of one 256-token calibration window, ranks per block from CFSP's importance)
     after CFSP 20 %, merged: a lower perplexity on the held-back text than CFSP alone.
-    Measured: ~ -> ~ (benchmark protocol, 64 steps of 512 tokens: 40.102 -> 31.882)."""
+    Measured: 38.87 -> 35.67 (benchmark protocol, 64 steps of 512 tokens: 40.102 -> 31.882)."""
     before = runs.ppl("cfsp-ffn20", CFSP)
     lora = {"recover": {"method": "lora", "steps": 16, "batch_size": 1, "lr": 5e-4}}
     after = runs.ppl("cfsp-ffn20+lora", CFSP + [lora])
@@ -118,7 +119,7 @@ def test_lora_recovery_lowers_the_pruned_perplexity(runs):
 def test_maskllm_is_no_worse_than_its_prior_on_held_back_text(runs):
     """MaskLLM 2:4 on the MLPs of layers 20-29 from the magnitude prior, 10 steps of one 256-token window:
     on the held-back text its learned masks are no worse than the prior's (magnitude 2:4 on the same
-    Linears, the rest dense). Measured: prior ~, learned ~."""
+    Linears, the rest dense). Measured: prior 103.34, learned 67.32."""
     prior = runs.ppl("magnitude-2:4-late-mlp", prune("magnitude", pattern="2:4", targets=MLP_LATE))
     # the training settings of recipes/maskllm-sparsegpt-2of4.yaml, 10 steps of one window instead of 50 of two
     learn = {"method": "maskllm", "pattern": "2:4", "prior": "magnitude", "steps": 10, "batch_size": 1, "lr": 1e-3,
