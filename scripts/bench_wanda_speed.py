@@ -27,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed_engine():
-    """Wrap the engine's phase functions so that their seconds add up in a dict."""
+    """Wrap the engine's phase functions (the layer walk's capture, the statistics pass, the propagation of
+    the activations to the next layer) so that their seconds add up in a dict."""
     from sparsellm.calibrate import engine
+    from sparsellm.calibrate.walk import Activations
 
     spent = {"capture": 0.0, "stats": 0.0, "propagate": 0.0}
-    originals = {"capture": engine.capture_layer_inputs, "stats": engine.collect_stats, "propagate": engine.propagate}
+    originals = {"capture": engine.capture, "stats": engine.collect_stats, "propagate": Activations.advance}
 
     def wrap(key):
         fn = originals[key]
@@ -45,10 +47,10 @@ def timed_engine():
 
         return inner
 
-    engine.capture_layer_inputs, engine.collect_stats, engine.propagate = wrap("capture"), wrap("stats"), wrap("propagate")
+    engine.capture, engine.collect_stats, Activations.advance = wrap("capture"), wrap("stats"), wrap("propagate")
 
     def restore():
-        engine.capture_layer_inputs, engine.collect_stats, engine.propagate = (
+        engine.capture, engine.collect_stats, Activations.advance = (
             originals["capture"], originals["stats"], originals["propagate"])
 
     return spent, restore
@@ -83,12 +85,13 @@ def wanda_one_pass(model, adapter, windows, sparsity):
     """Prototype: one forward per layer over all windows at once; each Linear is pruned in its
     forward pre-hook from the squared norms of the input it receives."""
     from sparsellm.calibrate import make_selector
-    from sparsellm.calibrate.engine import capture_layer_inputs, target_linears
+    from sparsellm.calibrate.engine import target_linears
+    from sparsellm.calibrate.walk import capture
     from sparsellm.compress.wanda import wanda_mask
 
     t = time.perf_counter()
-    acts = capture_layer_inputs(model, adapter, windows, "cpu", len(windows))
-    hidden, kw = acts.hidden[0], acts.kwargs[0]
+    acts = capture(model, adapter, windows, "cpu", len(windows))
+    hidden = acts.hidden[0]
     select = make_selector([], [])
 
     def hook(module, args):
@@ -98,6 +101,8 @@ def wanda_one_pass(model, adapter, windows, sparsity):
 
     layers = adapter.layers(model)
     for i, layer in enumerate(layers):
+        acts.index = i
+        kw = acts.kwargs[0]  # this layer's own arguments (mask kind, rotary table)
         handles = [m.register_forward_pre_hook(hook) for m in target_linears(layer, adapter.layer_prefix(i), select).values()]
         try:
             if i + 1 < len(layers):
