@@ -55,20 +55,26 @@ def family_config(family: str, layers: int = 2, vocab: int = 320, **overrides):
     return CONFIG_MAPPING[family](**common)
 
 
-def family_model(family: str, seed: int = 0, std: float = 0.2, **overrides):
-    """A random model of family_config(family): matrices N(0, std²), norm scales away from their defaults."""
+def random_model(config, seed: int = 0, std: float = 0.2):
+    """A float32 model of `config`: matrices (and 3-D expert parameters) N(0, std²), norm scales away from
+    their defaults."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, **overrides), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0, std, generator=g)
             elif "norm" in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
     return model.eval().requires_grad_(False)
+
+
+def family_model(family: str, seed: int = 0, std: float = 0.2, **overrides):
+    """A random model of family_config(family) (see random_model)."""
+    return random_model(family_config(family, **overrides), seed, std)
 
 
 def _logits(model, ids=IDS):

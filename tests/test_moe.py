@@ -15,14 +15,13 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TEXT
-from test_families import assert_engine_layer_inputs_are_a_plain_forwards
+from test_families import assert_engine_layer_inputs_are_a_plain_forwards, random_model
 from sparsellm.allocate import allocate
 from sparsellm.calibrate import make_selector, run_layerwise
 from sparsellm.loading.experts import expert_matrices
 from sparsellm.cli import cli
 from sparsellm.compress import build_method
 from sparsellm.compress.base import LayerwiseMethod
-from sparsellm.errors import UnsupportedArchitectureError
 from sparsellm.loading import get_adapter, load_model
 from sparsellm.loading.adapters import MOE_MODEL_TYPES, method_support
 from sparsellm.pipeline import RunOptions, compress
@@ -52,18 +51,7 @@ def moe_config(family: str, layers: int = 2, **overrides):
 
 
 def moe_model(family: str, seed: int = 0, std: float = 0.2, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(moe_config(family, **overrides), dtype=torch.float32)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, std, generator=g)
-            elif "norm" in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model.eval().requires_grad_(False)
+    return random_model(moe_config(family, **overrides), seed, std)
 
 
 @pytest.fixture(scope="module")
