@@ -42,7 +42,8 @@ def nll_from_hidden(model: torch.nn.Module, adapter, hidden: torch.Tensor, batch
     """Summed NLL of batch[:, 1:] from the last decoder layer's output `hidden` [B, T, H] at the positions
     before them, and the token count; the head (adapter.head_logits) runs on at most `max_elements`
     logits at a time (whole rows of one chunk, so every slice sees the same computation whatever the batch)."""
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else None
     rows = max(1, max_elements // vocab) if vocab else hidden.shape[1]
     total = 0.0
     for b in range(hidden.shape[0]):

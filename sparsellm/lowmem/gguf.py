@@ -54,19 +54,18 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
     names = get_gguf_hf_weights_map(skeleton, processor)
     expected = set(skeleton.state_dict())
 
-    groups: list[dict[str, torch.Tensor]] = []  # the tensors of one shard, in the order they come
+    group: dict[str, torch.Tensor] = {}  # the tensors of the shard being filled: one decoder layer, or one tensor
     written: list[str] = []
     writer = ShardWriter(folder, 0)  # a private folder: the shard count in the names does not matter
-    shards = 0
+    shards, current = 0, None
 
     def flush():
-        nonlocal shards
-        if groups and groups[-1]:
+        nonlocal group, shards
+        if group:
             shards += 1
-            writer.write(shards, groups[-1])
-            groups[-1] = {}
+            writer.write(shards, group)
+            group = {}
 
-    current = None
     for tensor in tqdm(reader.tensors, desc="converting GGUF tensors", unit="tensor", leave=False):
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
@@ -76,10 +75,9 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
         key = m.group(1) if (m := _LAYER.search(name)) else name
         if key != current:
             flush()
-            groups.append({})
             current = key
         w = result.weights  # a new array when dequantized; a read-only view of the file when stored as float32
-        groups[-1][name] = torch.from_numpy(w if w.flags.writeable else np.array(w)).to(torch.float32)
+        group[name] = torch.from_numpy(w if w.flags.writeable else np.array(w)).to(torch.float32)
         del w, result
         written.append(name)
     flush()
