@@ -5,11 +5,12 @@ timed in one process, interleaved, several runs (issue 19: target ≤ 1.5×).
 Each run: one dense forward of the model over the windows (batch --batch, lm_head included, as
 scripts/benchmark.py times it), then Wanda 50 % through calibrate.engine.run_layerwise on a fresh
 copy, with the time split into its phases (capture of the first layer's inputs, statistics passes,
-pruning, propagation) by wrapping the engine's functions. With --one-pass, also a prototype of a
-one-pass layer step (not in the engine): all windows in one batch, each Linear pruned inside its
-own forward pre-hook from the statistics of the input it is about to multiply, so one forward per
-layer both collects and propagates. That is true-sequential Wanda (o_proj's statistics come from
-the pruned q/k/v), so its perplexity is reported next to the default's with --ppl.
+pruning, propagation) by wrapping the engine's functions. With --one-pass, also Wanda with
+`true_sequential: true`, which the engine runs in one forward per layer when the layer fits for all
+windows at once (calibrate/engine.py: _one_pass_layer): every window in one batch, each Linear pruned
+inside its own forward pre-hook from the statistics of the input it is about to multiply, so one
+forward both collects and propagates. o_proj's statistics then come from the pruned q/k/v (and the
+MLP's from the pruned attention), so its perplexity is reported next to the default's with --ppl.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_wanda_speed.py --runs 3 [--one-pass] [--ppl]
 """
@@ -32,8 +33,9 @@ def timed_engine():
     from sparsellm.calibrate import engine
     from sparsellm.calibrate.walk import Activations
 
-    spent = {"capture": 0.0, "stats": 0.0, "propagate": 0.0}
-    originals = {"capture": engine.capture, "stats": engine.collect_stats, "propagate": Activations.advance}
+    spent = {"capture": 0.0, "stats": 0.0, "propagate": 0.0, "one_pass": 0.0}
+    originals = {"capture": engine.capture, "stats": engine.collect_stats, "propagate": Activations.advance,
+                 "one_pass": engine._one_pass_layer}
 
     def wrap(key):
         fn = originals[key]
@@ -48,10 +50,12 @@ def timed_engine():
         return inner
 
     engine.capture, engine.collect_stats, Activations.advance = wrap("capture"), wrap("stats"), wrap("propagate")
+    engine._one_pass_layer = wrap("one_pass")
 
     def restore():
         engine.capture, engine.collect_stats, Activations.advance = (
             originals["capture"], originals["stats"], originals["propagate"])
+        engine._one_pass_layer = originals["one_pass"]
 
     return spent, restore
 
@@ -64,12 +68,13 @@ def dense_forward(model, windows, batch):
     return time.perf_counter() - t
 
 
-def wanda_default(model, adapter, windows, batch, sparsity):
+def wanda_default(model, adapter, windows, batch, sparsity, true_sequential=False):
     from sparsellm.calibrate import make_selector, run_layerwise
     from sparsellm.compress.wanda import Wanda
     from sparsellm.recipe import recipe_from_dict
 
-    spec = recipe_from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": sparsity}}]}).stages[0].spec
+    spec = recipe_from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": sparsity,
+                                                   "true_sequential": true_sequential}}]}).stages[0].spec
     spent, restore = timed_engine()
     try:
         t = time.perf_counter()
@@ -78,42 +83,6 @@ def wanda_default(model, adapter, windows, batch, sparsity):
     finally:
         restore()
     return total, {**spent, "compress": compress}
-
-
-@torch.no_grad()
-def wanda_one_pass(model, adapter, windows, sparsity):
-    """Prototype: one forward per layer over all windows at once; each Linear is pruned in its
-    forward pre-hook from the squared norms of the input it receives."""
-    from sparsellm.calibrate import make_selector
-    from sparsellm.calibrate.engine import target_linears
-    from sparsellm.calibrate.walk import capture
-    from sparsellm.compress.wanda import wanda_mask
-
-    t = time.perf_counter()
-    acts = capture(model, adapter, windows, "cpu", len(windows))
-    hidden = acts.hidden[0]
-    select = make_selector([], [])
-
-    def hook(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        sq = (x * x).sum(0).double() / x.shape[0]
-        module.weight.masked_fill_(wanda_mask(module.weight, sq, sparsity, None), 0)
-
-    layers = adapter.layers(model)
-    for i, layer in enumerate(layers):
-        acts.index = i
-        kw = acts.kwargs[0]  # this layer's own arguments (mask kind, rotary table)
-        handles = [m.register_forward_pre_hook(hook) for m in target_linears(layer, adapter.layer_prefix(i), select).values()]
-        try:
-            if i + 1 < len(layers):
-                out = layer(hidden, use_cache=False, **kw)
-                hidden = out[0] if isinstance(out, tuple) else out
-            else:  # the last layer's outputs feed nothing, but its Linears still need their inputs
-                layer(hidden, use_cache=False, **kw)
-        finally:
-            for h in handles:
-                h.remove()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -156,7 +125,7 @@ def main() -> None:
         models["default"] = m
         if args.one_pass:
             m1 = copy.deepcopy(base)
-            row["one_pass_s"] = wanda_one_pass(m1, adapter, windows, args.sparsity)
+            row["one_pass_s"], row["one_pass_phases_s"] = wanda_default(m1, adapter, windows, args.batch, args.sparsity, True)
             row["one_pass_ratio"] = row["one_pass_s"] / row["dense_forward_s"]
             models["one-pass"] = m1
         rows.append(row)

@@ -62,6 +62,17 @@ for _s in (0.6, 0.7):  # = the defaults (mse, verify, all), spelled out
 # the reference code's effective settings: paper rule, attention only, sign check on (its N:M path)
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
+# DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start)
+for _s in (0.6, 0.7, "2:4"):
+    tag = _s if ":" in str(_s) else int(_s * 100)
+    EXACT = {"refine": {"method": "dsnot", "criterion": "exact"}}
+    SETTINGS[f"wanda+dsnot(exact)-{tag}"] = [{"prune": _p("wanda", _s)}, EXACT]
+    SETTINGS[f"sparsegpt+dsnot(exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, EXACT]
+    SETTINGS[f"owl+wanda+dsnot(exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, EXACT]
+# Wanda true-sequential (q/k/v, o, gate/up, down each from the already pruned ones' outputs): one forward per layer
+for _s in (0.5, 0.6, 0.7, "2:4"):
+    tag = _s if ":" in str(_s) else int(_s * 100)
+    SETTINGS[f"wanda-seq-{tag}"] = [{"prune": {**_p("wanda", _s), "true_sequential": True}}]
 # SliceGPT (issue 4): both rotation schemes; speed is measured for these (structured: faster on any hardware)
 for _s in (0.1, 0.2, 0.3):
     SETTINGS[f"slicegpt-{int(_s * 100)}"] = [{"slice": {"method": "slicegpt", "slicing": _s}}]
@@ -118,6 +129,9 @@ GROUPS = {
     "issue6": ["sparsegpt-2:4", "wanda-2:4", "maskllm-prior-sparsegpt-2:4", "maskllm-prior-wanda-2:4",
                "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
     "issue19": ["sparsegpt-2:4", "sparsegpt+rec-2:4", "sparsegpt-70", "sparsegpt+rec-70", "sparsegpt-60", "sparsegpt+rec-60"],
+    "dsnot-exact": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
+                    ("wanda", "wanda+dsnot(exact)", "sparsegpt", "sparsegpt+dsnot(exact)", "owl+wanda", "owl+wanda+dsnot(exact)")],
+    "wanda-seq": [f"wanda{v}-{t}" for t in ("50", "60", "70", "2:4") for v in ("", "-seq")],
     "issue5": [f"{m}-ffn{t}" for t in ("20", "50") for m in ("cfsp", "wanda-sp", "magnitude")]
               + ["cfsp-ffn20+lora", "cfsp-ffn50+lora", "cfsp-uniform-ffn20", "dense+lora"],
 }
@@ -126,7 +140,8 @@ ALSO_CHUNKS = 24  # chunks of the --also-eval text (data/wiki_eval.txt: 51 in al
 
 
 def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None,
-           block_distance: list[float] | None = None, also_eval: str | None = None) -> dict:
+           block_distance: list[float] | None = None, also_eval: str | None = None,
+           calib: str = "lee_calib.txt", evaluate: str = "lee_eval.txt") -> dict:
     import torch
 
     from sparsellm import memory
@@ -145,8 +160,8 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     loaded = load_model(model_dir)
     model, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
-    windows = calibration_windows(tok, str(data / "lee_calib.txt"), NSAMPLES, SEQLEN, seed=0)
-    chunks = evaluation_chunks(tok, str(data / "lee_eval.txt"), SEQLEN)
+    windows = calibration_windows(tok, str(data / calib), NSAMPLES, SEQLEN, seed=0)
+    chunks = evaluation_chunks(tok, str(data / evaluate), SEQLEN)
     row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
            "params_before": sum(p.numel() for p in model.parameters())}
     structured = any("slice" in st or "structure" in st for st in SETTINGS[name] or [])
@@ -171,7 +186,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
             if block_distance and cfsp.get("method") == "cfsp" and not cfsp.get("uniform"):
                 cfsp["block_distance"] = block_distance
                 row["importance_reused"] = True
-        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH, "dataset": str(data / "lee_calib.txt"),
+        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH, "dataset": str(data / calib),
                                                                    "seqlen": SEQLEN}, "stages": stages})
         ctx = RunContext(handle=ModelHandle(model, tok, adapter, loaded.source), adapter=adapter, tokenizer=tok,
                          recipe=recipe, device=torch.device("cpu"), windows=windows, seqlen=SEQLEN, timer=Timer())
@@ -234,6 +249,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--also-eval", help="also the perplexity on the first 24 chunks of this text (e.g. data/wiki_eval.txt "
                     "from scripts/get_wiki_eval.sh: another domain than the calibration's)")
+    ap.add_argument("--calib", default="lee_calib.txt", help="calibration text in --data (the protocol's: lee_calib.txt; "
+                    "the second pair of issue 19: kjv_calib.txt from scripts/get_second_pair.sh)")
+    ap.add_argument("--eval", default="lee_eval.txt", help="evaluation text in --data (lee_eval.txt; second pair: wiki_eval.txt)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--importance", help=argparse.SUPPRESS)
@@ -242,7 +260,8 @@ def main() -> None:
     if args.worker:
         imp = json.loads(args.importance) if args.importance else None
         dist = json.loads(args.block_distance) if args.block_distance else None
-        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist, args.also_eval)), flush=True)
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist, args.also_eval,
+                                                     args.calib, args.eval)), flush=True)
         return
 
     names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
@@ -263,6 +282,7 @@ def main() -> None:
             extra = ["--importance", json.dumps(importance)] if importance else []
             extra += ["--block-distance", json.dumps(distance)] if distance else []
             extra += ["--also-eval", args.also_eval] if args.also_eval else []
+            extra += ["--calib", args.calib, "--eval", args.eval]
             # passive OpenMP waits: on shared cores spinning threads steal the time of the others (a 2-thread
             # SparseGPT pass ran 6x slower among other busy processes); the results do not depend on it
             env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -281,8 +301,8 @@ def main() -> None:
                 args.json.write_text(json.dumps(rows, indent=2))
 
     dense_fwd = next((r["dense_forward_seconds"] for r in rows if r["dense_forward_seconds"]), None)
-    print(f"\nSmolLM2-135M-Instruct fp32, {NSAMPLES}x{SEQLEN} calibration tokens from lee_calib.txt, "
-          f"perplexity on {rows[0]['eval_tokens']} tokens of lee_eval.txt (seqlen {SEQLEN}), torch threads 2\n")
+    print(f"\nSmolLM2-135M-Instruct fp32, {NSAMPLES}x{SEQLEN} calibration tokens from {args.calib}, "
+          f"perplexity on {rows[0]['eval_tokens']} tokens of {args.eval} (seqlen {SEQLEN}), torch threads 2\n")
     print("| setting | perplexity | sparsity | parameters | compression s | × dense fwd | of which allocate / refine s "
           "| peak RSS MiB | prefill tok/s (dense) | decode tok/s (dense) |")
     print("|---|---|---|---|---|---|---|---|---|---|")

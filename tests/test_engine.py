@@ -108,6 +108,54 @@ def test_true_sequential_differs_and_is_exact(windows):
     assert (wb == 0).sum() == wb.numel() // 2
 
 
+def _layer_calls(model):
+    calls = []
+    layers = get_adapter(model).layers(model)
+    hs = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    return calls, hs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method,stage", [("wanda", {"sparsity": 0.5}), ("wanda", {"pattern": "2:4"}),
+                                          ("sparsegpt", {"sparsity": 0.5})])
+def test_true_sequential_one_pass_equals_grouped_passes(arch, method, stage, windows, monkeypatch):
+    """A true-sequential pass that fits runs each decoder layer once, on every window in one batch, and gives
+    the masks of the pass that re-collects the inputs group by group (q/k/v, o, gate/up, down) in batches."""
+    from sparsellm.calibrate import engine
+
+    one = tiny_model(arch)
+    calls, hs = _layer_calls(one)
+    prune(one, windows, method=method, true_sequential=True, **stage)
+    for h in hs:
+        h.remove()
+    assert calls == list(range(len(get_adapter(one).layers(one))))  # one forward per layer: statistics and propagation
+    monkeypatch.setattr(engine, "ONE_PASS_BYTES", 0)
+    grouped = tiny_model(arch)
+    calls, hs = _layer_calls(grouped)
+    prune(grouped, windows, method=method, true_sequential=True, **stage)
+    for h in hs:
+        h.remove()
+    assert len(calls) > 2 * len(get_adapter(grouped).layers(grouped))
+    plain = prune(tiny_model(arch), windows, method=method, **stage)
+    a, b, c = decoder_linears(one), decoder_linears(grouped), decoder_linears(plain)
+    for name in a:
+        assert torch.equal(a[name].weight == 0, b[name].weight == 0), name
+        assert torch.allclose(a[name].weight, b[name].weight, atol=1e-5), name
+    # o_proj and the MLP see the already pruned q/k/v: not Wanda's dense-layer statistics
+    assert any(not torch.equal(a[n].weight, c[n].weight) for n in a if "down_proj" in n or "fc2" in n)
+
+
+def test_one_pass_bound_is_fixed_by_shapes(windows):
+    from sparsellm.calibrate.engine import ONE_PASS_BYTES, one_pass_fits
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    assert one_pass_fits(model, adapter, windows)
+    cfg = model.config
+    many = torch.zeros(ONE_PASS_BYTES // (4 * cfg.hidden_size * 4) + 1, 1, dtype=torch.long)
+    assert not one_pass_fits(model, adapter, many)  # 4 hidden-size temporaries alone pass the bound
+
+
 def test_unsupported_architecture_names_supported_ones():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -149,62 +149,135 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
     Each expert of a mixture-of-experts layer is compressed from the tokens routed to it (collect_stats);
     `experts` receives what the report says of them: `expert_tokens` {experts module: [tokens per expert]} and
     `experts_data_free` (the matrices of experts that saw fewer than `min_expert_tokens`).
+    A true-sequential pass (a method with `true_sequential`) whose layers fit ONE_PASS_BYTES with every window
+    in one batch runs one forward per layer (_one_pass_layer); otherwise each layer takes one statistics
+    forward per sequential group, then one to propagate.
     Returns the seconds each method spent in `compress` (the shared calibration forwards excluded)."""
     selects = list(select) if isinstance(select, (list, tuple)) else [select] * len(methods)
     needs = frozenset().union(*(m.needs for m in methods))
     true_seq = any(m.true_sequential for m in methods)
     keep_dense = any(m.needs_dense for m in methods)
     layers = adapter.layers(model)
+    one_pass = bool(needs) and true_seq and one_pass_fits(model, adapter, windows)
     start = checkpoint.restore(pass_key, layers, methods, io) if checkpoint is not None else 0
     acts = None
     if needs and start < len(layers):  # data-free methods (magnitude) need no activations at all
         # the captured keyword arguments (masks, positions) are recomputed; a resumed pass takes the
         # hidden states its last finished layer produced
-        acts = capture(model, adapter, windows, device, batch_size)
+        acts = capture(model, adapter, windows, device, len(windows) if one_pass else batch_size)
         if start:
             acts.hidden, acts.index = checkpoint.inputs(pass_key, start, device), start
         check_finite(acts.hidden, f"entering decoder layer {start}", layers[start])
     seconds = [0.0] * len(methods)
+
+    def compress_one(index: int, prefix: str, name: str, linear, stats) -> None:
+        full = f"{prefix}.{name}"
+        if stats is not None and not stats.finite():
+            raise NumericalError(f"non-finite values (NaN/inf) in the calibration inputs of {full}; "
+                                 f"{_overflow_hint(layers[index])}")
+        dense = linear.weight.detach().clone() if keep_dense else None
+        for i, (method, sel) in enumerate(zip(methods, selects)):
+            if not sel(full):
+                continue
+            t = time.perf_counter()
+            try:
+                method.compress(Target(full, index, linear, stats, dense))
+            except torch.linalg.LinAlgError as e:
+                raise NumericalError(f"{full}: {str(e).splitlines()[0]}; raise the damping (percdamp, e.g. "
+                                     "0.1) or calibrate on more data") from None
+            except ValueError as e:
+                raise CompressionError(f"{full}: {e}") from None
+            seconds[i] += time.perf_counter() - t
+
     for index, layer in walk_layers(model, adapter, device, io, desc, start):
         prefix = adapter.layer_prefix(index)
         linears = layer_targets(adapter, layer, prefix, lambda n: any(sel(n) for sel in selects))
-        groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
-        for group in groups:
-            chosen = {n: linears[n] for n in group}
-            # each Linear gets only what the methods that touch it need (no XᵀX for a layer DSnoT skips)
-            own_needs = {n: frozenset().union(*(m.needs for m, sel in zip(methods, selects) if sel(f"{prefix}.{n}")))
-                         for n in chosen}
-            routing: dict[str, ExpertStats] = {}
-            stats = collect_stats(layer, chosen, own_needs, acts, min_expert_tokens, routing, prefix) if needs else {}
-            if experts is not None:
-                _note_experts(experts, prefix, routing, chosen, min_expert_tokens)
+        # each Linear gets only what the methods that touch it need (no XᵀX for a layer DSnoT skips)
+        own_needs = {n: frozenset().union(*(m.needs for m, sel in zip(methods, selects) if sel(f"{prefix}.{n}")))
+                     for n in linears}
+        last = index + 1 == len(layers)
+        outputs = None
+        if one_pass and not adapter.expert_modules(layer):
+            outputs = _one_pass_layer(layer, linears, own_needs, acts, last,
+                                      lambda n, m, st: compress_one(index, prefix, n, m, st))
             fault_point(f"stats:{index}")
-            for name, linear in chosen.items():
-                full = f"{prefix}.{name}"
-                if name in stats and not stats[name].finite():
-                    raise NumericalError(f"non-finite values (NaN/inf) in the calibration inputs of {full}; "
-                                         f"{_overflow_hint(layer)}")
-                dense = linear.weight.detach().clone() if keep_dense else None
-                for i, (method, sel) in enumerate(zip(methods, selects)):
-                    if not sel(full):
-                        continue
-                    t = time.perf_counter()
-                    try:
-                        method.compress(Target(full, index, linear, stats.get(name), dense))
-                    except torch.linalg.LinAlgError as e:
-                        raise NumericalError(f"{full}: {str(e).splitlines()[0]}; raise the damping (percdamp, e.g. "
-                                             "0.1) or calibrate on more data") from None
-                    except ValueError as e:
-                        raise CompressionError(f"{full}: {e}") from None
-                    seconds[i] += time.perf_counter() - t
-                del dense
+        else:
+            for group in adapter.groups_for(list(linears)) if true_seq else [list(linears)]:
+                chosen = {n: linears[n] for n in group}
+                routing: dict[str, ExpertStats] = {}
+                stats = collect_stats(layer, chosen, own_needs, acts, min_expert_tokens, routing, prefix) if needs else {}
+                if experts is not None:
+                    _note_experts(experts, prefix, routing, chosen, min_expert_tokens)
+                fault_point(f"stats:{index}")
+                for name, linear in chosen.items():
+                    compress_one(index, prefix, name, linear, stats.get(name))
         for method in methods:
             method.finish_layer(index)
-        last = index + 1 == len(layers)
         if acts is not None and not last:  # the last layer's outputs feed nothing
-            acts.advance(layer)
+            acts.advance(layer, outputs)
         if checkpoint is not None:
             checkpoint.save_layer(pass_key, index, layer, None if acts is None or last else acts.hidden, methods)
         fault_point(f"layer:{index}")
     del acts
     return seconds
+
+
+# one-pass layers (true-sequential passes): the layer's whole working set for all calibration tokens at once
+# must stay under this. A fixed bound, not the free memory: the choice changes the bits of the result, so it
+# depends only on the model's shapes and the calibration windows (same recipe and input, same output).
+ONE_PASS_BYTES = 2 << 30
+
+
+def one_pass_fits(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> bool:
+    """Whether a decoder layer can run on every calibration window in one batch: an fp32 upper bound of its
+    activations (every Linear's outputs, a few hidden-size temporaries and one attention score per head
+    and key) over all tokens, against ONE_PASS_BYTES."""
+    layers = adapter.layers(model)
+    if not len(layers) or windows.dim() != 2:
+        return False
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    outs = max(sum(m.out_features for m in layer.modules() if isinstance(m, nn.Linear)) for layer in layers)
+    per_token = outs + 4 * hidden + heads * windows.shape[1]
+    return windows.numel() * per_token * 4 <= ONE_PASS_BYTES
+
+
+@torch.no_grad()
+def _one_pass_layer(layer: nn.Module, linears: dict, needs: dict[str, frozenset[str]], acts: Activations,
+                    last: bool, compress) -> torch.Tensor | None:
+    """True-sequential compression in one forward over every calibration window at once (acts holds one
+    batch): each target Linear is compressed inside its forward pre-hook, from the statistics of the very
+    input it is about to multiply, so later Linears see the outputs of the compressed earlier ones (q/k/v,
+    then o, then gate/up, then down) and the forward's output is already the next layer's input. A Linear the
+    forward never reached is compressed afterwards from empty statistics, as the grouped passes would.
+    Returns the layer's outputs (None for the last layer, whose forward stops after its last Linear)."""
+    (hidden,), (kw,) = acts.hidden, acts.kwargs
+    pending = dict(linears)
+
+    def hook(name):
+        def pre(module, args):
+            if name not in pending:  # a Linear called twice in one forward: compressed at its first call
+                return
+            stats = InputStats(module.in_features, needs[name], module.weight.device) if needs[name] else None
+            if stats is not None:
+                stats.update(args[0])
+            compress(name, pending.pop(name), stats)
+            if last and not pending:
+                raise _Collected
+
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    out = None
+    try:
+        out = layer_forward(layer, hidden, kw)
+    except _Collected:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    for name, m in list(pending.items()):
+        compress(name, m, InputStats(m.in_features, needs[name], m.weight.device) if needs[name] else None)
+    return None if last else [out]

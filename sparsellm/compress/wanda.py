@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from ..stage import register
 from .base import PruneMethod, PruneSpec, Target
@@ -14,6 +15,8 @@ class WandaPrune(PruneSpec):
     """Zero the weights of smallest |W|·‖x‖ in each output row (or N:M group), x the calibration inputs (Sun et al., 2024)."""
 
     method: Literal["wanda"]
+    true_sequential: bool = Field(False, description="prune q/k/v, then o, then gate/up, then down, each from the inputs the already "
+                                  "pruned ones give; in one forward per layer when the layer fits in memory for all windows at once")
 
 
 def wanda_scores(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
@@ -29,6 +32,10 @@ def wanda_mask(weight: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, nm:
 class Wanda(PruneMethod):
     needs = frozenset({"sq_norm"})
     spec: WandaPrune
+
+    def __init__(self, spec: WandaPrune):
+        super().__init__(spec)
+        self.true_sequential = spec.true_sequential
 
     @torch.no_grad()
     def compress(self, t: Target) -> None:
