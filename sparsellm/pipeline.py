@@ -28,7 +28,8 @@ from .export import atomic_folder, check_output, disk_bytes
 from .faults import fault_point
 from .handle import ModelHandle, OffloadedHandle, StreamedHandle
 from .loading import get_adapter, load_model
-from .loading.models import source_info
+from .loading.adapters import SUPPORTED_MODEL_TYPES
+from .loading.models import peek_model_type, source_info
 from .lowmem import low_memory_reason, recipe_problem
 from .lowmem.offload import is_dispatched, parse_device_map
 from .stage import RunContext, Stage, build_stages
@@ -177,6 +178,17 @@ def measure_speed_against_dense(ctx: RunContext, options: RunOptions, spec) -> d
 
 # ---- the stages --------------------------------------------------------------------------------
 
+def check_families(stages: list[Stage], spec: str | None) -> None:
+    """Refuse a stage the model's whole family cannot take (SliceGPT on Gemma, structured pruning of
+    experts, ...) from the model type config.json or the GGUF header names, before any weight is read."""
+    model_type = peek_model_type(spec)
+    if model_type is None or model_type not in SUPPORTED_MODEL_TYPES:
+        return  # unknown here, or an unsupported architecture: the load refuses it in one line
+    adapter = get_adapter(model_type)
+    for stage in stages:
+        stage.check_family(adapter)
+
+
 def check_stages(stages: list[Stage], ctx: RunContext) -> None:
     """Every stage checks itself against the model before any heavy work."""
     for stage in stages:
@@ -301,6 +313,7 @@ def run_recipe(recipe, output: str | Path | None, options: RunOptions, model_spe
     timer = Timer()
     memory.reset_peak()
     if handle is None:
+        check_families(stages, model_spec or recipe.model)
         with timer("load"):
             handle = open_model(model_spec or recipe.model, recipe, options)
     if options.checkpoint_dir:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from . import memory
+from .errors import UnsupportedArchitectureError
 
 # the recipe's stage keys in the schema's order
 KINDS = ("slice", "learn", "structure", "recover", "allocate", "prune", "refine", "reconstruct")
@@ -192,6 +193,16 @@ class Stage(ABC):
 
     def needs_data(self) -> bool:
         return True
+
+    # the adapter field holding this stage kind's one-line refusal for a whole family ("" for none)
+    family_refusal: ClassVar[str] = ""
+
+    def check_family(self, adapter) -> None:
+        """Refuse a family this stage can never handle, from the adapter alone: run on the model type that
+        config.json (or the GGUF header) names, before any weight is read."""
+        reason = getattr(adapter, self.family_refusal, "") if self.family_refusal else ""
+        if reason:
+            raise UnsupportedArchitectureError(reason)
 
     def check(self, ctx: RunContext) -> None:
         """Refuse, before any heavy work, a model this stage cannot handle (shapes, architecture)."""

@@ -451,3 +451,18 @@ def _assert_refused(r, tmp_path, code: int, needle: str):
 ])
 def test_methods_that_do_not_apply_are_refused_in_one_line(stage, needle, moe_dirs, tmp_path):
     _assert_refused(_run(moe_dirs["qwen3_moe"], stage, tmp_path), tmp_path, 4, needle)
+
+
+@pytest.mark.parametrize("stage,needle", [
+    ({"slice": {"method": "slicegpt", "slicing": 0.2}}, "SliceGPT on mixture of experts"),
+    ({"structure": {"method": "wanda-sp", "ffn": 0.25, "uniform": True}}, "structured pruning of mixture of experts"),
+    ({"learn": {"method": "maskllm", "pattern": "2:4", "steps": 1}}, "MaskLLM on mixture of experts"),
+])
+def test_family_refusals_come_from_config_before_any_weight_is_read(stage, needle, moe_dirs, tmp_path, monkeypatch):
+    import sparsellm.pipeline as pipeline
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was opened before the recipe was checked against its family")
+
+    monkeypatch.setattr(pipeline, "open_model", no_load)
+    _assert_refused(_run(moe_dirs["mixtral"], stage, tmp_path), tmp_path, 4, needle)

@@ -430,6 +430,7 @@ def hard_mask_index(keep: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
 
 @stage_kind
 class LearnStage(Stage):
+    family_refusal = "learn_refusal"
     kind = "learn"
 
     def check(self, ctx) -> None:

@@ -515,6 +515,7 @@ def stock_config(cfg, stock: dict) -> None:
 
 @stage_kind
 class SliceStage(Stage):
+    family_refusal = "slice_refusal"
     kind = "slice"
 
     def whole_model_reason(self, flag: str) -> str | None:

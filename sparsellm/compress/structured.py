@@ -334,6 +334,7 @@ def linear_flops(model: nn.Module) -> int:
 
 @stage_kind
 class StructureStage(Stage):
+    family_refusal = "structure_refusal"
     kind = "structure"
 
     def whole_model_reason(self, flag: str) -> str | None:

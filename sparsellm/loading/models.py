@@ -246,14 +246,36 @@ def check_gguf(path: Path, spec: str) -> None:
             f"use a model of a supported architecture: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
-def check_architecture(cfg: dict) -> None:
-    """Refuse an architecture sparsellm cannot compress from config.json alone, before any weight is read
-    (for a hub id only the config has been downloaded at this point)."""
+def _config_model_type(cfg: dict):
+    """config.json's model type; for sparsellm's own sliced runtime, the family it was cut from."""
     model_type = cfg.get("model_type")
     if str(model_type).startswith("sparsellm_sliced_") and (cfg.get("sparsellm_slicing") or cfg.get("sparsellm_structure")):
         from .modeling_sliced import base_model_type
 
         model_type = base_model_type(cfg)
+    return model_type
+
+
+def peek_model_type(spec: str | None) -> str | None:
+    """The model type a model names before any weight is read: config.json of a folder or hub id (for a
+    hub id only config.json is downloaded; the load reuses it from the cache), or a GGUF file's header
+    architecture. None when it cannot be told here: the load then reports what is wrong, in one line."""
+    from transformers import PretrainedConfig
+
+    try:
+        source = resolve_model(spec)
+        if source.gguf_file:
+            return gguf_model_type(gguf_architecture(Path(source.path) / source.gguf_file))
+        model_type = _config_model_type(PretrainedConfig.get_config_dict(source.path)[0])
+        return model_type if isinstance(model_type, str) else None
+    except Exception:  # noqa: BLE001 - any problem here is the load's to report, with its own message
+        return None
+
+
+def check_architecture(cfg: dict) -> None:
+    """Refuse an architecture sparsellm cannot compress from config.json alone, before any weight is read
+    (for a hub id only the config has been downloaded at this point)."""
+    model_type = _config_model_type(cfg)
     if model_type is not None and not isinstance(model_type, str):
         raise ModelLoadError(f"config.json has model_type {model_type!r}, not a name; fix or re-download the file")
     if model_type is not None:
