@@ -466,3 +466,32 @@ def test_family_refusals_come_from_config_before_any_weight_is_read(stage, needl
 
     monkeypatch.setattr(pipeline, "open_model", no_load)
     _assert_refused(_run(moe_dirs["mixtral"], stage, tmp_path), tmp_path, 4, needle)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_hessians_in_chunks_give_the_same_bits(family, windows, monkeypatch):
+    """SparseGPT's per-expert XᵀX taken a few experts at a time (a bound far below the experts' total) gives the
+    bits of the one-pass collection, and the report's expert token counts."""
+    from sparsellm.calibrate import engine
+
+    def run():
+        model = moe_model(family)
+        spec = recipe_from_dict({"stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}]}).stages[0].spec
+        report: dict = {}
+        run_layerwise(model, get_adapter(model), windows, [build_method(spec)], make_selector([], []), batch_size=2,
+                      min_expert_tokens=1, experts=report)
+        return model, report
+
+    whole, whole_report = run()
+    experts = get_adapter(whole).expert_modules(get_adapter(whole).layers(whole)[0])
+    (mod,) = experts.values()
+    one_expert = mod.gate_up_proj.shape[-1] ** 2 * 8 * 2
+    monkeypatch.setattr(engine, "EXPERT_STATS_BYTES", one_expert)  # one expert per statistics pass
+    calls = []
+    real = engine.collect_stats
+    monkeypatch.setattr(engine, "collect_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    chunked, chunked_report = run()
+    assert len(calls) >= mod.gate_up_proj.shape[0] * len(get_adapter(chunked).layers(chunked))
+    for (n, a), b in zip(whole.state_dict().items(), chunked.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert chunked_report == whole_report

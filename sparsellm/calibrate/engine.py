@@ -89,7 +89,8 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
     modules = {path: _get(layer, path) for path in routed}
     experts = {path: ExpertStats(modules[path], frozenset().union(*(needs[n] for n in names)), linears[names[0]].weight.device,
                                  inner=any(linears[n].part == "down_proj" for n in names),
-                                 inputs=any(linears[n].part != "down_proj" for n in names))
+                                 inputs=any(linears[n].part != "down_proj" for n in names),
+                                 only={linears[n].expert for n in names})
                for path, names in routed.items()}
     seen: set[str] = set()
     expected = len(plain) + len(experts)
@@ -127,7 +128,9 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
 
 def _note_experts(out: dict, prefix: str, routing: dict, chosen: dict, min_tokens: int) -> None:
     for path, es in routing.items():
-        out.setdefault("expert_tokens", {})[f"{prefix}.{path}"] = list(es.tokens)
+        tokens = out.setdefault("expert_tokens", {}).setdefault(f"{prefix}.{path}", [0] * es.count)
+        for e in es.only:  # a pass that collected a few experts only (expert_chunks) reports those
+            tokens[e] = es.tokens[e]
         starved = [f"{prefix}.{n}" for n, m in chosen.items()
                    if isinstance(m, ExpertMatrix) and n.startswith(path + ".") and es.tokens[m.expert] < max(min_tokens, 1)]
         if starved:
@@ -202,7 +205,8 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
                                       lambda n, m, st: compress_one(index, prefix, n, m, st))
             fault_point(f"stats:{index}")
         else:
-            for group in adapter.groups_for(list(linears)) if true_seq else [list(linears)]:
+            groups = adapter.groups_for(list(linears)) if true_seq else [list(linears)]
+            for group in (part for g in groups for part in expert_chunks(g, linears, own_needs)):
                 chosen = {n: linears[n] for n in group}
                 routing: dict[str, ExpertStats] = {}
                 stats = collect_stats(layer, chosen, own_needs, acts, min_expert_tokens, routing, prefix) if needs else {}
@@ -220,6 +224,36 @@ def run_layerwise(model: nn.Module, adapter: Adapter, windows: torch.Tensor, met
         fault_point(f"layer:{index}")
     del acts
     return seconds
+
+
+# XᵀX of the experts' inputs, float64, held at once for one statistics pass: a group needing more is collected a few
+# experts at a time (one forward of the layer per chunk). Bit-identical to one pass: an expert's inputs depend on
+# the router and what runs before the experts, never on another expert's weights (and the group's other Linears
+# are compressed with the last chunk).
+EXPERT_STATS_BYTES = 4 << 30
+
+
+def expert_chunks(group: list[str], linears: dict, needs: dict[str, frozenset[str]]) -> list[list[str]]:
+    """Split a group of names into statistics passes whose experts' XᵀX fit EXPERT_STATS_BYTES: consecutive
+    experts together, every non-expert name in the last pass."""
+    per_expert: dict[int, int] = {}
+    for n in group:
+        m = linears[n]
+        if isinstance(m, ExpertMatrix) and "hessian" in needs[n]:
+            per_expert[m.expert] = per_expert.get(m.expert, 0) + m.in_features ** 2 * 8
+    if sum(per_expert.values()) <= EXPERT_STATS_BYTES:
+        return [group]
+    chunks: list[set[int]] = [set()]
+    held = 0
+    for e in sorted(per_expert):  # gate and up of one expert read the same inputs: counted twice, a safe bound
+        if chunks[-1] and held + per_expert[e] > EXPERT_STATS_BYTES:
+            chunks.append(set())
+            held = 0
+        chunks[-1].add(e)
+        held += per_expert[e]
+    parts = [[n for n in group if isinstance(linears[n], ExpertMatrix) and linears[n].expert in c] for c in chunks]
+    parts[-1] += [n for n in group if not (isinstance(linears[n], ExpertMatrix) and linears[n].expert in per_expert)]
+    return parts
 
 
 # one-pass layers (true-sequential passes): the layer's whole working set for all calibration tokens at once

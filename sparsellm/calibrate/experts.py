@@ -27,14 +27,18 @@ class ExpertStats:
     """Per-expert input statistics of one experts module, from the routing each forward passes it:
     `inputs[e]` (what gate_proj and up_proj of expert e read: its routed hidden states) and `inner[e]` (what
     its down_proj reads: act(gate·x) ⊙ up·x, from the expert's current weights). `tokens[e]` counts them.
-    The routing weights scale the expert's output, not these inputs, so they are not applied."""
+    The routing weights scale the expert's output, not these inputs, so they are not applied.
+    `only`: collect for these experts alone (the engine takes large experts' XᵀX a few experts at a time);
+    the others keep None statistics and count no tokens."""
 
     def __init__(self, experts: nn.Module, needs: frozenset[str], device: torch.device | str = "cpu",
-                 inner: bool = True, inputs: bool = True):
+                 inner: bool = True, inputs: bool = True, only: set[int] | None = None):
         self.experts = experts
         self.count, hidden, inter = expert_shapes(experts)
-        self.inputs = [InputStats(hidden, needs, device) for _ in range(self.count)] if inputs else None
-        self.inner = [InputStats(inter, needs, device) for _ in range(self.count)] if inner else None
+        self.only = set(range(self.count)) if only is None else set(only)
+        mine = [e in self.only for e in range(self.count)]
+        self.inputs = [InputStats(hidden, needs, device) if m else None for m in mine] if inputs else None
+        self.inner = [InputStats(inter, needs, device) if m else None for m in mine] if inner else None
         self.tokens = [0] * self.count
         self._handle = None
         self._warned: set[int] = set()
@@ -44,7 +48,7 @@ class ExpertStats:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         top_k_index = top_k_index.reshape(hidden.shape[0], -1)
         inter = self.experts.gate_up_proj.shape[1] // 2
-        for e in range(self.count):
+        for e in sorted(self.only):
             idx = routed_tokens(top_k_index, e)
             if idx.numel() == 0:
                 continue
