@@ -191,3 +191,24 @@ def test_reconstruct_kill_then_resume_a_low_memory_run(model4, rec_recipe, tmp_p
     assert resumed.exit_code == 0, resumed.output
     assert_same_output(out, ref)
     assert json.loads((out / "report.json").read_text())["resumed"] == {"stage0": LAYERS, "stage1": 2}
+
+
+def test_kill_then_resume_a_one_pass_run(model4, tmp_path):
+    """True-sequential Wanda runs one forward per layer on every window at once (calibrate/engine.py:
+    _one_pass_layer); killed mid-save, it resumes from the single saved batch to the uninterrupted bytes."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "seed": 0, "calibration": {"dataset": str(TEXT), "nsamples": 6, "seqlen": 32, "batch_size": 4},
+        "evaluation": {"ppl": [str(TEXT)], "seqlen": 32, "limit": 2, "before": False},
+        "stages": [{"prune": {"method": "wanda", "pattern": "2:4", "true_sequential": True}}, {"refine": {"method": "dsnot"}}]}))
+    ref = tmp_path / "ref" / "out"  # the model card names the output folder
+    r = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output", str(ref)])
+    assert r.exit_code == 0, r.output
+    out, ckpt = tmp_path / "run" / "out", tmp_path / "ckpt"
+    killed = prune_process(model4, recipe, out, ckpt, "save:2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = CliRunner().invoke(cli, ["prune", "--model", str(model4), "--recipe", str(recipe), "--output", str(out),
+                                       "--checkpoint-dir", str(ckpt), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_same_output(out, ref)
+    assert json.loads((out / "report.json").read_text())["resumed"] == {"stage0": 2}
