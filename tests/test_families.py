@@ -550,13 +550,10 @@ def test_phi3_head_removal_refused(family_dirs, tmp_path):
                          tmp_path), tmp_path, 4, "use heads: 0")
 
 
-def test_hub_id_of_unsupported_architecture_refused_after_only_its_config(tmp_path, monkeypatch):
-    """The config is downloaded first and checked; no weight file (nor anything else) is requested."""
+def _fake_hub(src: Path, tmp_path, monkeypatch) -> list[str]:
+    """hf_hub_download serving the files of `src` and refusing all but config.json; returns what was requested."""
     import transformers.utils.hub as hub
-    from transformers import GPT2Config
 
-    src = tmp_path / "hub"
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320).save_pretrained(src)
     requested = []
 
     def fake_download(repo_id, filename, *args, cache_dir=None, **kwargs):
@@ -576,6 +573,24 @@ def test_hub_id_of_unsupported_architecture_refused_after_only_its_config(tmp_pa
     monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "is_offline_mode", lambda: False, raising=False)
+    return requested
+
+
+def test_hub_id_of_unsupported_architecture_refused_after_only_its_config(tmp_path, monkeypatch):
+    """The config is downloaded first and checked; no weight file (nor anything else) is requested."""
+    from transformers import GPT2Config
+
+    src = tmp_path / "hub"
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320).save_pretrained(src)
+    requested = _fake_hub(src, tmp_path, monkeypatch)
     with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'gpt2'"):
         load_model("sparsellm-tests/gpt2-like")
+    assert requested == ["config.json"]
+
+
+def test_hub_id_of_a_family_a_stage_cannot_take_refused_after_only_its_config(family_dirs, tmp_path, monkeypatch):
+    """SliceGPT on a Gemma 3 hub id: refused from its config.json, before any weight is requested."""
+    requested = _fake_hub(family_dirs["gemma3_text"], tmp_path, monkeypatch)
+    _assert_refused(_run("sparsellm-tests/gemma3-like", {"slice": {"method": "slicegpt", "slicing": 0.2, "rotation": "uniform"}},
+                         tmp_path), tmp_path, 4, "SliceGPT")
     assert requested == ["config.json"]
