@@ -22,7 +22,8 @@ class SparseGPTPrune(PruneSpec):
     method: Literal["sparsegpt"]
     blocksize: int = Field(128, gt=0, description="columns per lazy-update block")
     percdamp: float = Field(0.01, ge=0.0, description="Hessian damping, fraction of its mean diagonal")
-    true_sequential: bool = Field(False, description="prune q/k/v, then o, then gate/up, then down, re-collecting inputs between")
+    true_sequential: bool = Field(False, description="prune q/k/v, then o, then gate/up, then down, each from the inputs the "
+                                  "already pruned ones give; in one forward per layer when the layer fits in memory for all windows at once")
     scope: Literal["block", "row"] = Field("block", description="unstructured mask chosen per column block across all rows (paper) or per row within each block")
 
 
