@@ -141,7 +141,7 @@ ALSO_CHUNKS = 24  # chunks of the --also-eval text (data/wiki_eval.txt: 51 in al
 
 def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None,
            block_distance: list[float] | None = None, also_eval: str | None = None,
-           calib: str = "lee_calib.txt", evaluate: str = "lee_eval.txt") -> dict:
+           calib: str = "lee_calib.txt", evaluate: str = "lee_eval.txt", eval_chunks: int | None = None) -> dict:
     import torch
 
     from sparsellm import memory
@@ -161,7 +161,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     model, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
     windows = calibration_windows(tok, str(data / calib), NSAMPLES, SEQLEN, seed=0)
-    chunks = evaluation_chunks(tok, str(data / evaluate), SEQLEN)
+    chunks = evaluation_chunks(tok, str(data / evaluate), SEQLEN, eval_chunks)
     row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
            "params_before": sum(p.numel() for p in model.parameters())}
     structured = any("slice" in st or "structure" in st for st in SETTINGS[name] or [])
@@ -252,6 +252,7 @@ def main() -> None:
     ap.add_argument("--calib", default="lee_calib.txt", help="calibration text in --data (the protocol's: lee_calib.txt; "
                     "the second pair of issue 19: kjv_calib.txt from scripts/get_second_pair.sh)")
     ap.add_argument("--eval", default="lee_eval.txt", help="evaluation text in --data (lee_eval.txt; second pair: wiki_eval.txt)")
+    ap.add_argument("--eval-chunks", type=int, help="only the first N chunks of --eval (default: all)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--importance", help=argparse.SUPPRESS)
@@ -261,7 +262,7 @@ def main() -> None:
         imp = json.loads(args.importance) if args.importance else None
         dist = json.loads(args.block_distance) if args.block_distance else None
         print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist, args.also_eval,
-                                                     args.calib, args.eval)), flush=True)
+                                                     args.calib, args.eval, args.eval_chunks)), flush=True)
         return
 
     names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
@@ -283,6 +284,7 @@ def main() -> None:
             extra += ["--block-distance", json.dumps(distance)] if distance else []
             extra += ["--also-eval", args.also_eval] if args.also_eval else []
             extra += ["--calib", args.calib, "--eval", args.eval]
+            extra += ["--eval-chunks", str(args.eval_chunks)] if args.eval_chunks else []
             # passive OpenMP waits: on shared cores spinning threads steal the time of the others (a 2-thread
             # SparseGPT pass ran 6x slower among other busy processes); the results do not depend on it
             env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
