@@ -34,7 +34,7 @@ for _m in ("magnitude", "wanda", "sparsegpt"):
 for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"wanda-{tag}"] = [{"prune": _p("wanda", _s)}]
-    # issue 3's DSnoT: criterion mse + verify, the default until exact swap scores became it (issue 19)
+    # issue 3's DSnoT: the defaults (criterion mse + verify), spelled out
     MSE = {"refine": {"method": "dsnot", "criterion": "mse"}}
     SETTINGS[f"wanda+dsnot-{tag}"] = [{"prune": _p("wanda", _s)}, MSE]
     SETTINGS[f"sparsegpt-{tag}"] = [{"prune": _p("sparsegpt", _s)}]

@@ -14,10 +14,10 @@ candidates of the wrong sign are never taken when the right-signed ones run out;
 is a working option; and the error is measured against the dense weights, so a SparseGPT start (whose
 kept weights were updated) is refined against the layer it approximates.
 
-criterion "exact" (dsnot_exact, the default): instead of the mean-error heuristic, each swap is scored by
-the exact change of the row's calibration output error (w0 − w)ᵀ XᵀX/n (w0 − w), computed from XᵀX and a
-running residual; the best improving swap per row is taken each cycle (see the formulas below). The
-paper's rule and the diagonal estimate stay available as criterion "mean" and "mse"."""
+criterion "exact" (dsnot_exact, opt-in): instead of the mean-error heuristic, each swap is scored by the
+exact change of the row's calibration output error (w0 − w)ᵀ XᵀX/n (w0 − w), computed from XᵀX and a
+running residual; the best improving swap per row is taken each cycle (see the formulas below). Much
+better on text like the calibration's, worse on another domain's (docs/benchmarks.md): it stays opt-in."""
 from __future__ import annotations
 
 import logging
@@ -38,19 +38,19 @@ class DSnoTRefine(Strict):
     """Training-free prune-and-grow on the mask of the prune stage just before it (Zhang et al., 2024)."""
     method: Literal["dsnot"]
     max_cycles: int = Field(50, gt=0, description="at most this many swaps per row")
-    update_threshold: float = Field(0.1, ge=0.0, description="mean/mse: a row stops once |its error| is at most this "
+    update_threshold: float = Field(0.1, ge=0.0, description="a row stops once |its error| is at most this "
                                     "(unit: the error summed over one calibration window, as in the reference)")
-    pow_of_var: float = Field(1.0, ge=0.0, description="mean/mse: grow the weight of largest contribution / Var[x]^p")
-    same_sign: bool = Field(False, description="mean/mse: also reject swaps that flip the sign of the row's error")
-    criterion: Literal["mean", "mse", "exact"] = Field("exact", description="exact (default): each cycle, the swap that "
-                                                       "lowers the row's calibration output error the most, scored "
-                                                       "exactly from XᵀX (no row ends worse than its start); mean: "
-                                                       "take a swap when it shrinks |mean error| (the paper); mse: "
-                                                       "only when it also lowers a diagonal estimate of the squared "
-                                                       "error (see docs/methods.md)")
-    verify: bool = Field(True, description="mean/mse: keep a row's new mask only if its exact output error on the "
-                         "calibration inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX "
-                         "per layer; exact swaps need no check)")
+    pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
+    same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
+    criterion: Literal["mean", "mse", "exact"] = Field("mse", description="take a swap when it shrinks |mean error| (the "
+                                                       "paper), or only when it also lowers the row's expected squared "
+                                                       "error (default: measured better, see docs/methods.md); exact: "
+                                                       "the best swap by the exact change of the row's output error "
+                                                       "from XᵀX (opt-in: no row's calibration error ends worse than its "
+                                                       "start; far better on text like the calibration's, worse on "
+                                                       "other domains, see docs/benchmarks.md)")
+    verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
+                         "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
     modules: Literal["attention", "mlp", "all"] = Field("all", description="which pruned Linear layers to refine "
                                                          "(default all: measured best with verify; see methods.md)")
     targets: list[str] = Field(default_factory=list, description="glob (or re:REGEX) on module names, within `modules`")
