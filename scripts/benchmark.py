@@ -31,11 +31,10 @@ for _m in ("magnitude", "wanda", "sparsegpt"):
     for _s in (0.5, "2:4", "4:8"):
         SETTINGS[f"{_m}-{_s if ':' in str(_s) else int(_s * 100)}"] = [{"prune": _p(_m, _s)}]
 # layer-wise allocation and DSnoT (issue 3): 60 %, 70 % unstructured and 2:4
+MSE = {"refine": {"method": "dsnot", "criterion": "mse"}}  # issue 3's DSnoT: the defaults (mse + verify), spelled out
 for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"wanda-{tag}"] = [{"prune": _p("wanda", _s)}]
-    # issue 3's DSnoT: the defaults (criterion mse + verify), spelled out
-    MSE = {"refine": {"method": "dsnot", "criterion": "mse"}}
     SETTINGS[f"wanda+dsnot-{tag}"] = [{"prune": _p("wanda", _s)}, MSE]
     SETTINGS[f"sparsegpt-{tag}"] = [{"prune": _p("sparsegpt", _s)}]
     SETTINGS[f"sparsegpt+dsnot-{tag}"] = [{"prune": _p("sparsegpt", _s)}, MSE]
@@ -65,9 +64,9 @@ for _s in (0.6, 0.7):  # = issue 3's defaults (mse, verify, all), spelled out
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
 # DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start)
+EXACT = {"refine": {"method": "dsnot", "criterion": "exact"}}
 for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
-    EXACT = {"refine": {"method": "dsnot", "criterion": "exact"}}
     SETTINGS[f"wanda+dsnot(exact)-{tag}"] = [{"prune": _p("wanda", _s)}, EXACT]
     SETTINGS[f"sparsegpt+dsnot(exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, EXACT]
     SETTINGS[f"owl+wanda+dsnot(exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, EXACT]

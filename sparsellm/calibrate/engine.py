@@ -280,7 +280,7 @@ def one_pass_fits(model: nn.Module, adapter: Adapter, windows: torch.Tensor) -> 
 
 @torch.no_grad()
 def _one_pass_layer(layer: nn.Module, linears: dict, needs: dict[str, frozenset[str]], acts: Activations,
-                    last: bool, compress) -> torch.Tensor | None:
+                    last: bool, compress) -> list[torch.Tensor] | None:
     """True-sequential compression in one forward over every calibration window at once (acts holds one
     batch): each target Linear is compressed inside its forward pre-hook, from the statistics of the very
     input it is about to multiply, so later Linears see the outputs of the compressed earlier ones (q/k/v,
@@ -290,11 +290,15 @@ def _one_pass_layer(layer: nn.Module, linears: dict, needs: dict[str, frozenset[
     (hidden,), (kw,) = acts.hidden, acts.kwargs
     pending = dict(linears)
 
+    def empty(name: str) -> InputStats | None:
+        m = linears[name]
+        return InputStats(m.in_features, needs[name], m.weight.device) if needs[name] else None
+
     def hook(name):
         def pre(module, args):
             if name not in pending:  # a Linear called twice in one forward: compressed at its first call
                 return
-            stats = InputStats(module.in_features, needs[name], module.weight.device) if needs[name] else None
+            stats = empty(name)
             if stats is not None:
                 stats.update(args[0])
             compress(name, pending.pop(name), stats)
@@ -313,5 +317,5 @@ def _one_pass_layer(layer: nn.Module, linears: dict, needs: dict[str, frozenset[
         for h in handles:
             h.remove()
     for name, m in list(pending.items()):
-        compress(name, m, InputStats(m.in_features, needs[name], m.weight.device) if needs[name] else None)
+        compress(name, m, empty(name))
     return None if last else [out]

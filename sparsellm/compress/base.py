@@ -42,6 +42,7 @@ class PruneMethod(LayerwiseMethod):
     def __init__(self, spec):
         self.spec = spec
         self.layer_sparsity: list[float] | None = None
+        self.true_sequential = bool(getattr(spec, "true_sequential", False))  # an option of Wanda and SparseGPT
 
     def sparsity_at(self, layer: int) -> float:
         return self.spec.sparsity if self.layer_sparsity is None else self.layer_sparsity[layer]

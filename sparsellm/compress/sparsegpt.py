@@ -106,7 +106,6 @@ class SparseGPT(PruneMethod):
 
     def __init__(self, spec: SparseGPTPrune, refit: bool = False):
         super().__init__(spec)
-        self.true_sequential = spec.true_sequential
         self.refit = refit
 
     @torch.no_grad()

@@ -33,10 +33,6 @@ class Wanda(PruneMethod):
     needs = frozenset({"sq_norm"})
     spec: WandaPrune
 
-    def __init__(self, spec: WandaPrune):
-        super().__init__(spec)
-        self.true_sequential = spec.true_sequential
-
     @torch.no_grad()
     def compress(self, t: Target) -> None:
         mask = wanda_mask(t.linear.weight, t.stats.sq_norm, self.sparsity_at(t.layer), self.nm_at(t.layer))
