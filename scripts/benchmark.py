@@ -64,12 +64,19 @@ for _s in (0.6, 0.7):  # = issue 3's defaults (mse, verify, all), spelled out
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
 # DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start)
-EXACT = {"refine": {"method": "dsnot", "criterion": "exact"}}
+EXACT = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": 0.0}}  # the full XᵀX (the default shrinks it)
 for _s in (0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"wanda+dsnot(exact)-{tag}"] = [{"prune": _p("wanda", _s)}, EXACT]
     SETTINGS[f"sparsegpt+dsnot(exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, EXACT]
     SETTINGS[f"owl+wanda+dsnot(exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, EXACT]
+for _k in (0.25, 0.5, 0.75):  # exact scores from a shrunk XᵀX (less trust in the calibration text's correlations)
+    for _s in (0.6, 0.7, "2:4"):
+        tag = _s if ":" in str(_s) else int(_s * 100)
+        _x = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": _k}}
+        SETTINGS[f"wanda+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("wanda", _s)}, _x]
+        SETTINGS[f"sparsegpt+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("sparsegpt", _s)}, _x]
+        SETTINGS[f"owl+wanda+dsnot(exact-s{_k})-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, _x]
 # Wanda true-sequential (q/k/v, o, gate/up, down each from the already pruned ones' outputs): one forward per layer
 for _s in (0.5, 0.6, 0.7, "2:4"):
     tag = _s if ":" in str(_s) else int(_s * 100)
@@ -132,6 +139,9 @@ GROUPS = {
     "issue19": ["sparsegpt-2:4", "sparsegpt+rec-2:4", "sparsegpt-70", "sparsegpt+rec-70", "sparsegpt-60", "sparsegpt+rec-60"],
     "dsnot-exact": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
                     ("wanda", "wanda+dsnot(exact)", "sparsegpt", "sparsegpt+dsnot(exact)", "owl+wanda", "owl+wanda+dsnot(exact)")],
+    "dsnot-shrunk": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
+                     ("wanda", "wanda+dsnot(exact-s0.5)", "sparsegpt", "sparsegpt+dsnot(exact-s0.5)", "owl+wanda",
+                      "owl+wanda+dsnot(exact-s0.5)")],
     "wanda-seq": [f"wanda{v}-{t}" for t in ("50", "60", "70", "2:4") for v in ("", "-seq")],
     "issue5": [f"{m}-ffn{t}" for t in ("20", "50") for m in ("cfsp", "wanda-sp", "magnitude")]
               + ["cfsp-ffn20+lora", "cfsp-ffn50+lora", "cfsp-uniform-ffn20", "dense+lora"],
@@ -162,7 +172,8 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     model, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
     windows = calibration_windows(tok, str(data / calib), NSAMPLES, SEQLEN, seed=0)
-    chunks = evaluation_chunks(tok, str(data / evaluate), SEQLEN, eval_chunks)
+    bos = tok.bos_token_id if adapter.needs_bos else None  # as the CLI: each chunk starts with BOS (Gemma)
+    chunks = evaluation_chunks(tok, str(data / evaluate), SEQLEN, eval_chunks, bos)
     row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
            "params_before": sum(p.numel() for p in model.parameters())}
     structured = any("slice" in st or "structure" in st for st in SETTINGS[name] or [])
@@ -216,7 +227,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
         row["export"] = export_check(model, tok, chunks[:2])
     row["ppl"] = perplexity(model, chunks, batch_size=4, desc=f"ppl {name}")
     if also_eval:  # a second text of another domain: its first ALSO_CHUNKS chunks
-        row["ppl_also"] = perplexity(model, evaluation_chunks(tok, also_eval, SEQLEN, ALSO_CHUNKS), batch_size=4,
+        row["ppl_also"] = perplexity(model, evaluation_chunks(tok, also_eval, SEQLEN, ALSO_CHUNKS, bos), batch_size=4,
                                      desc=f"ppl {name} {Path(also_eval).name}")
     row["eval_tokens"] = int(chunks.numel())
     return row

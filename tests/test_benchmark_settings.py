@@ -55,8 +55,9 @@ def named_settings() -> list[tuple[str, str]]:
                 found = re.findall(r"`([^`]+)`", cell)
                 assert found and re.sub(r"`[^`]+`|,|\s", "", cell) == "", f"row {row[0]!r}: {cell!r} names no setting"
                 names += [(row[0], n) for n in found]
-    # main, speed, allocation/DSnoT, DSnoT variants, exact DSnoT, SliceGPT, structured, MaskLLM, reconstruction
-    assert tables_with_names == 9, tables_with_names
+    # main, speed, Wanda's two rules, allocation/DSnoT, DSnoT variants, exact DSnoT, DSnoT's default, SliceGPT,
+    # structured, MaskLLM, reconstruction
+    assert tables_with_names == 11, tables_with_names
     return names
 
 

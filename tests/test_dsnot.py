@@ -397,3 +397,52 @@ def test_exact_groups_with_uneven_counts():
     assert torch.equal((r.weight == 0).view(rows, -1, 4).sum(2), (W == 0).view(rows, -1, 4).sum(2))
     assert torch.equal(r.weight.double(), _brute_greedy(D, W, H, 4, 50))
     assert bool((r.error_after <= r.error_before).all()) and r.swaps > 0
+
+
+def test_shrunk_scales_the_correlations_and_keeps_the_diagonal():
+    from sparsellm.compress.dsnot import shrunk
+
+    H = torch.tensor([[2.0, 0.8], [0.8, 1.0]])
+    assert shrunk(H, 0.0) is H
+    assert torch.equal(shrunk(H, 0.25), torch.tensor([[2.0, 0.6], [0.6, 1.0]]))
+    assert torch.equal(shrunk(H, 1.0), torch.diag(torch.diagonal(H)))
+    assert torch.equal(H, torch.tensor([[2.0, 0.8], [0.8, 1.0]]))  # the input is left as it was
+
+
+@pytest.mark.parametrize("nm,sparsity", [(None, 0.6), ((2, 4), 0.5)])
+def test_fully_shrunk_exact_swaps_leave_a_wanda_mask_alone(nm, sparsity):
+    # with only the diagonal, e = Σ_pruned w0_j² H_jj: Wanda's mask (lowest |w|·‖x_j‖ per row or group) is its
+    # minimum, so no swap improves it; with the full XᵀX the same mask does improve
+    from sparsellm.compress.dsnot import shrunk
+
+    torch.manual_seed(5)
+    D = torch.randn(24, 32)
+    _, _, sq, X = _stats(32, 6)
+    H = X.T @ X / X.shape[0]
+    W = D.masked_fill(wanda_mask(D, torch.diagonal(H) * X.shape[0], sparsity, nm), 0)
+    group = nm[1] if nm else None
+    assert dsnot_exact(D, W, shrunk(H, 1.0), group, candidates=32).swaps == 0
+    half = dsnot_exact(D, W, shrunk(H, 0.5), group, candidates=32)
+    full = dsnot_exact(D, W, H, group, candidates=32)
+    assert 0 < half.swaps and 0 < full.swaps
+    assert bool((half.error_after <= half.error_before).all())
+
+
+@pytest.mark.parametrize("kind", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("nm,sparsity", [(None, 0.7), ((2, 4), 0.5)])
+def test_shrunk_scores_never_end_a_row_worse_on_the_true_xtx(kind, nm, sparsity):
+    # swaps scored with a shrunk XᵀX; the final check and the reported errors use the true XᵀX
+    from sparsellm.compress.dsnot import shrunk
+
+    torch.manual_seed(8)
+    D = torch.randn(40, 64)
+    _, _, sq, X = _stats(64, 9)
+    H = X.T @ X / X.shape[0]
+    W = _start(kind, D, sq, X, sparsity, nm)
+    group = nm[1] if nm else None
+    r = dsnot_exact(D, W, shrunk(H, 0.5), group, candidates=16, check=H)
+    assert torch.allclose(r.error_before, exact_row_error(D, W, H))
+    assert torch.allclose(r.error_after, exact_row_error(D, r.weight, H))
+    assert bool((r.error_after <= r.error_before).all()) and r.swaps > 0
+    assert float(r.error_after.sum()) < float(r.error_before.sum())
+    assert torch.equal((r.weight == 0).sum(1), (W == 0).sum(1))
