@@ -107,6 +107,9 @@ REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3}
 for _s in ("2:4", 0.6, 0.7):
     _tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"sparsegpt+rec-{_tag}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
+# after other mask sources: Wanda, and Wanda refined by DSnoT (its default)
+SETTINGS["wanda+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"reconstruct": REC}]
+SETTINGS["wanda+dsnot+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {"method": "dsnot"}}, {"reconstruct": REC}]
 # Structured pruning (issue 5): FFN channels removed; CFSP's block distances are computed once and reused
 # (they do not depend on the target); recovery = LoRA on the calibration windows, sized to take a few minutes
 # on 2 idle cores: 64 steps of one 512-token window = two epochs over the 32 calibration windows
