@@ -19,8 +19,8 @@ the exact change of the row's calibration output error (w0 − w)ᵀ H (w0 − w
 running residual; the best improving swap per row is taken each cycle (see the formulas below). The
 default scores with H = XᵀX/n shrunk halfway toward its diagonal (`shrink: 0.5`): with the full matrix
 (shrink 0) the mask fits the calibration text's input correlations and got worse on text of another
-domain; halfway it kept most of the gain on the benchmark text and improved every start on both pairs of
-texts measured (docs/benchmarks.md). A row whose true calibration error (unshrunk XᵀX) did not fall keeps
+domain; halfway it kept most of the gain on the benchmark text (all nine starts better) and was better
+on eight of nine starts on a second pair of texts (worse: Wanda 70 %; docs/benchmarks.md). A row whose true calibration error (unshrunk XᵀX) did not fall keeps
 its starting mask."""
 from __future__ import annotations
 
