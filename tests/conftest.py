@@ -10,6 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+# The Ctrl-C tests send SIGINT to a run. A shell starts background jobs with SIGINT ignored (and exec
+# passes that on to pytest and to its child processes), which would make those runs finish instead of
+# stopping: restore the default handler, which the children then get as the default action.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 HERE = Path(__file__).parent
 TEXT = HERE / "data" / "tiny.txt"
 ROOT = HERE.parent
