@@ -42,10 +42,10 @@ class DSnoTRefine(Strict):
     """Training-free prune-and-grow on the mask of the prune stage just before it (Zhang et al., 2024)."""
     method: Literal["dsnot"]
     max_cycles: int = Field(50, gt=0, description="at most this many swaps per row")
-    update_threshold: float = Field(0.1, ge=0.0, description="a row stops once |its error| is at most this "
+    update_threshold: float = Field(0.1, ge=0.0, description="mean/mse: a row stops once |its error| is at most this "
                                     "(unit: the error summed over one calibration window, as in the reference)")
-    pow_of_var: float = Field(1.0, ge=0.0, description="grow the weight of largest contribution / Var[x]^p")
-    same_sign: bool = Field(False, description="also reject swaps that flip the sign of the row's error")
+    pow_of_var: float = Field(1.0, ge=0.0, description="mean/mse: grow the weight of largest contribution / Var[x]^p")
+    same_sign: bool = Field(False, description="mean/mse: also reject swaps that flip the sign of the row's error")
     criterion: Literal["mean", "mse", "exact"] = Field("exact", description="exact (default): the swap that lowers the "
                                                        "row's output error on the calibration inputs the most, scored "
                                                        "from XᵀX (see shrink; no row's calibration error ends worse "
@@ -56,7 +56,7 @@ class DSnoTRefine(Strict):
                           "shrink·diag(XᵀX), trusting the calibration text's input correlations less (0: the full "
                           "matrix, best on text like the calibration's but worse on other domains; 1: only the "
                           "diagonal, which Wanda's mask already minimises; default 0.5, measured on two pairs of texts)")
-    verify: bool = Field(True, description="keep a row's new mask only if its exact output error on the calibration "
+    verify: bool = Field(True, description="mean/mse: keep a row's new mask only if its exact output error on the calibration "
                          "inputs, E[((W_dense − W) x)²], is lower than with the starting mask (needs XᵀX per layer)")
     modules: Literal["attention", "mlp", "all"] = Field("all", description="which pruned Linear layers to refine "
                                                          "(default all: measured best with verify; see methods.md)")
