@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import TEXT, _train_tokenizer, tiny_model  # noqa: E402
-from sparsellm.compress.dsnot import dsnot_refine  # noqa: E402
+from sparsellm.compress.dsnot import dsnot_exact, dsnot_refine, shrunk  # noqa: E402
 from sparsellm.compress.wanda import wanda_mask  # noqa: E402
 from sparsellm.pipeline import RunOptions, compress  # noqa: E402
 from sparsellm.recipe import recipe_from_dict  # noqa: E402
@@ -65,11 +65,11 @@ def pipelines(tmp: Path) -> dict:
     return out
 
 
-def dsnot_speed() -> dict:
+def dsnot_speed(dev: str = "cuda", shapes=((4096, 11008), (11008, 4096), (4096, 4096))) -> dict:
     out = {}
-    dev = "cuda"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     g = torch.Generator(device=dev).manual_seed(0)
-    for rows, cols in ((4096, 11008), (11008, 4096), (4096, 4096)):
+    for rows, cols in shapes:
         D = torch.randn(rows, cols, device=dev, generator=g)
         X = torch.randn(2048, cols, device=dev, generator=g) * torch.rand(cols, device=dev, generator=g) + 0.3
         mean, var, sq = X.mean(0), X.var(0, unbiased=False), (X * X).mean(0)
@@ -77,17 +77,23 @@ def dsnot_speed() -> dict:
             def wanda():
                 return D.masked_fill(wanda_mask(D, sq, sparsity, nm), 0)
             W = wanda()
-            times = {}
-            for key, fn in (("wanda_mask", wanda), ("dsnot", lambda: dsnot_refine(D, W, mean * 2048, var, sq, nm[1] if nm else None))):
-                fn()
-                torch.cuda.synchronize()
+            times, res = {}, {}
+            H = X.T @ X
+            Hs = shrunk(H, 0.5)
+            for key, fn in (("wanda_mask", wanda), ("dsnot", lambda: dsnot_refine(D, W, mean * 2048, var, sq, nm[1] if nm else None)),
+                            ("dsnot_exact", lambda: dsnot_exact(D, W, Hs, nm[1] if nm else None, check=H))):
+                if key == "wanda_mask":
+                    fn()  # warm-up (the kernels' first launch)
+                sync()
                 t = time.perf_counter()
-                for _ in range(3):
-                    r = fn()
-                torch.cuda.synchronize()
-                times[key] = (time.perf_counter() - t) / 3
-            r = dsnot_refine(D, W, mean * 2048, var, sq, nm[1] if nm else None)
+                res[key] = fn()
+                sync()
+                times[key] = time.perf_counter() - t
+            r, e = res["dsnot"], res["dsnot_exact"]
             out[f"{rows}x{cols} {label}"] = {**times, "swaps": r.swaps, "cycles": r.cycles,
+                                            "exact_swaps": e.swaps, "exact_cycles": e.cycles,
+                                            "exact_row_zeros_equal": bool(torch.equal((e.weight == 0).sum(1), (W == 0).sum(1))),
+                                            "exact_err": [float(e.error_before.mean()), float(e.error_after.mean())],
                                             "row_zeros_equal": bool(torch.equal((r.weight == 0).sum(1), (W == 0).sum(1))),
                                             "mean_abs_err": [float(r.error_before.abs().mean()), float(r.error_after.abs().mean())]}
             print(f"{rows}x{cols} {label}", json.dumps(out[f"{rows}x{cols} {label}"]), flush=True)
