@@ -48,3 +48,19 @@ def test_on_cpu_one_line_errors(model_dirs):
     assert r.output.strip().splitlines()[-1] == ("error: semi-structured 2:4 acceleration needs a CUDA GPU (compute "
                                                   "capability 8.0+); run on a GPU with --device cuda, or drop "
                                                   "--semi-structured")
+
+
+def test_hopper_without_cusparselt_refuses_instead_of_failing_later(monkeypatch):
+    """PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only (seen on an H200: 'Supported only
+    on GPUs with compute capability 8.x' at the first matmul): on 9.x without cuSPARSELt the conversion
+    must refuse in one line before touching the model, not leave it converted to a backend that fails."""
+    import sparsellm.loading.semi_structured as ss
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False).half())
+    model[0].weight.data = weight_24(128, 256)
+    monkeypatch.setattr(ss, "check_cuda", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="needs cuSPARSELt"):
+        accelerate_24(model)
+    assert type(model[0].weight) is torch.nn.Parameter and model[0].weight.layout == torch.strided

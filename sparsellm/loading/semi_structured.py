@@ -49,9 +49,19 @@ def accelerate_24(model: nn.Module) -> dict:
     and, per skipped layer, why it stayed dense."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    check_cuda(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    check_cuda(device)
+    major, minor = torch.cuda.get_device_capability(device)
     if not torch.backends.cusparselt.is_available():  # the default backend; CUTLASS ships with every CUDA build
+        if major != 8:  # PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only
+            raise RecipeError(f"semi-structured 2:4 on compute capability {major}.{minor} needs cuSPARSELt, which this "
+                              "PyTorch build lacks (its CUTLASS kernels run on 8.x only); install a PyTorch CUDA build "
+                              "with cuSPARSELt, or drop --semi-structured")
         SparseSemiStructuredTensor._FORCE_CUTLASS = True
+    elif major >= 9:
+        log.warning("semi-structured: on an H200 (compute capability 9.0, PyTorch 2.11, cuSPARSELt 0.8) the 2:4 kernels "
+                    "were measured slower than dense below about 8,000 tokens a call (docs/benchmarks.md, 'On a GPU'): "
+                    "check the speed on yours with --speed")
     converted, skipped = [], {}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
