@@ -107,6 +107,12 @@ REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3}
 for _s in ("2:4", 0.6, 0.7):
     _tag = _s if ":" in str(_s) else int(_s * 100)
     SETTINGS[f"sparsegpt+rec-{_tag}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
+# SparseGPT with the exact masked least-squares refit of its kept weights (prune option `refit`), alone and
+# before the reconstruction
+for _s in (0.5, 0.6, 0.7, "2:4"):
+    _tag = _s if ":" in str(_s) else int(_s * 100)
+    SETTINGS[f"sparsegpt(refit)-{_tag}"] = [{"prune": {**_p("sparsegpt", _s), "refit": True}}]
+SETTINGS["sparsegpt(refit)+rec-2:4"] = [{"prune": {**_p("sparsegpt", "2:4"), "refit": True}}, {"reconstruct": REC}]
 # after other mask sources: Wanda, and Wanda refined by DSnoT (its default)
 SETTINGS["wanda+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"reconstruct": REC}]
 SETTINGS["wanda+dsnot+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {"method": "dsnot"}}, {"reconstruct": REC}]
@@ -155,7 +161,8 @@ ALSO_CHUNKS = 24  # chunks of the --also-eval text (data/wiki_eval.txt: 51 in al
 
 def worker(name: str, model_dir: str, data: Path, importance: list[float] | None = None,
            block_distance: list[float] | None = None, also_eval: str | None = None,
-           calib: str = "lee_calib.txt", evaluate: str = "lee_eval.txt", eval_chunks: int | None = None) -> dict:
+           calib: str = "lee_calib.txt", evaluate: str = "lee_eval.txt", eval_chunks: int | None = None,
+           calib_seed: int = 0) -> dict:
     import torch
 
     from sparsellm import memory
@@ -174,7 +181,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
     loaded = load_model(model_dir)
     model, tok = loaded.model, loaded.tokenizer
     adapter = get_adapter(model)
-    windows = calibration_windows(tok, str(data / calib), NSAMPLES, SEQLEN, seed=0)
+    windows = calibration_windows(tok, str(data / calib), NSAMPLES, SEQLEN, seed=calib_seed)
     bos = tok.bos_token_id if adapter.needs_bos else None  # as the CLI: each chunk starts with BOS (Gemma)
     chunks = evaluation_chunks(tok, str(data / evaluate), SEQLEN, eval_chunks, bos)
     row = {"setting": name, "seconds": None, "dense_forward_seconds": None,
@@ -201,7 +208,7 @@ def worker(name: str, model_dir: str, data: Path, importance: list[float] | None
             if block_distance and cfsp.get("method") == "cfsp" and not cfsp.get("uniform"):
                 cfsp["block_distance"] = block_distance
                 row["importance_reused"] = True
-        recipe = recipe_from_dict({"seed": 0, "calibration": {"batch_size": BATCH, "dataset": str(data / calib),
+        recipe = recipe_from_dict({"seed": calib_seed, "calibration": {"batch_size": BATCH, "dataset": str(data / calib),
                                                                    "seqlen": SEQLEN}, "stages": stages})
         ctx = RunContext(handle=ModelHandle(model, tok, adapter, loaded.source), adapter=adapter, tokenizer=tok,
                          recipe=recipe, device=torch.device("cpu"), windows=windows, seqlen=SEQLEN, timer=Timer())
@@ -268,6 +275,7 @@ def main() -> None:
                     "the second pair of issue 19: kjv_calib.txt from scripts/get_second_pair.sh)")
     ap.add_argument("--eval", default="lee_eval.txt", help="evaluation text in --data (lee_eval.txt; second pair: wiki_eval.txt)")
     ap.add_argument("--eval-chunks", type=int, help="only the first N chunks of --eval (default: all)")
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows' draw (the protocol's: 0)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--importance", help=argparse.SUPPRESS)
@@ -277,7 +285,7 @@ def main() -> None:
         imp = json.loads(args.importance) if args.importance else None
         dist = json.loads(args.block_distance) if args.block_distance else None
         print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, imp, dist, args.also_eval,
-                                                     args.calib, args.eval, args.eval_chunks)), flush=True)
+                                                     args.calib, args.eval, args.eval_chunks, args.calib_seed)), flush=True)
         return
 
     names = [n for part in (args.only.split(",") if args.only else ["issue2", "issue3"]) for n in GROUPS.get(part, [part])]
@@ -300,6 +308,7 @@ def main() -> None:
             extra += ["--also-eval", args.also_eval] if args.also_eval else []
             extra += ["--calib", args.calib, "--eval", args.eval]
             extra += ["--eval-chunks", str(args.eval_chunks)] if args.eval_chunks else []
+            extra += ["--calib-seed", str(args.calib_seed)]
             # passive OpenMP waits: on shared cores spinning threads steal the time of the others (a 2-thread
             # SparseGPT pass ran 6x slower among other busy processes); the results do not depend on it
             env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}

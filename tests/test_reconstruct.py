@@ -183,7 +183,7 @@ def test_reconstruct_parts_attention_then_mlp(windows):
 
 
 def test_sparsegpt_refit_option_in_a_layerwise_pass(windows):
-    """SparseGPT with refit: layer 0 (same inputs either way) gets SparseGPT's mask exactly and a
+    """SparseGPT with `refit: true`: layer 0 (same inputs either way) gets SparseGPT's mask exactly and a
     calibration output error no higher in any row; the default (no refit) is unchanged."""
     from conftest import tiny_model
     from sparsellm.calibrate import make_selector, run_layerwise
@@ -193,12 +193,15 @@ def test_sparsegpt_refit_option_in_a_layerwise_pass(windows):
     from sparsellm.loading import get_adapter
     from sparsellm.recipe import recipe_from_dict
 
-    spec = recipe_from_dict({"stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}}]}).stages[0].spec
+    def spec(**kw):
+        return recipe_from_dict({"stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4", **kw}}]}).stages[0].spec
+
+    assert spec().refit is False and spec(refit=True).refit is True  # the recipe field; off by default (the paper)
     dense, plain, refit = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
     adapter = get_adapter(dense)
     sel = make_selector([], [])
-    run_layerwise(plain, adapter, windows, [SparseGPT(spec)], sel, batch_size=4)
-    run_layerwise(refit, adapter, windows, [SparseGPT(spec, refit=True)], sel, batch_size=4)
+    run_layerwise(plain, adapter, windows, [SparseGPT(spec())], sel, batch_size=4)
+    run_layerwise(refit, adapter, windows, [SparseGPT(spec(refit=True))], sel, batch_size=4)
     acts = capture(dense, adapter, windows, "cpu", 4)
     layer0 = adapter.layers(dense)[0]
     linears = target_linears(layer0, "", sel)
