@@ -178,7 +178,7 @@ def main() -> None:
                 dense = lin.weight.detach().clone()
                 for m in methods:
                     m.compress(Target(f"{prefix}.{name}", index, lin, stats[name], dense))
-                if args.refit:  # after the last method: the final mask (as SparseGPT(refit=True) does for its own)
+                if args.refit:  # after the last method: the final mask (as SparseGPT with `refit: true` does for its own)
                     with torch.no_grad():
                         lin.weight.copy_(masked_lstsq_refit(dense, lin.weight == 0, stats[name].hessian, 0.01, "cg",
                                                             REFIT_ITERS, start=lin.weight,

@@ -9,7 +9,7 @@ from sparsellm import accelerate_24, load
 from sparsellm.cli import cli
 from sparsellm.compress.masks import nm_mask
 from sparsellm.errors import RecipeError
-from sparsellm.loading.semi_structured import ineligible_reason
+from sparsellm.loading.semi_structured import check_cuda, ineligible_reason
 
 
 def weight_24(rows: int, cols: int, dtype=torch.float16) -> torch.Tensor:
@@ -50,17 +50,22 @@ def test_on_cpu_one_line_errors(model_dirs):
                                                   "--semi-structured")
 
 
-def test_hopper_without_cusparselt_refuses_instead_of_failing_later(monkeypatch):
+def test_hopper_without_cusparselt_refuses_instead_of_failing_later(monkeypatch, model_dirs):
     """PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only (seen on an H200: 'Supported only
-    on GPUs with compute capability 8.x' at the first matmul): on 9.x without cuSPARSELt the conversion
-    must refuse in one line before touching the model, not leave it converted to a backend that fails."""
-    import sparsellm.loading.semi_structured as ss
-
-    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False).half())
-    model[0].weight.data = weight_24(128, 256)
-    monkeypatch.setattr(ss, "check_cuda", lambda device: None)
+    on GPUs with compute capability 8.x' at the first matmul): on 9.x without cuSPARSELt the device check
+    that load() and `sparsellm eval` run before loading refuses in one line, and accelerate_24 (which runs
+    the same check) leaves the model untouched."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
     with pytest.raises(RecipeError, match="needs cuSPARSELt"):
+        check_cuda(torch.device("cuda"))
+    with pytest.raises(RecipeError, match="needs cuSPARSELt"):
+        load(str(model_dirs["llama"]), semi_structured=True, device="cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False).half())
+    model[0].weight.data = weight_24(128, 256)
+    with pytest.raises(RecipeError):
         accelerate_24(model)
     assert type(model[0].weight) is torch.nn.Parameter and model[0].weight.layout == torch.strided
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    assert check_cuda(torch.device("cuda")) == (9, 0)  # with cuSPARSELt 9.x passes

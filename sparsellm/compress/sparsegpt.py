@@ -107,15 +107,11 @@ class SparseGPT(PruneMethod):
     needs = frozenset({"hessian"})
     spec: SparseGPTPrune
 
-    def __init__(self, spec: SparseGPTPrune, refit: bool | None = None):
-        super().__init__(spec)
-        self.refit = spec.refit if refit is None else refit
-
     @torch.no_grad()
     def compress(self, t: Target) -> None:
         s, w = self.spec, t.linear.weight
         W, mask = sparsegpt_prune(w, t.stats.hessian, self.sparsity_at(t.layer), self.nm_at(t.layer), s.blocksize, s.percdamp, s.scope)
-        if self.refit:
+        if s.refit:
             W = masked_lstsq_refit(w, mask, t.stats.hessian, s.percdamp, "cg", REFIT_ITERS, start=W)
         w.copy_(W.to(w.dtype))
 

@@ -32,7 +32,8 @@ def ineligible_reason(weight: torch.Tensor) -> str | None:
     return None
 
 
-def check_cuda(device: torch.device) -> None:
+def check_cuda(device: torch.device) -> tuple[int, int]:
+    """Refuse, before any work, a device the 2:4 kernels cannot run on; returns its compute capability."""
     if device.type != "cuda" or not torch.cuda.is_available():
         raise RecipeError("semi-structured 2:4 acceleration needs a CUDA GPU (compute capability 8.0+); "
                           "run on a GPU with --device cuda, or drop --semi-structured")
@@ -40,6 +41,11 @@ def check_cuda(device: torch.device) -> None:
     if major < 8:
         raise RecipeError(f"semi-structured 2:4 acceleration needs compute capability 8.0+ (Ampere or newer); "
                           f"this GPU has {major}.{minor}; drop --semi-structured")
+    if major != 8 and not torch.backends.cusparselt.is_available():  # PyTorch's CUTLASS 2:4 kernels: 8.x only
+        raise RecipeError(f"semi-structured 2:4 on compute capability {major}.{minor} needs cuSPARSELt, which this "
+                          "PyTorch build lacks (its CUTLASS kernels run on 8.x only); install a PyTorch CUDA build "
+                          "with cuSPARSELt, or drop --semi-structured")
+    return major, minor
 
 
 @torch.no_grad()
@@ -49,14 +55,8 @@ def accelerate_24(model: nn.Module) -> dict:
     and, per skipped layer, why it stayed dense."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    device = next(model.parameters()).device
-    check_cuda(device)
-    major, minor = torch.cuda.get_device_capability(device)
+    major, _ = check_cuda(next(model.parameters()).device)
     if not torch.backends.cusparselt.is_available():  # the default backend; CUTLASS ships with every CUDA build
-        if major != 8:  # PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only
-            raise RecipeError(f"semi-structured 2:4 on compute capability {major}.{minor} needs cuSPARSELt, which this "
-                              "PyTorch build lacks (its CUTLASS kernels run on 8.x only); install a PyTorch CUDA build "
-                              "with cuSPARSELt, or drop --semi-structured")
         SparseSemiStructuredTensor._FORCE_CUTLASS = True
     elif major >= 9:
         log.warning("semi-structured: on an H200 (compute capability 9.0, PyTorch 2.11, cuSPARSELt 0.8) the 2:4 kernels "
