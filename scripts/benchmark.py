@@ -26,14 +26,19 @@ def _p(method, s):
     return {"method": method, "pattern": s} if ":" in str(s) else {"method": method, "sparsity": s}
 
 
+def _tag(s):
+    """A setting name's suffix: the N:M pattern as written, or the sparsity in percent (0.6 -> 60)."""
+    return s if ":" in str(s) else int(s * 100)
+
+
 SETTINGS: dict[str, list | None] = {"dense": None}
 for _m in ("magnitude", "wanda", "sparsegpt"):
     for _s in (0.5, "2:4", "4:8"):
-        SETTINGS[f"{_m}-{_s if ':' in str(_s) else int(_s * 100)}"] = [{"prune": _p(_m, _s)}]
+        SETTINGS[f"{_m}-{_tag(_s)}"] = [{"prune": _p(_m, _s)}]
 # layer-wise allocation and DSnoT (issue 3): 60 %, 70 % unstructured and 2:4
 MSE = {"refine": {"method": "dsnot", "criterion": "mse"}}  # issue 3's DSnoT: the defaults (mse + verify), spelled out
 for _s in (0.6, 0.7, "2:4"):
-    tag = _s if ":" in str(_s) else int(_s * 100)
+    tag = _tag(_s)
     SETTINGS[f"wanda-{tag}"] = [{"prune": _p("wanda", _s)}]
     SETTINGS[f"wanda+dsnot-{tag}"] = [{"prune": _p("wanda", _s)}, MSE]
     SETTINGS[f"sparsegpt-{tag}"] = [{"prune": _p("sparsegpt", _s)}]
@@ -53,7 +58,7 @@ SETTINGS["wanda+dsnot(attn)-60"] = [{"prune": _p("wanda", 0.6)}, _dsnot("mean", 
 SETTINGS["wanda+dsnot(mlp)-60"] = [{"prune": _p("wanda", 0.6)}, _dsnot("mean", "mlp")]
 SETTINGS["wanda+dsnot(all)-60"] = [{"prune": _p("wanda", 0.6)}, _dsnot("mean", "all")]
 for _s in (0.6, 0.7, "2:4"):
-    tag = _s if ":" in str(_s) else int(_s * 100)
+    tag = _tag(_s)
     SETTINGS[f"wanda+dsnot(mean)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mean", "all")]
     SETTINGS[f"wanda+dsnot(mse)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mse", "all")]
     SETTINGS[f"wanda+dsnot(attn-mse)-{tag}"] = [{"prune": _p("wanda", _s)}, _dsnot("mse", "attention")]
@@ -66,20 +71,20 @@ SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
 # DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start)
 EXACT = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": 0.0}}  # the full XᵀX (the default shrinks it)
 for _s in (0.6, 0.7, "2:4"):
-    tag = _s if ":" in str(_s) else int(_s * 100)
+    tag = _tag(_s)
     SETTINGS[f"wanda+dsnot(exact)-{tag}"] = [{"prune": _p("wanda", _s)}, EXACT]
     SETTINGS[f"sparsegpt+dsnot(exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, EXACT]
     SETTINGS[f"owl+wanda+dsnot(exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, EXACT]
 for _k in (0.25, 0.5, 0.75):  # exact scores from a shrunk XᵀX (less trust in the calibration text's correlations)
     for _s in (0.6, 0.7, "2:4"):
-        tag = _s if ":" in str(_s) else int(_s * 100)
+        tag = _tag(_s)
         _x = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": _k}}
         SETTINGS[f"wanda+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("wanda", _s)}, _x]
         SETTINGS[f"sparsegpt+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("sparsegpt", _s)}, _x]
         SETTINGS[f"owl+wanda+dsnot(exact-s{_k})-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, _x]
 # Wanda true-sequential (q/k/v, o, gate/up, down each from the already pruned ones' outputs): one forward per layer
 for _s in (0.5, 0.6, 0.7, "2:4"):
-    tag = _s if ":" in str(_s) else int(_s * 100)
+    tag = _tag(_s)
     SETTINGS[f"wanda-seq-{tag}"] = [{"prune": {**_p("wanda", _s), "true_sequential": True}}]
 # SliceGPT (issue 4): both rotation schemes; speed is measured for these (structured: faster on any hardware)
 for _s in (0.1, 0.2, 0.3):
@@ -105,13 +110,11 @@ for _p0 in ("sparsegpt", "wanda"):
 # block toward the dense model's outputs (sparsellm/recover/blockwise.py); the variants are the tuning runs
 REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3}
 for _s in ("2:4", 0.6, 0.7):
-    _tag = _s if ":" in str(_s) else int(_s * 100)
-    SETTINGS[f"sparsegpt+rec-{_tag}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
+    SETTINGS[f"sparsegpt+rec-{_tag(_s)}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
 # SparseGPT with the exact masked least-squares refit of its kept weights (prune option `refit`), alone and
 # before the reconstruction
 for _s in (0.5, 0.6, 0.7, "2:4"):
-    _tag = _s if ":" in str(_s) else int(_s * 100)
-    SETTINGS[f"sparsegpt(refit)-{_tag}"] = [{"prune": {**_p("sparsegpt", _s), "refit": True}}]
+    SETTINGS[f"sparsegpt(refit)-{_tag(_s)}"] = [{"prune": {**_p("sparsegpt", _s), "refit": True}}]
 SETTINGS["sparsegpt(refit)+rec-2:4"] = [{"prune": {**_p("sparsegpt", "2:4"), "refit": True}}, {"reconstruct": REC}]
 # after other mask sources: Wanda, and Wanda refined by DSnoT (its default)
 SETTINGS["wanda+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"reconstruct": REC}]

