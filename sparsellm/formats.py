@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -250,6 +251,11 @@ def _shards(folder: Path) -> tuple[Path, dict | None, list[str]]:
     return index_path, index, sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
 
 
+# safetensors dtype names of the tensors a model folder holds
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def cast_folder(folder: Path, source: torch.dtype, dtype: torch.dtype) -> None:
     """Rewrite the dense safetensors in `folder` with every tensor of dtype `source` cast to `dtype` (tensors
     kept in another dtype stay as they are), one shard in memory at a time, and record `dtype` in
@@ -262,6 +268,11 @@ def cast_folder(folder: Path, source: torch.dtype, dtype: torch.dtype) -> None:
     for shard in shards:
         with safe_open(folder / shard, framework="pt") as f:  # one tensor at a time in the source dtype
             metadata = f.metadata()
+            stored = {k: f.get_slice(k) for k in f.keys()}
+            kinds = [_DTYPES.get(v.get_dtype()) for v in stored.values()]
+            if None not in kinds and source not in kinds:  # nothing to cast (save_model wrote it in `dtype`)
+                nbytes += sum(math.prod(v.get_shape()) * _DTYPES[v.get_dtype()].itemsize for v in stored.values())
+                continue
             out = {k: t.to(dtype) if (t := f.get_tensor(k)).dtype == source else t for k in f.keys()}
         tmp = folder / f".{shard}.tmp"
         save_file(out, tmp, metadata=metadata)

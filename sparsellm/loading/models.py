@@ -8,6 +8,7 @@ import math
 import os
 import re
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..errors import ModelLoadError, UnsupportedArchitectureError
 from ..formats import folder_format, read_state_dict
 from ..optional import require
 from .adapters import SUPPORTED_MODEL_TYPES, get_adapter, gguf_model_type
+from .gguf import check_gguf, convert, gguf_architecture, gguf_header, gguf_strings, remove  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -86,164 +88,6 @@ def _check_readable(path: Path, spec: str) -> None:
     if not _readable(path):
         raise ModelLoadError(f"model {spec} is not readable (permission denied on {path}); "
                              "fix its permissions (chmod -R u+rX) or run as a user who can read it")
-
-
-# GGUF metadata value types and their sizes in bytes (8 = string, 9 = array)
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_UINT32 = 4
-_GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
-_GGUF_MAX_NESTING = 4  # arrays of arrays: a real file has none; bounds the recursion on a crafted one
-
-
-class _GGUFReader:
-    """Reads a GGUF header without trusting it: every length and count is checked against the bytes left
-    in the file before anything is read, skipped or allocated (a 2^40-byte key length is an error, not a
-    MemoryError). Raises ValueError naming what is wrong."""
-
-    def __init__(self, f, size: int):
-        self.f, self.size = f, size
-
-    def left(self) -> int:
-        return self.size - self.f.tell()
-
-    def take(self, n: int, what: str) -> bytes:
-        if n > self.left():
-            raise ValueError(f"{what} of {n:,} bytes runs past the end of the file")
-        return self.f.read(n)
-
-    def skip(self, n: int, what: str) -> None:
-        if n > self.left():
-            raise ValueError(f"{what} of {n:,} bytes runs past the end of the file")
-        self.f.seek(n, 1)
-
-    def num(self, fmt: str):
-        n = struct.calcsize(fmt)
-        data = self.f.read(n)
-        if len(data) < n:
-            raise ValueError("file ends inside the header")
-        return struct.unpack("<" + fmt, data)[0]
-
-    def string(self, what: str = "string") -> bytes:
-        return self.take(self.num("Q"), what)
-
-    def value(self, kind: int, depth: int = 0, keep: bool = False):
-        """Read (keep) or skip one metadata value of type `kind`."""
-        if kind == 8:
-            if keep:
-                return self.string()
-            self.skip(self.num("Q"), "string")
-        elif kind == 9:
-            if depth >= _GGUF_MAX_NESTING:
-                raise ValueError("metadata arrays nested too deep")
-            item, count = self.num("I"), self.num("Q")
-            if item in _GGUF_SIZES:
-                self.skip(_GGUF_SIZES[item] * count, "array")
-            elif item in (8, 9):
-                if count * 8 > self.left():  # every item starts with an 8-byte length or a 12-byte array head
-                    raise ValueError(f"array of {count:,} items runs past the end of the file")
-                for _ in range(count):
-                    self.value(item, depth + 1)
-            else:
-                raise ValueError(f"unknown metadata type {item}")
-        elif kind in _GGUF_SIZES:
-            data = self.take(_GGUF_SIZES[kind], "value")
-            return data if keep else None
-        else:
-            raise ValueError(f"unknown metadata type {kind}")
-        return None
-
-
-def gguf_header(path: Path, keys: tuple[bytes, ...] = (b"general.architecture",), stop_at_first: bool = False) -> dict:
-    """String values of metadata `keys` from a GGUF header. Unless `stop_at_first` (stop at the first
-    key found), the whole header is checked: every metadata entry, and every tensor's shape, type and
-    data range against the size of the file, so that a file accepted here cannot make a reader allocate
-    more than the file holds. Read by hand: gguf.GGUFReader parses every tensor and the vocabulary into
-    numpy objects first (seconds), and trusts the lengths it reads. Raises ValueError."""
-    from gguf import GGML_QUANT_SIZES
-
-    found = {}
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        r = _GGUFReader(f, size)
-        if f.read(4) != b"GGUF":
-            raise ValueError("no GGUF magic number")
-        version = r.num("I")
-        if version < 2:
-            raise ValueError("GGUF version 1 is not supported")
-        if version > 3:
-            raise ValueError(f"unknown GGUF version {version}")
-        n_tensors, n_kv = r.num("Q"), r.num("Q")
-        # a metadata entry takes at least 8 (key length) + 4 (type) + 1 bytes, a tensor entry 8 + 4 + 4 + 8
-        if n_kv * 13 > r.left() or n_tensors * 24 > r.left():
-            raise ValueError(f"{n_kv:,} metadata entries and {n_tensors:,} tensors cannot fit in {size:,} bytes")
-        alignment = 32
-        for _ in range(n_kv):
-            key, kind = r.string("key"), r.num("I")
-            if key == b"general.alignment" and kind == _GGUF_UINT32:
-                alignment = struct.unpack("<I", r.value(kind, keep=True))[0]
-                if alignment == 0 or alignment & (alignment - 1):
-                    raise ValueError(f"general.alignment {alignment} is not a power of two")
-            elif key.endswith(b".block_count") and kind in (4, 10):  # uint32 / uint64: the decoder layer count
-                block_count = struct.unpack("<I" if kind == 4 else "<Q", r.value(kind, keep=True))[0]
-                # transformers would build that many layers before finding they have no weights (a real file has
-                # several tensors per layer; a tiny test file may declare a few layers it does not hold)
-                if block_count > max(n_tensors, 1024):
-                    raise ValueError(f"{key.decode('utf-8', 'replace')} is {block_count:,} but the file holds "
-                                     f"{n_tensors:,} tensors")
-            elif key in keys and kind == 8:
-                found[key.decode("utf-8", "replace")] = r.value(kind, keep=True).decode("utf-8", "replace")
-                if stop_at_first:
-                    return found
-            else:
-                r.value(kind)
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string("tensor name").decode("utf-8", "replace")
-            n_dims = r.num("I")
-            if not 1 <= n_dims <= _GGUF_MAX_DIMS:
-                raise ValueError(f"tensor {name} has {n_dims} dimensions")
-            dims = [r.num("Q") for _ in range(n_dims)]
-            kind, offset = r.num("I"), r.num("Q")
-            try:
-                block, type_bytes = GGML_QUANT_SIZES[kind]
-            except (KeyError, ValueError):
-                raise ValueError(f"tensor {name} has an unknown type {kind}") from None
-            if dims[0] % block:
-                raise ValueError(f"tensor {name}: first dimension {dims[0]} is not a multiple of its block size {block}")
-            numel = math.prod(dims)
-            tensors.append((name, offset, numel // block * type_bytes))
-        data_start = -(-f.tell() // alignment) * alignment
-        for name, offset, nbytes in tensors:
-            if offset % alignment or data_start + offset + nbytes > size:
-                raise ValueError(f"tensor {name}'s data ({nbytes:,} bytes at offset {offset:,}) lies outside the file")
-    return found
-
-
-def gguf_strings(path: Path, keys: tuple[bytes, ...] = (b"general.architecture",), stop_at_first: bool = True) -> dict:
-    """String values of metadata `keys` from a GGUF header (stops at the first key found unless told
-    to read on, then checks the whole header as gguf_header does)."""
-    return gguf_header(path, keys, stop_at_first)
-
-
-def gguf_architecture(path: Path) -> str:
-    """The architecture of a GGUF file whose whole header was checked (see gguf_header)."""
-    arch = gguf_header(path).get("general.architecture")
-    if arch is None:
-        raise ValueError("no general.architecture key")
-    return arch
-
-
-def check_gguf(path: Path, spec: str) -> None:
-    """Fail fast, before transformers dequantizes anything, on a GGUF we could not read or compress anyway."""
-    try:
-        arch = gguf_architecture(path)
-    except (OSError, ValueError, struct.error, OverflowError) as e:
-        raise ModelLoadError(f"{spec} is not a valid GGUF file ({e}); re-download or re-convert it") from None
-    if gguf_model_type(arch) is None:
-        raise UnsupportedArchitectureError(
-            f"GGUF file {spec} holds a {arch!r} model, an architecture sparsellm does not support; "
-            f"use a model of a supported architecture: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def _config_model_type(cfg: dict):
@@ -440,24 +284,46 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
                allow_pickle: bool = False, device_map=None, offload_folder: str | None = None) -> LoadedModel:
     """Load a model and its tokenizer. Weights come from safetensors (or GGUF) only, unless
     allow_pickle: a pickle checkpoint (pytorch_model.bin) can run arbitrary code when loaded.
-    `device_map` / `offload_folder`: accelerate's dispatch, as from_pretrained takes them."""
+    `device_map` / `offload_folder`: accelerate's dispatch, as from_pretrained takes them.
+    A GGUF file is converted tensor by tensor into a temporary safetensors folder first (loading.gguf),
+    removed when the model is garbage-collected or the process exits."""
+    source = resolve_model(spec)
+    if not source.gguf_file:
+        return _load_folder(source, source.path, dtype, trust_remote_code, allow_pickle, device_map, offload_folder)
+    require("gguf", ModelLoadError)
+    path = Path(source.path) / source.gguf_file
+    check_gguf(path, source.spec)
+    try:
+        folder = convert(path, source.spec, trust_remote_code)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise _load_error(e, source) from e
+    try:
+        loaded = _load_folder(source, str(folder), dtype, trust_remote_code, False, device_map, offload_folder)
+    except BaseException:
+        remove(folder)
+        raise
+    weakref.finalize(loaded.model, remove, folder)
+    return loaded
+
+
+def _load_folder(source: ModelSource, folder: str, dtype: str, trust_remote_code: bool, allow_pickle: bool,
+                 device_map, offload_folder: str | None) -> LoadedModel:
+    """load_model from a local folder or hub id (`folder`; a converted GGUF's temporary folder for a GGUF
+    `source`)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-    source = resolve_model(spec)
     kwargs = dict(trust_remote_code=trust_remote_code)
     model_kwargs = {} if device_map is None else {"device_map": device_map, "offload_folder": offload_folder}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
-        require("gguf", ModelLoadError)  # the header check and transformers' dequantization need it
-        check_gguf(Path(source.path) / source.gguf_file, source.spec)
-    elif not allow_pickle:
+    if not allow_pickle:
         model_kwargs["use_safetensors"] = True
         if source.kind == "local":
             _refuse_pickle_only(Path(source.path), source.spec)
     log.info("loading %s (%s)", source.spec, source.kind)
     try:
-        cfg = {} if source.gguf_file else PretrainedConfig.get_config_dict(source.path)[0]
+        cfg = PretrainedConfig.get_config_dict(folder)[0]
         if not isinstance(cfg, dict):
             raise ModelLoadError(f"config.json of {source.spec} holds {type(cfg).__name__}, not a JSON object; fix or "
                                  "re-download the file")
@@ -469,7 +335,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
         if fmt != "dense":
             model_cls, decompressed = _decompressed(source, fmt, model_cls, trust_remote_code)
             model_kwargs.update(decompressed)
-        weights_from = None if "state_dict" in model_kwargs else source.path  # transformers takes one or the other
+        weights_from = None if "state_dict" in model_kwargs else folder  # transformers takes one or the other
         model, info = model_cls.from_pretrained(weights_from, dtype=resolve_dtype(dtype, source), output_loading_info=True,
                                                 **kwargs, **model_kwargs)
         # transformers fills a weight the checkpoint lacks with random values and only warns: refuse instead
@@ -480,17 +346,11 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
                                  "is incomplete: re-download or re-export it")
         # a sliced config names a model type AutoTokenizer does not know: hand it the loaded one
         tok_kwargs = {"config": model.config} if model_cls is not AutoModelForCausalLM else {}
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs, **tok_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs, **tok_kwargs)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise _load_error(e, source) from e
-    if source.gguf_file:
-        # The weights are now plain dequantized tensors; a saved copy must not claim to be GGUF.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, source)

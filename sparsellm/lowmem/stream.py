@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import nn
 from .. import memory
 from ..errors import ModelLoadError
 from ..loading import get_adapter
+from ..loading.gguf import convert, remove
 from ..loading.models import _load_error, resolve_model
 from ..loading.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..calibrate.walk import capture, head_on, walk_layers
@@ -230,7 +232,7 @@ def streamed_perplexity(stream: LayerStream, chunks: torch.Tensor, batch_size: i
 
 
 class _Owner:
-    """Keeps a converted GGUF's temporary folder alive (gguf.converted removes it when this is collected)."""
+    """Keeps a converted GGUF's temporary folder alive (removed when this is collected)."""
 
 
 def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
@@ -243,13 +245,12 @@ def open_stream(spec: str | None, dtype: str, trust_remote_code: bool):
     if problem := source_problem(source):
         raise ModelLoadError(f"--low-memory: {problem}")
     folder = source.path
-    if source.gguf_file:  # converted tensor by tensor into a temporary folder, removed with the stream
-        from .gguf import converted
-
-        owner = _Owner()
-        folder = converted(Path(source.path) / source.gguf_file, source.spec, trust_remote_code, owner)
-    tensors = TensorSource(folder, source.spec)
+    owner = _Owner()
     try:
+        if source.gguf_file:  # converted tensor by tensor into a temporary folder, removed with the stream
+            folder = convert(Path(source.path) / source.gguf_file, source.spec, trust_remote_code)
+            weakref.finalize(owner, remove, folder)
+        tensors = TensorSource(folder, source.spec)
         skeleton = empty_model(folder, dtype, trust_remote_code, tensors)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ModelLoadError:
