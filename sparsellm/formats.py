@@ -251,6 +251,22 @@ def _shards(folder: Path) -> tuple[Path, dict | None, list[str]]:
     return index_path, index, sorted(set(index["weight_map"].values())) if index else ["model.safetensors"]
 
 
+def _cast_rows(path: Path, key: str, shape: list[int], dtype: torch.dtype, chunk: int = 1 << 24) -> torch.Tensor:
+    """Tensor `key` of the safetensors file `path`, cast to `dtype` about `chunk` values at a time: the file is
+    mapped only while a chunk is read, so neither a whole float32 copy nor the file's mapped pages stay resident
+    beside the cast tensor (a 262,144 x 640 embedding: 0.67 GB of each)."""
+    out = torch.empty(shape, dtype=dtype)
+    rows = shape[0] if shape else 1
+    step = max(1, chunk // max(1, math.prod(shape[1:])))
+    for i in range(0, rows, step):
+        with safe_open(path, framework="pt") as f:
+            if shape:
+                out[i:i + step] = f.get_slice(key)[i:i + step]
+            else:
+                out.copy_(f.get_tensor(key))
+    return out
+
+
 # safetensors dtype names of the tensors a model folder holds
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -273,7 +289,12 @@ def cast_folder(folder: Path, source: torch.dtype, dtype: torch.dtype) -> None:
             if None not in kinds and source not in kinds:  # nothing to cast (save_model wrote it in `dtype`)
                 nbytes += sum(math.prod(v.get_shape()) * _DTYPES[v.get_dtype()].itemsize for v in stored.values())
                 continue
-            out = {k: t.to(dtype) if (t := f.get_tensor(k)).dtype == source else t for k in f.keys()}
+            keys = list(f.keys())
+            kept = {k: f.get_tensor(k) for k in keys if _DTYPES.get(stored[k].get_dtype()) != source}
+            shapes = {k: stored[k].get_shape() for k in keys}
+            del stored
+        out = {k: kept[k] if k in kept else _cast_rows(folder / shard, k, shapes[k], dtype) for k in keys}
+        del kept
         tmp = folder / f".{shard}.tmp"
         save_file(out, tmp, metadata=metadata)
         os.replace(tmp, folder / shard)

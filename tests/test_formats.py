@@ -357,3 +357,20 @@ def test_cli_export_dtype_with_a_bitmask_format(model_dirs, tmp_path):
     assert "MiB |  |" in next(ln for ln in (f32 / "report.md").read_text().splitlines() if "weights on disk" in ln)
     r = run(*common, "--export-dtype", "int8", "-o", tmp_path / "x")
     assert r.exit_code == 2 and "--export-dtype" in r.output
+
+
+def test_cast_rows_equals_a_whole_tensor_cast(tmp_path):
+    """cast_folder casts a tensor a slice of rows at a time (the file mapped only while a slice is read): the
+    values equal a cast of the whole tensor, for every shape a model folder holds (2-D, 1-D, 0-D)."""
+    from safetensors.torch import save_file
+
+    from sparsellm.formats import _cast_rows
+
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(37, 5), "norm": torch.randn(7), "scale": torch.tensor(3.5), "e": torch.randn(3, 4, 5)}
+    save_file(tensors, tmp_path / "x.safetensors")
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, t in tensors.items():
+            for chunk in (1, 11, 1 << 24):  # one row at a time (11 values: 2 rows of 5), a few rows, all at once
+                got = _cast_rows(tmp_path / "x.safetensors", name, list(t.shape), dtype, chunk)
+                assert got.dtype == dtype and torch.equal(got, t.to(dtype)), (name, chunk)
