@@ -321,7 +321,8 @@ def _finish_config(model, adapter: Adapter, names: dict, ffn: list[int], groups:
             return True
     model.config.sparsellm_structure = {
         "base_model_type": model.config.model_type,
-        "names": {k: names[k] for k in ("q", "k", "v", "o", "ffn_in", "down", "attn", "head_count_attrs")},
+        "names": {k: names[k] for k in ("q", "k", "v", "o", "ffn_in", "down", "attn", "head_count_attrs")}
+                 | {k: names[k] for k in ("fused", "projection_norms") if names.get(k)},
         "layers_path": adapter.layers_path, "head_dim": names["head_dim"], "kv_group_size": names["heads"] // names["kv_heads"],
         "layers": [{"intermediate_size": f, "kv_groups": g} for f, g in zip(ffn, groups)]}
     return False

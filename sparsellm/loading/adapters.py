@@ -25,11 +25,12 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
     return mod
 
 
-# architectures the runtime for per-layer shapes (modeling_sliced.py) builds on; imported lazily there
-def _runtime_types() -> tuple[str, ...]:
-    from .modeling_sliced import BASE_MODEL_TYPES
+# architectures the runtime for per-layer shapes (modeling_sliced.py) builds on, for per-layer structured widths
+# ("structure") or per-layer SliceGPT rotations ("slicing"); imported lazily there
+def _runtime_types(kind: str) -> tuple[str, ...]:
+    from .modeling_sliced import BASE_MODEL_TYPES, SLICING_MODEL_TYPES
 
-    return BASE_MODEL_TYPES
+    return SLICING_MODEL_TYPES if kind == "slicing" else BASE_MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -195,14 +196,15 @@ class Adapter:
                 "mlp_out": mlp_out, "embeddings": list(self.embedding_paths), "final_norm": self.final_norm,
                 "lm_head": self.lm_head}
 
-    def per_layer_runtime(self) -> bool:
-        """Whether per-layer shapes (SliceGPT per-layer rotation, structured per-layer widths) can be
-        written: the runtime file (modeling_sliced.py) knows every model type of this family."""
-        return all(t in _runtime_types() for t in self.model_types)
+    def per_layer_runtime(self, kind: str) -> bool:
+        """Whether per-layer shapes of `kind` ("structure": structured per-layer widths; "slicing": SliceGPT
+        per-layer rotations) can be written: the runtime file (modeling_sliced.py) knows every model type of
+        this family for it."""
+        return all(t in _runtime_types(kind) for t in self.model_types)
 
-    def _runtime_refusal(self, what: str, fix: str) -> str:
+    def _runtime_refusal(self, what: str, kind: str, fix: str) -> str:
         return (f"{what} needs sparsellm's runtime for per-layer shapes (modeling_sliced.py), which covers only "
-                f"{', '.join(_runtime_types())} so far; use {fix}")
+                f"{', '.join(_runtime_types(kind))} for it so far; use {fix}")
 
     def check_sliceable(self, model: nn.Module, spec=None) -> None:
         """SliceGPT needs pre-norm blocks whose residual stream is the embeddings' sum. With the stage's
@@ -217,8 +219,8 @@ class Adapter:
             raise UnsupportedArchitectureError("SliceGPT: models with project_in/project_out (word_embed_proj_dim != "
                                                "hidden_size) are not supported; prune this model with a method "
                                                "that keeps its shapes (e.g. --method wanda) instead")
-        if spec is not None and spec.rotation != "uniform" and not self.per_layer_runtime():
-            raise UnsupportedArchitectureError(self._runtime_refusal("SliceGPT rotation: per-layer",
+        if spec is not None and spec.rotation != "uniform" and not self.per_layer_runtime("slicing"):
+            raise UnsupportedArchitectureError(self._runtime_refusal("SliceGPT rotation: per-layer", "slicing",
                                                                      "rotation: uniform (a stock architecture)"))
 
     def structure_names(self, model: nn.Module) -> dict:
@@ -247,8 +249,8 @@ class Adapter:
         self.structure_names(model)
         if spec.heads and self.heads_refusal:
             raise UnsupportedArchitectureError(self.heads_refusal)
-        if not spec.uniform and not self.per_layer_runtime():
-            raise UnsupportedArchitectureError(self._runtime_refusal("structure with uniform: false",
+        if not spec.uniform and not self.per_layer_runtime("structure"):
+            raise UnsupportedArchitectureError(self._runtime_refusal("structure with uniform: false", "structure",
                                                                      "uniform: true (a stock architecture)"))
 
     def check_learn(self) -> None:
@@ -466,8 +468,9 @@ def method_support(adapter: Adapter) -> dict[str, str | None]:
         None if structure_ok else f"structured pruning does not support {adapter.name} models yet")
     out["structure FFN"] = no_structure
     out["structure heads"] = no_structure or adapter.heads_refusal or None
-    out["structure per-layer"] = no_structure or (None if adapter.per_layer_runtime() else adapter._runtime_refusal(
-        "structure with uniform: false", "uniform: true (a stock architecture)"))
+    out["structure per-layer"] = no_structure or (None if adapter.per_layer_runtime("structure") else
+                                                  adapter._runtime_refusal("structure with uniform: false", "structure",
+                                                                           "uniform: true (a stock architecture)"))
     return out
 
 

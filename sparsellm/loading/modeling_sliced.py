@@ -19,7 +19,10 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-BASE_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "qwen3", "smollm3")
+# per-layer structured widths (apply_widths): these families; per-layer SliceGPT rotations (apply_structure): the
+# first six (the others' extra norms, residual multipliers or fused projections are refused by their adapters)
+SLICING_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "qwen3", "smollm3")
+BASE_MODEL_TYPES = SLICING_MODEL_TYPES + ("gemma2", "gemma3_text", "granite", "olmo2", "phi3")
 PREFIX = "sparsellm_sliced_"
 
 
@@ -119,16 +122,25 @@ def apply_widths(model: nn.Module, s: dict) -> None:
     (a key/value head with the kv_group_size query heads that share it; head_dim is unchanged)."""
     names, hd, rep = s["names"], s["head_dim"], s["kv_group_size"]
     ffn_in = names.get("ffn_in") or [names["gate"], names["up"]]  # the first releases named gate and up
+    fused = names.get("fused", {})  # a fused gate_up_proj (Phi-3): both halves keep the same channels
     for layer, d in zip(_get(model, s["layers_path"]), s["layers"]):
         for n in ffn_in:
-            _resize_linear(_get(layer, n), out_features=d["intermediate_size"])
+            _resize_linear(_get(layer, n), out_features=fused.get(n, 1) * d["intermediate_size"])
         _resize_linear(_get(layer, names["down"]), in_features=d["intermediate_size"])
+        q, kv = d["kv_groups"] * rep * hd, d["kv_groups"] * hd
         for n in (names["k"], names["v"]):
-            _resize_linear(_get(layer, n), out_features=d["kv_groups"] * hd)
-        _resize_linear(_get(layer, names["q"]), out_features=d["kv_groups"] * rep * hd)
-        _resize_linear(_get(layer, names["o"]), in_features=d["kv_groups"] * rep * hd)
+            if n not in fused:  # fused q/k/v keep their heads (the adapter refuses head removal there)
+                _resize_linear(_get(layer, n), out_features=kv)
+        if names["q"] not in fused:
+            _resize_linear(_get(layer, names["q"]), out_features=q)
+            _resize_linear(_get(layer, names["o"]), in_features=q)
         for attr in names.get("head_count_attrs", ()):
             setattr(_get(layer, names["attn"]), attr, d["kv_groups"] * rep)
+        for n, which in names.get("projection_norms", {}).items():  # norms over a whole projection (OLMo-2)
+            norm = _get(layer, n)
+            width = q if which == "q" else kv
+            if norm.weight.shape[0] != width:
+                norm.weight = nn.Parameter(torch.empty(width, device=norm.weight.device, dtype=norm.weight.dtype))
 
 
 def base_model_type(config_dict: dict) -> str:
