@@ -104,28 +104,17 @@ def collect_stats(layer: nn.Module, linears: dict[str, nn.Linear], needs: dict[s
 
         return record
 
-    last: list = [None]  # (input tensor, needs, its increment) of the last hooked Linear: q/k/v and gate/up are
-    # fed one tensor in a row and compute its statistics once (one slot, so at most one increment is held)
-
-    def update(name, x):
-        st = stats[name]
-        if last[0] is None or last[0][0] is not x or last[0][1] != st.needs:
-            last[0] = (x, st.needs, st.increment(x))
-        st.add(last[0][2])
-
-    handles = [m.register_forward_pre_hook(hook(n, lambda mod, a, kw, n=n: update(n, a[0])), with_kwargs=True)
+    handles = [m.register_forward_pre_hook(hook(n, lambda mod, a, kw, n=n: stats[n].update(a[0])), with_kwargs=True)
                for n, m in plain.items()]
     handles += [modules[p].register_forward_pre_hook(hook(p, es.record), with_kwargs=True) for p, es in experts.items()]
     try:
         for hidden, kw in zip(acts.hidden, acts.kwargs):
             seen.clear()
-            last[0] = None
             try:
                 layer_forward(layer, hidden, kw)
             except _Collected:
                 pass
     finally:
-        last[0] = None
         for h in handles:
             h.remove()
     for path, es in experts.items():

@@ -24,28 +24,15 @@ class InputStats:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        self.add(self.increment(x))
-
-    @torch.no_grad()
-    def increment(self, x: torch.Tensor) -> tuple:
-        """What `x` adds to these statistics (sequences, tokens, Σx², Σx, XᵀX), for `add`: Linears fed the same
-        input tensor (q/k/v, gate/up) with the same needs compute it once."""
-        sequences = x.shape[0] if x.dim() == 3 else 1
+        self.sequences += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, x.shape[-1]).float()
-        return (sequences, x.shape[0], (x * x).sum(0).double() if self._sq is not None else None,
-                x.sum(0).double() if self._sum is not None else None,
-                (x.T @ x).double() if self._xtx is not None else None)
-
-    def add(self, inc: tuple) -> None:
-        sequences, tokens, sq, sm, xtx = inc
-        self.sequences += sequences
-        self.tokens += tokens
+        self.tokens += x.shape[0]
         if self._sq is not None:
-            self._sq += sq
+            self._sq += (x * x).sum(0).double()
         if self._sum is not None:
-            self._sum += sm
+            self._sum += x.sum(0).double()
         if self._xtx is not None:
-            self._xtx += xtx
+            self._xtx += (x.T @ x).double()
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self._sq, self._sum, self._xtx) if t is not None)

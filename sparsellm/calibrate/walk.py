@@ -76,14 +76,8 @@ def _overflow_hint(module: nn.Module) -> str:
     return "the model's weights may contain NaN/inf: check or re-download the checkpoint"
 
 
-def _finite(h: torch.Tensor) -> bool:
-    # one reduction instead of a boolean copy: a NaN or inf makes the sum non-finite; only then (or when finite
-    # values overflow the sum) is each value checked
-    return bool(torch.isfinite(h.sum())) or bool(torch.isfinite(h).all())
-
-
 def check_finite(hidden: list[torch.Tensor], where: str, module: nn.Module) -> None:
-    if not all(_finite(h) for h in hidden):
+    if not all(bool(torch.isfinite(h).all()) for h in hidden):
         raise NumericalError(f"non-finite values (NaN/inf) in the calibration activations {where}; {_overflow_hint(module)}")
 
 
