@@ -65,3 +65,25 @@ def test_a_tensor_listed_twice_is_refused(tmp_path):
     path.write_bytes(path.read_bytes().replace(b"bbbb.weight", b"aaaa.weight"))
     with pytest.raises(ModelLoadError, match=r"m.gguf is not a valid GGUF file \(tensor aaaa.weight is listed twice\)"):
         check_gguf(path, "m.gguf")
+
+
+def test_a_conversion_without_room_is_refused_before_writing(tmp_path, monkeypatch):
+    """The float32 conversion goes to TMPDIR: without room for it, one line naming the fix (exit 3), and no
+    temporary folder is left."""
+    import shutil
+    import tempfile
+    from collections import namedtuple
+
+    from sparsellm.loading import gguf as conversion
+
+    path = _write(tmp_path / "m.gguf", {"token_embd.weight": (_values((512, 64), 0), Q.Q8_0)})
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(10**9, 10**9 - 100_000, 100_000))
+    with pytest.raises(ModelLoadError) as e:
+        conversion.convert(path, "m.gguf", False)
+    assert str(e.value) == (f"m.gguf is converted into 0.00 GiB of float32 safetensors in the temporary folder {scratch}, "
+                            "which has 0.00 GiB free; set TMPDIR to a folder with room")
+    assert e.value.exit_code == 3 and not list(scratch.iterdir())

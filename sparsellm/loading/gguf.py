@@ -334,6 +334,7 @@ def convert(path: Path, spec: str, trust_remote_code: bool) -> Path:
     """`path` checked and converted into a new temporary folder (under TMPDIR); the caller removes it
     (`remove`). Nothing is left behind when the conversion fails."""
     check_gguf(path, spec)
+    check_room(path, spec)
     folder = Path(tempfile.mkdtemp(prefix="sparsellm-gguf-"))
     log.info("converting %s into float32 safetensors shards in %s, one tensor at a time", spec, folder)
     try:
@@ -341,6 +342,17 @@ def convert(path: Path, spec: str, trust_remote_code: bool) -> Path:
     except BaseException:
         remove(folder)
         raise
+
+
+def check_room(path: Path, spec: str) -> None:
+    """Refuse, before writing anything, a conversion the temporary folder has no room for: every tensor in
+    float32 (the tied head once, as the file holds it)."""
+    need = sum(math.prod(t.dims) for t in gguf_tensors(path)) * 4
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ModelLoadError(f"{spec} is converted into {need / 2**30:.2f} GiB of float32 safetensors in the temporary "
+                             f"folder {where}, which has {free / 2**30:.2f} GiB free; set TMPDIR to a folder with room")
 
 
 def remove(folder: Path) -> None:
