@@ -111,6 +111,62 @@ def write_gguf(path: Path, arch: str) -> Path:
     return path
 
 
+# model type -> (GGUF architecture, transformers' GGUF config-mapping key), for write_hf_as_gguf
+GGUF_ARCHS = {"qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen3"), "qwen2_moe": ("qwen2moe", "qwen2_moe"),
+              "qwen3_moe": ("qwen3moe", "qwen3_moe")}
+
+
+def write_hf_as_gguf(model, tokenizer, path: Path) -> Path:
+    """`model` (a Qwen2/Qwen3 family model, dense or mixture of experts) and its byte-level BPE `tokenizer`
+    as a float32 GGUF file, written the way llama.cpp's converter lays them out (config under the
+    architecture's keys, the tokenizer as gpt2 BPE, tensors under GGUF names, stacked experts split into
+    ffn_gate_exps / ffn_up_exps), so that transformers' own GGUF loader reads back the same weights."""
+    import gguf
+    import json as _json
+
+    import numpy as np
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    arch, config_key = GGUF_ARCHS[model.config.model_type]
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, attr in GGUF_CONFIG_MAPPING[config_key].items():
+        value = getattr(model.config, attr, None) if attr else None
+        if value is not None:
+            (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+    backend = tokenizer.backend_tokenizer
+    tokens = [t for t, _ in sorted(backend.get_vocab().items(), key=lambda kv: kv[1])]
+    merges = _json.loads(backend.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in tokenizer.all_special_tokens else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    gguf_names: dict[str, list[str]] = {}
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config={})
+    for g, h in get_gguf_hf_weights_map(model, processor).items():
+        gguf_names.setdefault(h, []).append(g)
+    for name, t in model.state_dict().items():
+        a = t.detach().float().numpy()
+        found = gguf_names.get(name) or gguf_names[name.removesuffix(".weight")]
+        if len(found) == 2:  # experts' gate_up_proj [experts, 2 x intermediate, hidden]: gate rows, then up rows
+            half = a.shape[1] // 2
+            for g, part in ((next(g for g in found if "gate_exps" in g), a[:, :half]),
+                            (next(g for g in found if "up_exps" in g), a[:, half:])):
+                writer.add_tensor(g if g.endswith(".weight") else g + ".weight", np.ascontiguousarray(part))
+        else:
+            g = found[0]
+            if "ffn_gate_inp_shexp" in g:  # llama.cpp stores the shared expert's gate as a vector
+                a = a.reshape(-1)
+            writer.add_tensor(g if g.endswith((".weight", ".bias")) else g + ".weight", np.ascontiguousarray(a))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def ensure_demo_data() -> tuple[Path, Path]:
     """The demo text, fetched by the demo's own data step when absent (a fresh clone). Fails the test
     loudly if it cannot be had: never another text instead."""
