@@ -246,18 +246,17 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
     require("gguf", ModelLoadError)
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map,
-                                                          load_gguf_checkpoint)
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     from ..lowmem.tensors import ShardWriter
 
     kw = dict(gguf_file=path.name, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path.parent, **kw)
     AutoTokenizer.from_pretrained(path.parent, **kw).save_pretrained(folder)
-    memory.release_freed()
-    parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # the metadata the processors read
-    parsed = {"config": parsed.get("config", {}), "tensors": {}}  # (a 262k vocabulary is hundreds of MB of strings)
-    memory.release_freed()  # what parsing the metadata three times left in the heap
+    memory.release_freed()  # what parsing the metadata twice left in the heap (a 262k vocabulary: ~1 GB)
+    # the processors read config values (head counts) under the names the config carries them: the config
+    # itself serves, instead of a third parse of the metadata (load_gguf_checkpoint) for the same values
+    parsed = {"config": config.to_dict(), "tensors": {}}
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # a tied head shares the embedding: the file holds it once
