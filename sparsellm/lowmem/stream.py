@@ -209,7 +209,12 @@ class LayerStream:
         as a stage changed it; then the index."""
         layers = self.adapter.layers_path + "."
         saved = self.saved()
-        self.writer.write(1, self.source.get([n for n in saved if not n.startswith(layers)]))
+        rest = [n for n in saved if not n.startswith(layers)]
+        # what the skeleton holds (the embeddings, the head) is written from there: read from the source again,
+        # a 262k-token embedding would be mapped a second time (its pages counted twice in resident memory)
+        state = self.model.state_dict()
+        here = {n: state[n] for n in rest if not state[n].is_meta}
+        self.writer.write(1, {**self.source.get([n for n in rest if n not in here]), **here})
         self.writer.unstash()
         self.writer.finish([s for n in saved for s in self._stored(n)])
 
