@@ -56,8 +56,8 @@ def named_settings() -> list[tuple[str, str]]:
                 assert found and re.sub(r"`[^`]+`|,|\s", "", cell) == "", f"row {row[0]!r}: {cell!r} names no setting"
                 names += [(row[0], n) for n in found]
     # main, speed, Wanda's two rules, allocation/DSnoT, DSnoT variants, exact DSnoT, DSnoT's default, SliceGPT,
-    # structured, MaskLLM, reconstruction, SparseGPT's refit
-    assert tables_with_names == 12, tables_with_names
+    # structured, MaskLLM, reconstruction, reconstruction after other masks, SparseGPT's refit
+    assert tables_with_names == 13, tables_with_names
     return names
 
 
