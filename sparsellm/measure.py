@@ -23,6 +23,12 @@ def tied_embeddings(model: nn.Module) -> bool:
     return hooked and bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
 
 
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """Every parameter name -> the first name of the same tensor (a tied head -> the embedding it shares)."""
+    first: dict[int, str] = {}
+    return {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
 def parameters(model: nn.Module) -> int:
     """Parameters of the model, a tied pair once (also where accelerate's hooks keep it as two objects)."""
     n = sum(p.numel() for p in model.parameters())

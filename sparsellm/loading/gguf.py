@@ -195,14 +195,23 @@ def gguf_architecture(path: Path) -> str:
 
 def check_gguf(path: Path, spec: str) -> None:
     """Fail fast, before transformers dequantizes anything, on a GGUF we could not read or compress anyway."""
+    _checked(path, spec)
+
+
+def _checked(path: Path, spec: str) -> tuple[str, list[GGUFTensor]]:
+    """check_gguf's one read of the header: the architecture and the checked tensor table."""
     try:
-        arch = gguf_architecture(path)
+        found, tensors = _parse(path, (b"general.architecture",), False)
+        if "general.architecture" not in found:
+            raise ValueError("no general.architecture key")
     except (OSError, ValueError, struct.error, OverflowError) as e:
         raise ModelLoadError(f"{spec} is not a valid GGUF file ({e}); re-download or re-convert it") from None
+    arch = found["general.architecture"]
     if gguf_model_type(arch) is None:
         raise UnsupportedArchitectureError(
             f"GGUF file {spec} holds a {arch!r} model, an architecture sparsellm does not support; "
             f"use a model of a supported architecture: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return arch, tensors
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -239,8 +248,10 @@ def dequantized(raw: np.ndarray, t: GGUFTensor, chunk: int = 1 << 24) -> np.ndar
     return out
 
 
-def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) -> Path:
-    """Write `path` (a checked GGUF file) into `folder` as float32 safetensors shards (one per decoder layer,
+def gguf_to_folder(path: Path, folder: Path, architecture: str, tensors: list[GGUFTensor],
+                   trust_remote_code: bool = False) -> Path:
+    """Write `path` (a checked GGUF file: its `architecture` and tensor table, as check_gguf read them) into
+    `folder` as float32 safetensors shards (one per decoder layer,
     one per other tensor), config.json, the generation config and the tokenizer; returns `folder`. Each tensor
     is dequantized, renamed and reshaped as transformers does it (its per-architecture TensorProcessor and
     GGUF -> HF name map, applied one tensor at a time)."""
@@ -250,6 +261,7 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     from ..lowmem.tensors import ShardWriter
+    from ..measure import parameter_aliases
 
     kw = dict(gguf_file=path.name, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(path.parent, **kw)
@@ -261,7 +273,6 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
     skeleton.tie_weights()  # a tied head shares the embedding: the file holds it once
-    architecture = gguf_header(path)["general.architecture"]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
     names = get_gguf_hf_weights_map(skeleton, processor)
     expected = set(skeleton.state_dict())
@@ -283,7 +294,7 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
             group = {}
 
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    for t in tqdm(gguf_tensors(path), desc="converting GGUF tensors", unit="tensor", leave=False):
+    for t in tqdm(tensors, desc="converting GGUF tensors", unit="tensor", leave=False):
         result = processor.process(weights=dequantized(tensor_array(data, t), t), name=t.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
         if result.name is None or result.name not in names:
@@ -301,7 +312,8 @@ def gguf_to_folder(path: Path, folder: Path, trust_remote_code: bool = False) ->
         writer.write(shards := shards + 1, {name: tensor.to(torch.float32)})
         written.append(name)
     del data
-    missing = sorted(expected - set(written) - _tied(skeleton))
+    tied = {n for n, first in parameter_aliases(skeleton).items() if n != first}  # the file holds them once
+    missing = sorted(expected - set(written) - tied)
     if missing:
         raise ModelLoadError(f"tensor {missing[0]} is missing from {path.name}; the GGUF file is incomplete: "
                              "re-download it")
@@ -320,34 +332,24 @@ def _key(name: str) -> str:
     return m.group(1) if (m := _LAYER.search(name)) else name
 
 
-def _tied(model) -> set[str]:
-    """Parameter names that share another's tensor (a tied head), which the file need not hold."""
-    seen, tied = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.setdefault(id(p), name)
-    return tied
-
-
 def convert(path: Path, spec: str, trust_remote_code: bool) -> Path:
     """`path` checked and converted into a new temporary folder (under TMPDIR); the caller removes it
     (`remove`). Nothing is left behind when the conversion fails."""
-    check_gguf(path, spec)
-    check_room(path, spec)
+    architecture, tensors = _checked(path, spec)
+    check_room(tensors, spec)
     folder = Path(tempfile.mkdtemp(prefix="sparsellm-gguf-"))
     log.info("converting %s into float32 safetensors shards in %s, one tensor at a time", spec, folder)
     try:
-        return gguf_to_folder(path, folder, trust_remote_code)
+        return gguf_to_folder(path, folder, architecture, tensors, trust_remote_code)
     except BaseException:
         remove(folder)
         raise
 
 
-def check_room(path: Path, spec: str) -> None:
-    """Refuse, before writing anything, a conversion the temporary folder has no room for: every tensor in
-    float32 (the tied head once, as the file holds it)."""
-    need = sum(math.prod(t.dims) for t in gguf_tensors(path)) * 4
+def check_room(tensors: list[GGUFTensor], spec: str) -> None:
+    """Refuse, before writing anything, a conversion the temporary folder has no room for: every tensor of the
+    file's table in float32 (the tied head once, as the file holds it)."""
+    need = sum(math.prod(t.dims) for t in tensors) * 4
     where = tempfile.gettempdir()
     free = shutil.disk_usage(where).free
     if need > free:

@@ -292,8 +292,7 @@ def load_model(spec: str | None, dtype: str = "auto", trust_remote_code: bool = 
         return _load_folder(source, source.path, dtype, trust_remote_code, allow_pickle, device_map, offload_folder)
     require("gguf", ModelLoadError)
     path = Path(source.path) / source.gguf_file
-    check_gguf(path, source.spec)
-    try:
+    try:  # (convert checks the header first: exit 3 or 4 in one line before any weight is read)
         folder = convert(path, source.spec, trust_remote_code)
     except ModelLoadError:
         raise

@@ -19,7 +19,7 @@ from ..loading.models import _load_error, resolve_model
 from ..loading.experts import expert_shapes, fuse_stored, split_stored, stored_parts
 from ..calibrate.walk import capture, head_on, walk_layers
 from ..evaluate.perplexity import nll_from_hidden
-from ..measure import layer_zeros
+from ..measure import layer_zeros, parameter_aliases
 from ..loading.adapters import Adapter, _get
 from ..loading.models import DTYPES
 from . import source_problem
@@ -54,9 +54,7 @@ def empty_model(folder: str | Path, dtype: str, trust_remote_code: bool, tensors
         pass
     model.tie_weights()  # init_empty_weights re-creates every parameter it registers, undoing the tying
     model.eval().requires_grad_(False)
-    first: dict[int, str] = {}
-    aliases = {n: first.setdefault(id(p), n) for n, p in model.named_parameters(remove_duplicate=False)}
-    return Skeleton(model, aliases)
+    return Skeleton(model, parameter_aliases(model))
 
 
 def disk_names(model: nn.Module, adapter: Adapter) -> dict[str, list[str]]:
