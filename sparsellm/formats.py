@@ -284,16 +284,13 @@ def cast_folder(folder: Path, source: torch.dtype, dtype: torch.dtype) -> None:
     for shard in shards:
         with safe_open(folder / shard, framework="pt") as f:  # one tensor at a time in the source dtype
             metadata = f.metadata()
-            stored = {k: f.get_slice(k) for k in f.keys()}
-            kinds = [_DTYPES.get(v.get_dtype()) for v in stored.values()]
-            if None not in kinds and source not in kinds:  # nothing to cast (save_model wrote it in `dtype`)
-                nbytes += sum(math.prod(v.get_shape()) * _DTYPES[v.get_dtype()].itemsize for v in stored.values())
+            kinds = {k: _DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
+            shapes = {k: f.get_slice(k).get_shape() for k in kinds}
+            if None not in kinds.values() and source not in kinds.values():  # save_model wrote it in `dtype`
+                nbytes += sum(math.prod(shapes[k]) * kinds[k].itemsize for k in kinds)
                 continue
-            keys = list(f.keys())
-            kept = {k: f.get_tensor(k) for k in keys if _DTYPES.get(stored[k].get_dtype()) != source}
-            shapes = {k: stored[k].get_shape() for k in keys}
-            del stored
-        out = {k: kept[k] if k in kept else _cast_rows(folder / shard, k, shapes[k], dtype) for k in keys}
+            kept = {k: f.get_tensor(k) for k, kind in kinds.items() if kind != source}
+        out = {k: kept[k] if k in kept else _cast_rows(folder / shard, k, shapes[k], dtype) for k in kinds}
         del kept
         tmp = folder / f".{shard}.tmp"
         save_file(out, tmp, metadata=metadata)
