@@ -193,6 +193,7 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
       sparsellm prune --slicing 0.2 --rotation uniform --method wanda --pattern 2:4 -o out/
       sparsellm prune --method maskllm --prior wanda --steps 200 --calib docs.txt -o out/   # learned 2:4
 
+    \b
       sparsellm prune --method wanda --pattern 2:4 --ppl wikitext2 --ppl c4 --tasks suite --limit 500 --speed -o out/
       sparsellm prune --structure cfsp --ffn 0.2 --recover-steps 100 -o out/   # CFSP + LoRA recovery
       sparsellm prune --structure wanda-sp --ffn 0.3 --heads 0.25 --uniform -o out/
@@ -204,6 +205,8 @@ def prune(ctx, model_spec, recipe_path, method, sparsity, pattern, slicing, rota
     decoder layer and an index), config, tokenizer, recipe.yaml,
     report.json, report.md, report.html and a model card README.md. With --checkpoint-dir a
     killed run continues with --resume:
+
+    \b
       sparsellm prune --recipe r.yaml -o out/ --checkpoint-dir ckpt/ [--resume]"""
     from .pipeline import RunOptions, run_recipe
     from .recipe import load_recipe, recipe_from_dict

@@ -110,6 +110,16 @@ def test_help_teaches():
         assert needle in r.output
 
 
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_help_examples_stay_one_per_line(command):
+    # click re-wraps a paragraph unless it follows a \b line: every example command of a docstring must
+    # come out as a line of its own, not run together with its neighbours
+    doc = cli.commands[command].help or ""
+    examples = [line.strip() for line in doc.splitlines() if line.strip().startswith("sparsellm ")]
+    shown = [line.strip() for line in run(command, "--help").output.splitlines()]
+    assert all(example in shown for example in examples), [e for e in examples if e not in shown]
+
+
 def test_data_free_recipe_needs_no_calibration_text(model_dirs, tmp_path):
     # magnitude needs no activations: the default wikitext2 (unreachable offline) must not be fetched
     out = tmp_path / "o"
