@@ -36,7 +36,7 @@ for _m in ("magnitude", "wanda", "sparsegpt"):
     for _s in (0.5, "2:4", "4:8"):
         SETTINGS[f"{_m}-{_tag(_s)}"] = [{"prune": _p(_m, _s)}]
 # layer-wise allocation and DSnoT (issue 3): 60 %, 70 % unstructured and 2:4
-MSE = {"refine": {"method": "dsnot", "criterion": "mse"}}  # issue 3's DSnoT: the defaults (mse + verify), spelled out
+MSE = {"refine": {"method": "dsnot", "criterion": "mse", "modules": "all"}}  # issue 3's DSnoT: the defaults (mse + verify), spelled out
 for _s in (0.6, 0.7, "2:4"):
     tag = _tag(_s)
     SETTINGS[f"wanda-{tag}"] = [{"prune": _p("wanda", _s)}]
@@ -69,7 +69,7 @@ for _s in (0.6, 0.7):  # = issue 3's defaults (mse, verify, all), spelled out
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
 # DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start)
-EXACT = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": 0.0}}  # the full XᵀX (the default shrinks it)
+EXACT = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": 0.0, "modules": "all"}}  # the full XᵀX (the default shrinks it)
 for _s in (0.6, 0.7, "2:4"):
     tag = _tag(_s)
     SETTINGS[f"wanda+dsnot(exact)-{tag}"] = [{"prune": _p("wanda", _s)}, EXACT]
@@ -78,10 +78,17 @@ for _s in (0.6, 0.7, "2:4"):
 for _k in (0.25, 0.5, 0.75):  # exact scores from a shrunk XᵀX (less trust in the calibration text's correlations)
     for _s in (0.6, 0.7, "2:4"):
         tag = _tag(_s)
-        _x = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": _k}}
+        _x = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": _k, "modules": "all"}}
         SETTINGS[f"wanda+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("wanda", _s)}, _x]
         SETTINGS[f"sparsegpt+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("sparsegpt", _s)}, _x]
         SETTINGS[f"owl+wanda+dsnot(exact-s{_k})-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, _x]
+# the default DSnoT restricted to the MLP Linears (`modules: mlp`): on Wanda 70 % KJV -> wiki the attention swaps were
+# the ones that made it worse than its start
+for _s in (0.6, 0.7, "2:4"):
+    tag, _x = _tag(_s), {"refine": {"method": "dsnot", "criterion": "exact", "modules": "mlp"}}
+    SETTINGS[f"wanda+dsnot(mlp-exact)-{tag}"] = [{"prune": _p("wanda", _s)}, _x]
+    SETTINGS[f"sparsegpt+dsnot(mlp-exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, _x]
+    SETTINGS[f"owl+wanda+dsnot(mlp-exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, _x]
 # Wanda true-sequential (q/k/v, o, gate/up, down each from the already pruned ones' outputs): one forward per layer
 for _s in (0.5, 0.6, 0.7, "2:4"):
     tag = _tag(_s)
@@ -118,7 +125,7 @@ for _s in (0.5, 0.6, 0.7, "2:4"):
 SETTINGS["sparsegpt(refit)+rec-2:4"] = [{"prune": {**_p("sparsegpt", "2:4"), "refit": True}}, {"reconstruct": REC}]
 # after other mask sources: Wanda, and Wanda refined by DSnoT (its default)
 SETTINGS["wanda+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"reconstruct": REC}]
-SETTINGS["wanda+dsnot+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {"method": "dsnot"}}, {"reconstruct": REC}]
+SETTINGS["wanda+dsnot+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {"method": "dsnot", "modules": "all"}}, {"reconstruct": REC}]
 # Structured pruning (issue 5): FFN channels removed; CFSP's block distances are computed once and reused
 # (they do not depend on the target); recovery = LoRA on the calibration windows, sized to take a few minutes
 # on 2 idle cores: 64 steps of one 512-token window = two epochs over the 32 calibration windows
@@ -149,6 +156,8 @@ GROUPS = {
     "issue6": ["sparsegpt-2:4", "wanda-2:4", "maskllm-prior-sparsegpt-2:4", "maskllm-prior-wanda-2:4",
                "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
     "issue19": ["sparsegpt-2:4", "sparsegpt+rec-2:4", "sparsegpt-70", "sparsegpt+rec-70", "sparsegpt-60", "sparsegpt+rec-60"],
+    "dsnot-mlp": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
+                  ("wanda+dsnot(mlp-exact)", "sparsegpt+dsnot(mlp-exact)", "owl+wanda+dsnot(mlp-exact)")],
     "dsnot-exact": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
                     ("wanda", "wanda+dsnot(exact)", "sparsegpt", "sparsegpt+dsnot(exact)", "owl+wanda", "owl+wanda+dsnot(exact)")],
     "dsnot-shrunk": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in

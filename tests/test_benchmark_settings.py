@@ -55,9 +55,10 @@ def named_settings() -> list[tuple[str, str]]:
                 found = re.findall(r"`([^`]+)`", cell)
                 assert found and re.sub(r"`[^`]+`|,|\s", "", cell) == "", f"row {row[0]!r}: {cell!r} names no setting"
                 names += [(row[0], n) for n in found]
-    # main, speed, Wanda's two rules, allocation/DSnoT, DSnoT variants, exact DSnoT, DSnoT's default, SliceGPT,
-    # structured, MaskLLM, reconstruction, reconstruction after other masks, SparseGPT's refit
-    assert tables_with_names == 13, tables_with_names
+    # main, speed, Wanda's two rules, allocation/DSnoT, DSnoT variants, exact DSnoT, DSnoT on a shrunk XᵀX,
+    # DSnoT's default (MLP only), SliceGPT, structured, MaskLLM, reconstruction, reconstruction after other
+    # masks, SparseGPT's refit
+    assert tables_with_names == 14, tables_with_names
     return names
 
 

@@ -188,7 +188,7 @@ def test_refine_modules_resolved_by_the_adapter(arch):
     attn = {"q_proj", "v_proj", "o_proj"} if arch == "llama" else {"q_proj", "v_proj", "out_proj"}
     mlp = {"gate_proj", "up_proj", "down_proj"} if arch == "llama" else {"fc1", "fc2"}
     assert chosen({"method": "dsnot", "modules": "attention"}) == attn  # k_proj was not pruned, so it is not refined either
-    assert chosen({"method": "dsnot"}) == attn | mlp
+    assert chosen({"method": "dsnot"}) == mlp  # the default: the MLP Linears only
     assert chosen({"method": "dsnot", "modules": "mlp"}) == mlp
     assert chosen({"method": "dsnot", "modules": "all"}) == attn | mlp
     assert chosen({"method": "dsnot", "modules": "all", "ignore": ["*.v_proj"]}) == (attn | mlp) - {"v_proj"}
