@@ -68,27 +68,22 @@ for _s in (0.6, 0.7):  # = issue 3's defaults (mse, verify, all), spelled out
 # the reference code's effective settings: paper rule, attention only, sign check on (its N:M path)
 SETTINGS["wanda+dsnot(ref)-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {
     "method": "dsnot", "criterion": "mean", "modules": "attention", "same_sign": True, "verify": False}}]
-# DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start)
-EXACT = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": 0.0, "modules": "all"}}  # the full XᵀX (the default shrinks it)
-for _s in (0.6, 0.7, "2:4"):
-    tag = _tag(_s)
-    SETTINGS[f"wanda+dsnot(exact)-{tag}"] = [{"prune": _p("wanda", _s)}, EXACT]
-    SETTINGS[f"sparsegpt+dsnot(exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, EXACT]
-    SETTINGS[f"owl+wanda+dsnot(exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, EXACT]
+# DSnoT with exact swap scores from XᵀX (issue 19: no row's calibration output error ends worse than its start),
+# each variant on the three starts (Wanda, SparseGPT, OWL + Wanda) at 60 %, 70 % and 2:4
+def _dsnot_on_starts(variant: str, refine: dict) -> None:
+    for s in (0.6, 0.7, "2:4"):
+        tag, x = _tag(s), {"refine": refine}
+        SETTINGS[f"wanda+dsnot({variant})-{tag}"] = [{"prune": _p("wanda", s)}, x]
+        SETTINGS[f"sparsegpt+dsnot({variant})-{tag}"] = [{"prune": _p("sparsegpt", s)}, x]
+        SETTINGS[f"owl+wanda+dsnot({variant})-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", s)}, x]
+
+
+_dsnot_on_starts("exact", {"method": "dsnot", "criterion": "exact", "shrink": 0.0, "modules": "all"})  # the full XᵀX
 for _k in (0.25, 0.5, 0.75):  # exact scores from a shrunk XᵀX (less trust in the calibration text's correlations)
-    for _s in (0.6, 0.7, "2:4"):
-        tag = _tag(_s)
-        _x = {"refine": {"method": "dsnot", "criterion": "exact", "shrink": _k, "modules": "all"}}
-        SETTINGS[f"wanda+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("wanda", _s)}, _x]
-        SETTINGS[f"sparsegpt+dsnot(exact-s{_k})-{tag}"] = [{"prune": _p("sparsegpt", _s)}, _x]
-        SETTINGS[f"owl+wanda+dsnot(exact-s{_k})-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, _x]
-# the default DSnoT restricted to the MLP Linears (`modules: mlp`): on Wanda 70 % KJV -> wiki the attention swaps were
-# the ones that made it worse than its start
-for _s in (0.6, 0.7, "2:4"):
-    tag, _x = _tag(_s), {"refine": {"method": "dsnot", "criterion": "exact", "modules": "mlp"}}
-    SETTINGS[f"wanda+dsnot(mlp-exact)-{tag}"] = [{"prune": _p("wanda", _s)}, _x]
-    SETTINGS[f"sparsegpt+dsnot(mlp-exact)-{tag}"] = [{"prune": _p("sparsegpt", _s)}, _x]
-    SETTINGS[f"owl+wanda+dsnot(mlp-exact)-{tag}"] = [{"allocate": {"method": "owl"}}, {"prune": _p("wanda", _s)}, _x]
+    _dsnot_on_starts(f"exact-s{_k}", {"method": "dsnot", "criterion": "exact", "shrink": _k, "modules": "all"})
+# the default DSnoT: restricted to the MLP Linears (`modules: mlp`), because on Wanda 70 % KJV -> wiki the attention
+# swaps were the ones that made it worse than its start
+_dsnot_on_starts("mlp-exact", {"method": "dsnot", "criterion": "exact", "modules": "mlp"})
 # Wanda true-sequential (q/k/v, o, gate/up, down each from the already pruned ones' outputs): one forward per layer
 for _s in (0.5, 0.6, 0.7, "2:4"):
     tag = _tag(_s)
@@ -123,7 +118,7 @@ for _s in ("2:4", 0.6, 0.7):
 for _s in (0.5, 0.6, 0.7, "2:4"):
     SETTINGS[f"sparsegpt(refit)-{_tag(_s)}"] = [{"prune": {**_p("sparsegpt", _s), "refit": True}}]
 SETTINGS["sparsegpt(refit)+rec-2:4"] = [{"prune": {**_p("sparsegpt", "2:4"), "refit": True}}, {"reconstruct": REC}]
-# after other mask sources: Wanda, and Wanda refined by DSnoT (its default)
+# after other mask sources: Wanda, and Wanda refined by DSnoT (the default of that time: every Linear)
 SETTINGS["wanda+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"reconstruct": REC}]
 SETTINGS["wanda+dsnot+rec-2:4"] = [{"prune": _p("wanda", "2:4")}, {"refine": {"method": "dsnot", "modules": "all"}}, {"reconstruct": REC}]
 # Structured pruning (issue 5): FFN channels removed; CFSP's block distances are computed once and reused
@@ -157,7 +152,8 @@ GROUPS = {
                "maskllm-sparsegpt-2:4", "maskllm-wanda-2:4"],
     "issue19": ["sparsegpt-2:4", "sparsegpt+rec-2:4", "sparsegpt-70", "sparsegpt+rec-70", "sparsegpt-60", "sparsegpt+rec-60"],
     "dsnot-mlp": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
-                  ("wanda+dsnot(mlp-exact)", "sparsegpt+dsnot(mlp-exact)", "owl+wanda+dsnot(mlp-exact)")],
+                  ("wanda", "wanda+dsnot(mlp-exact)", "sparsegpt", "sparsegpt+dsnot(mlp-exact)", "owl+wanda",
+                   "owl+wanda+dsnot(mlp-exact)")],
     "dsnot-exact": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
                     ("wanda", "wanda+dsnot(exact)", "sparsegpt", "sparsegpt+dsnot(exact)", "owl+wanda", "owl+wanda+dsnot(exact)")],
     "dsnot-shrunk": [f"{m}-{t}" for t in ("60", "70", "2:4") for m in
