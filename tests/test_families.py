@@ -1,7 +1,7 @@
 """The model families of issue 17 (Qwen3, SmolLM3, Gemma 2/3, Phi-3, OLMo-2, Granite) on tiny random models
 built from their configs: every applicable method and pattern gives its exact counts, 0 % changes nothing,
-exports reload with stock transformers to identical logits, structured results keep their family's stock
-architecture, refusals are one line with their exit code, and the support table in docs is the adapters'."""
+exports reload with stock transformers to identical logits, reconstruction keeps the masks held whole and streamed,
+structured results keep their family's stock architecture, refusals are one line with their exit code, and the support table in docs is the adapters'."""
 from __future__ import annotations
 
 import copy
@@ -357,6 +357,46 @@ def test_pipeline_sparsegpt_2of4_report_and_reload(family, family_dirs, tmp_path
     for name, p in stock.named_parameters():
         if ".layers." in name and p.dim() == 2:
             assert bool(((p.reshape(p.shape[0], -1, 4) == 0).sum(-1) == 2).all()), name
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def assert_reconstruction_keeps_masks_in_both_memory_modes(src, tmp_path, pattern: str = "2:4", **calibration):
+    """SparseGPT 2:4 then the reconstruct stage, held whole and streamed (--low-memory, the dense teacher
+    re-read from the source shards): every tensor keeps the pruned start's zeros exactly, the kept weights
+    move, no block's held-out error ends above its start, and both memory modes write the same bytes."""
+    cal = {"dataset": str(TEXT), "nsamples": 8, "seqlen": 32, "batch_size": 4, **calibration}
+    prune = {"prune": {"method": "sparsegpt", "pattern": pattern}}
+    rec = {"reconstruct": {"method": "blockwise", "lr": 1e-3, "epochs": 2, "batch_size": 2, "holdout": 0.25}}
+
+    def run(name, stages, low):
+        r = recipe_from_dict({"seed": 0, "calibration": cal, "evaluation": {"ppl": [], "before": False}, "stages": stages})
+        return compress(r, tmp_path / name, RunOptions(low_memory=low), str(src))
+
+    run("pruned", [prune], False)
+    whole, low = run("whole", [prune, rec], False), run("low", [prune, rec], True)
+    start, a, b = _weights(tmp_path / "pruned"), _weights(tmp_path / "whole"), _weights(tmp_path / "low")
+    assert sorted(start) == sorted(a) == sorted(b)
+    for k in a:
+        if a[k].dim() >= 2:  # the matrices (biases and norms are trained freely)
+            assert torch.equal(a[k] == 0, start[k] == 0), k  # nothing pruned came back, nothing kept was pruned
+        assert torch.equal(a[k], b[k]), k
+    assert sum(not torch.equal(a[k], start[k]) for k in a if ".layers." in k) > 0
+    assert whole["sparsity"] == low["sparsity"]
+    blocks = whole["stages"][1]["details"]["blocks"]
+    assert blocks == low["stages"][1]["details"]["blocks"]
+    parts = [p for b in blocks for k, p in b.items() if k != "layer"]
+    assert all(p["heldout_after"] <= p["heldout_before"] for p in parts), parts
+    assert any(p["heldout_after"] < p["heldout_before"] for p in parts), parts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reconstruction_keeps_masks_and_streams_like_in_memory(family, family_dirs, tmp_path):
+    assert_reconstruction_keeps_masks_in_both_memory_modes(family_dirs[family], tmp_path)
 
 
 # ---- per-layer forward arguments --------------------------------------------------------------------

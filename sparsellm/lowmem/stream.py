@@ -114,15 +114,23 @@ class LayerStream:
     def _alias(self, name: str) -> str:
         return self.skeleton.aliases.get(name, name)  # a parameter a stage added is stored under its own name
 
+    def read(self, stored_names: list[str], source: TensorSource | None = None) -> dict[str, torch.Tensor]:
+        """Stored parameter names -> their tensors as the model holds them, read from `source` (default: the
+        stream's own, which follows what the stages wrote): a fused experts parameter from its 2-D parts."""
+        source = source or self.source
+        found = source.get([s for n in stored_names for s in self._stored(n)])
+        out = {}
+        for stored in stored_names:
+            parts = [found[s] for s in self._stored(stored)]
+            t = fuse_stored(stored.rpartition(".")[2], parts) if len(parts) > 1 else parts[0]
+            out[stored] = t.to(self.model.get_parameter(stored).dtype)  # from_pretrained casts to the model's dtype
+        return out
+
     def load_module(self, prefix: str) -> None:
         names = self._params(prefix)
         need = sorted({self._alias(n) for n in names} - set(self.live))
-        found = self.source.get([s for n in need for s in self._stored(n)])
-        for stored in need:
-            parts = [found[s] for s in self._stored(stored)]
-            t = fuse_stored(stored.rpartition(".")[2], parts) if len(parts) > 1 else parts[0]
-            dtype = self.model.get_parameter(stored).dtype  # from_pretrained casts to the model's dtype
-            self.live[stored] = nn.Parameter(t.to(dtype), requires_grad=False)
+        for stored, t in self.read(need).items():
+            self.live[stored] = nn.Parameter(t, requires_grad=False)
         for n in names:
             mod, leaf = _split(self.model, n)
             mod._parameters[leaf] = self.live[self._alias(n)]

@@ -98,7 +98,7 @@ class DenseLayers:
             prefix = self.adapter.layer_prefix(index)
             aliases = self.stream.skeleton.aliases
             names = {n: aliases[f"{prefix}.{n}"] for n, _ in dense.named_parameters(remove_duplicate=False)}
-            read = self.source.get(sorted(set(names.values())))
+            read = self.stream.read(sorted(set(names.values())), self.source)
             for n, p in dense.named_parameters(remove_duplicate=False):
                 p.copy_(read[names[n]].to(p.dtype))
         dense.requires_grad_(False)
