@@ -1,6 +1,6 @@
 """The model families of issue 17 (Qwen3, SmolLM3, Gemma 2/3, Phi-3, OLMo-2, Granite) on tiny random models
 built from their configs: every applicable method and pattern gives its exact counts, 0 % changes nothing,
-exports reload with stock transformers to identical logits, reconstruction keeps the masks held whole and streamed,
+exports reload with stock transformers to identical logits, reconstruction keeps the masks in every memory mode,
 structured results keep their family's stock architecture, refusals are one line with their exit code, and the support table in docs is the adapters'."""
 from __future__ import annotations
 
@@ -365,38 +365,48 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
-def assert_reconstruction_keeps_masks_in_both_memory_modes(src, tmp_path, pattern: str = "2:4", **calibration):
-    """SparseGPT 2:4 then the reconstruct stage, held whole and streamed (--low-memory, the dense teacher
-    re-read from the source shards): every tensor keeps the pruned start's zeros exactly, the kept weights
-    move, no block's held-out error ends above its start, and both memory modes write the same bytes."""
+def assert_reconstruction_keeps_masks_in_every_memory_mode(src, tmp_path, pattern: str = "2:4", **calibration):
+    """SparseGPT 2:4 then the reconstruct stage, held whole, streamed (--low-memory, the dense teacher re-read
+    from the source shards) and offloaded by accelerate (--device-map, decoder layers 1.. and the embeddings on
+    disk): every matrix keeps the pruned start's zeros exactly, the kept weights move, no block's held-out
+    error ends above its start, and the three memory modes write the same bytes."""
+    from test_lowmem import offload_map
+
     cal = {"dataset": str(TEXT), "nsamples": 8, "seqlen": 32, "batch_size": 4, **calibration}
     prune = {"prune": {"method": "sparsegpt", "pattern": pattern}}
     rec = {"reconstruct": {"method": "blockwise", "lr": 1e-3, "epochs": 2, "batch_size": 2, "holdout": 0.25}}
 
-    def run(name, stages, low):
+    def run(name, stages, **options):
         r = recipe_from_dict({"seed": 0, "calibration": cal, "evaluation": {"ppl": [], "before": False}, "stages": stages})
-        return compress(r, tmp_path / name, RunOptions(low_memory=low), str(src))
+        return compress(r, tmp_path / name, RunOptions(**options), str(src))
 
-    run("pruned", [prune], False)
-    whole, low = run("whole", [prune, rec], False), run("low", [prune, rec], True)
-    start, a, b = _weights(tmp_path / "pruned"), _weights(tmp_path / "whole"), _weights(tmp_path / "low")
-    assert sorted(start) == sorted(a) == sorted(b)
+    run("pruned", [prune])
+    modes = {"whole": {}, "low": {"low_memory": True},
+             "off": {"device_map": json.dumps(offload_map(src)), "offload_folder": str(tmp_path / "offload")}}
+    reports = {m: run(m, [prune, rec], **o) for m, o in modes.items()}
+    assert list((tmp_path / "offload").glob("model.layers.1.*.dat"))  # offloaded, trained weights written back
+    assert not list((tmp_path / "offload").glob("sparsellm-dense-*"))  # the dense scratch copy is removed
+    start, a = _weights(tmp_path / "pruned"), _weights(tmp_path / "whole")
     for k in a:
         if a[k].dim() >= 2:  # the matrices (biases and norms are trained freely)
             assert torch.equal(a[k] == 0, start[k] == 0), k  # nothing pruned came back, nothing kept was pruned
-        assert torch.equal(a[k], b[k]), k
     assert sum(not torch.equal(a[k], start[k]) for k in a if ".layers." in k) > 0
-    assert whole["sparsity"] == low["sparsity"]
+    whole = reports["whole"]
     blocks = whole["stages"][1]["details"]["blocks"]
-    assert blocks == low["stages"][1]["details"]["blocks"]
+    for m in ("low", "off"):
+        b = _weights(tmp_path / m)
+        assert sorted(start) == sorted(a) == sorted(b), m
+        assert all(torch.equal(a[k], b[k]) for k in a), m
+        assert reports[m]["sparsity"] == whole["sparsity"], m
+        assert reports[m]["stages"][1]["details"]["blocks"] == blocks, m
     parts = [p for b in blocks for k, p in b.items() if k != "layer"]
     assert all(p["heldout_after"] <= p["heldout_before"] for p in parts), parts
     assert any(p["heldout_after"] < p["heldout_before"] for p in parts), parts
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reconstruction_keeps_masks_and_streams_like_in_memory(family, family_dirs, tmp_path):
-    assert_reconstruction_keeps_masks_in_both_memory_modes(family_dirs[family], tmp_path)
+def test_reconstruction_keeps_masks_in_every_memory_mode(family, family_dirs, tmp_path):
+    assert_reconstruction_keeps_masks_in_every_memory_mode(family_dirs[family], tmp_path)
 
 
 # ---- per-layer forward arguments --------------------------------------------------------------------

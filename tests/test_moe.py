@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import TEXT
 from test_families import (assert_engine_layer_inputs_are_a_plain_forwards,
-                           assert_reconstruction_keeps_masks_in_both_memory_modes, random_model)
+                           assert_reconstruction_keeps_masks_in_every_memory_mode, random_model)
 from sparsellm.allocate import allocate
 from sparsellm.calibrate import make_selector, run_layerwise
 from sparsellm.loading.experts import expert_matrices
@@ -428,13 +428,14 @@ def test_low_memory_run_equals_the_in_memory_run(family, fmt, tmp_path, tokenize
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_reconstruction_of_every_expert_keeps_masks_and_streams_like_in_memory(family, tmp_path, tokenizer):
+def test_reconstruction_of_every_expert_keeps_masks_in_every_memory_mode(family, tmp_path, tokenizer):
     """The reconstruct stage trains the fused 3-D expert weights under their masks; streamed, the dense
-    teacher's experts are re-read from their 2-D checkpoint tensors and fused (as the layer walk does)."""
+    teacher's experts are re-read from their 2-D checkpoint tensors and fused (as the layer walk does);
+    offloaded, from the scratch copy."""
     src = tmp_path / "src"
     moe_model(family, layers=3).save_pretrained(src, max_shard_size="40KB")
     tokenizer.save_pretrained(src)
-    assert_reconstruction_keeps_masks_in_both_memory_modes(src, tmp_path, min_expert_tokens=1)
+    assert_reconstruction_keeps_masks_in_every_memory_mode(src, tmp_path, min_expert_tokens=1)
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The reconstruct stage on tiny random models: masks and exact sparsity unchanged, block output error
-lowered, bit-identical reruns, the YAML recipe and the CLI, the memory modes, the order rules."""
+lowered, bit-identical reruns, the YAML recipe and the CLI, the memory modes (whole, --low-memory, --device-map), the order rules."""
 import json
 import re
 
@@ -131,15 +131,26 @@ def test_yaml_recipe_through_the_cli_and_low_memory(model3, tmp_path):
         assert torch.equal(lw[k], w[k]), k
 
 
-def test_device_map_is_refused_in_one_line(model3, tmp_path):
+def test_device_map_through_the_cli_gives_the_in_memory_bytes(model3, tmp_path):
+    """--device-map with layers offloaded to disk: the dense layers come from a scratch copy in the offload
+    folder, deleted afterwards; the output equals the in-memory run's."""
+    from test_lowmem import offload_map
+
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"calibration": CAL, "stages": [{"prune": {"method": "wanda", "sparsity": 0.5}},
-                                                                   {"reconstruct": {"method": "blockwise"}}]}))
-    r = CliRunner().invoke(cli, ["prune", "--model", str(model3), "--recipe", str(path), "--output", str(tmp_path / "o"),
-                                 "--device-map", "auto"])
-    assert r.exit_code != 0
-    assert "stages.1: reconstruction needs each layer's dense weights" in r.output and "--device-map" in r.output
-    assert not (tmp_path / "o").exists()
+    path.write_text(yaml.safe_dump({"seed": 0, "calibration": CAL, "stages": [{"prune": {"method": "wanda", "sparsity": 0.5}},
+                                                                              {"reconstruct": REC}]}))
+    runs = {}
+    for mode, extra in (("memory", []), ("offloaded", ["--device-map", json.dumps(offload_map(model3)),
+                                                       "--offload-folder", str(tmp_path / "offload")])):
+        r = CliRunner().invoke(cli, ["prune", "--model", str(model3), "--recipe", str(path), "--output",
+                                     str(tmp_path / mode), *extra])
+        assert r.exit_code == 0, r.output
+        runs[mode] = json.loads((tmp_path / mode / "report.json").read_text())
+    assert runs["offloaded"]["stages"][1]["details"]["dense_copy_bytes"] == 0
+    assert runs["offloaded"]["stages"][1]["details"]["blocks"] == runs["memory"]["stages"][1]["details"]["blocks"]
+    a, b = weights(tmp_path / "memory"), weights(tmp_path / "offloaded")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "offload").glob("sparsellm-dense-*"))
 
 
 @pytest.mark.parametrize("stages,problem", [

@@ -8,6 +8,7 @@ and `release` writes the changed ones back where the hook reads them from (its o
 CPU copy), so that later forwards, perplexity and save_pretrained see the compressed weights."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -31,6 +32,29 @@ def parse_device_map(text: str | None, offload_folder: str | None = None):
     if "disk" in value.values() and not offload_folder:
         raise RecipeError("--device-map puts modules on disk: give --offload-folder DIR for their weights")
     return value
+
+
+def unhooked_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` without accelerate's hooks (a hook holds the whole offload map: copying it would
+    copy every weight offloaded to CPU); the copy's weights are where the module's are now."""
+    held = []
+    for m in module.modules():
+        if "_hf_hook" in m.__dict__:
+            held.append((m, {k: m.__dict__.pop(k) for k in ("_hf_hook", "_old_forward", "forward") if k in m.__dict__}))
+    try:
+        return copy.deepcopy(module)
+    finally:
+        for m, attrs in held:
+            m.__dict__.update(attrs)
+
+
+def offload_folder(model: nn.Module) -> str | None:
+    """The folder accelerate offloads this model's weights to (disk), or None."""
+    for _, hook in _offload_hooks(model):
+        folder = getattr(hook.weights_map.dataset, "save_folder", None)
+        if folder:
+            return folder
+    return None
 
 
 def is_dispatched(model: nn.Module) -> bool:

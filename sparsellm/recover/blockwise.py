@@ -13,8 +13,9 @@ attention, then the MLP half continues from the reconstructed attention half.
 
 Where the dense weights come from: in memory, a copy of the decoder layers' tensors taken when the run
 begins (before any stage; it costs one copy of the decoder layers in memory for the whole run); in
-low-memory mode each dense layer is read again from the source checkpoint's shards. A model offloaded
-by accelerate (--device-map) is refused: its dense weights are overwritten by the prune pass.
+low-memory mode each dense layer is read again from the source checkpoint's shards; a model offloaded
+by accelerate (--device-map) has each dense layer written once to a scratch safetensors file (in the
+offload folder when it offloads to disk) before any stage, and read back one layer at a time.
 
 Masks are the zeros of each Linear weight when the stage starts: they get no gradient and are zeroed
 again after every step (recover.reconstruct.reconstruct_block), so masks, N:M patterns and sparsity
@@ -23,9 +24,10 @@ With --checkpoint-dir every finished block (and both streams) is saved; a resume
 with the next block."""
 from __future__ import annotations
 
-import copy
 import logging
+import tempfile
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -74,26 +76,60 @@ class DenseLayers:
     re-read from the source checkpoint's shards."""
 
     def __init__(self, handle, adapter):
-        self.adapter = adapter
+        self.adapter, self.saved, self.stream, self.scratch = adapter, None, None, None
         if handle.kind == "stream":
             from ..lowmem.tensors import TensorSource
 
             self.stream = handle.stream
             self.source = TensorSource(handle.source.path, handle.source.spec)  # not redirected to the output
-            self.saved = None
+        elif handle.kind == "offload":
+            self._write_scratch(handle)
         else:
             self.saved = [{k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
                           for layer in adapter.layers(handle.model)]
 
+    def _write_scratch(self, handle) -> None:
+        """Each decoder layer of an offloaded model, brought in once and written to its own file."""
+        from safetensors.torch import save_file
+
+        from ..lowmem.offload import offload_folder
+
+        self.scratch = tempfile.TemporaryDirectory(prefix="sparsellm-dense-", dir=offload_folder(handle.model))
+        reading = handle.reading()
+        for index, layer in enumerate(self.adapter.layers(handle.model)):
+            reading.load(index, layer)
+            try:
+                save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in layer.state_dict().items()},
+                          self._file(index))
+            finally:
+                reading.release(index, layer)
+        log.info("dense decoder layers written to %s for the reconstruction (%.0f MiB)", self.scratch.name,
+                 sum(f.stat().st_size for f in Path(self.scratch.name).iterdir()) / 2**20)
+
+    def _file(self, index: int) -> str:
+        return str(Path(self.scratch.name) / f"layer-{index:05d}.safetensors")
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.cleanup()
+            self.scratch = None
+
     def nbytes(self) -> int:
+        """Bytes of the copy held in memory (none when streamed or offloaded)."""
         return 0 if self.saved is None else sum(t.numel() * t.element_size() for s in self.saved for t in s.values())
 
     @torch.no_grad()
     def layer(self, index: int, like: nn.Module) -> nn.Module:
         """A copy of `like` (decoder layer `index`, loaded) carrying the dense weights."""
-        dense = copy.deepcopy(like)
+        from ..lowmem.offload import unhooked_copy
+
+        dense = unhooked_copy(like)
         if self.saved is not None:
             dense.load_state_dict(self.saved[index])
+        elif self.scratch is not None:
+            from safetensors.torch import load_file
+
+            dense.load_state_dict(load_file(self._file(index), device=str(next(like.parameters()).device)))
         else:
             prefix = self.adapter.layer_prefix(index)
             aliases = self.stream.skeleton.aliases
@@ -269,10 +305,7 @@ class ReconstructStage(Stage):
     kind = "reconstruct"
 
     def whole_model_reason(self, flag: str) -> str | None:
-        if flag == "--low-memory":
-            return None  # the dense layers are read again from the checkpoint's shards
-        return ("reconstruction needs each layer's dense weights after the prune pass has overwritten them; run it "
-                f"in memory or with --low-memory (which re-reads them from the checkpoint), not with {flag}")
+        return None  # streamed: the dense layers are read again from the shards; offloaded: from scratch files
 
     def check(self, ctx) -> None:
         if self.spec.parts == "attention-mlp":
@@ -290,7 +323,10 @@ class ReconstructStage(Stage):
             self.dense = DenseLayers(ctx.handle, ctx.adapter)  # before any stage changes the weights
 
     def run(self, ctx) -> list[dict]:
-        return self.timed(ctx, lambda: reconstruct(ctx, self.spec, self.dense, f"stage{self.entry.index}"))
+        try:
+            return self.timed(ctx, lambda: reconstruct(ctx, self.spec, self.dense, f"stage{self.entry.index}"))
+        finally:
+            self.dense.close()
 
 
 register("reconstruct", BlockwiseReconstruct, reconstruct)
