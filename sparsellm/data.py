@@ -200,8 +200,14 @@ def joined(source: str, docs: list[str], split: str) -> str:
     return (" " if source == "wikitext2" and split == "train" else "\n\n").join(docs)
 
 
-def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """nsamples random windows of seqlen tokens, as the Wanda/SparseGPT reference code draws them."""
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int,
+                        bos: int | None = None) -> torch.Tensor:
+    """nsamples random windows of seqlen tokens, as the Wanda/SparseGPT reference code draws them. With `bos`
+    (a token id, for models that always run after it, e.g. Gemma), each window is that token followed by
+    seqlen - 1 drawn tokens, as the evaluation chunks are."""
+    if bos is not None:
+        text = calibration_windows(tokenizer, source, nsamples, seqlen - 1, seed)
+        return torch.cat([torch.full((text.shape[0], 1), bos, dtype=text.dtype), text], dim=1)
     rng = random.Random(seed)
     if source == "c4":
         docs = read_documents(source, "train")

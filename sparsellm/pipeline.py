@@ -118,7 +118,7 @@ def evaluate_all(ctx: RunContext, seqlen: int, label: str, counts: dict | None =
     """Perplexity on each evaluation source; `counts` receives the number of chunks of each."""
     ev = ctx.recipe.evaluation
     out = {}
-    bos = ctx.tokenizer.bos_token_id if ctx.adapter.needs_bos else None
+    bos = bos_token(ctx)
     for source in ev.ppl:
         chunks = evaluation_chunks(ctx.tokenizer, source, seqlen, ev.limit, bos)
         out[source] = ctx.handle.perplexity(chunks, ev.batch_size, ctx.device, f"ppl {label} {Path(source).name}")
@@ -210,7 +210,12 @@ def calibration(ctx: RunContext, stages: list[Stage], timer: Timer):
         return None
     cal = ctx.recipe.calibration
     with timer("calibration data"):
-        return calibration_windows(ctx.tokenizer, cal.dataset, cal.nsamples, ctx.seqlen, ctx.seed)
+        return calibration_windows(ctx.tokenizer, cal.dataset, cal.nsamples, ctx.seqlen, ctx.seed, bos_token(ctx))
+
+
+def bos_token(ctx: RunContext) -> int | None:
+    """The token every calibration window and evaluation chunk starts with, for models that need one."""
+    return ctx.tokenizer.bos_token_id if ctx.adapter.needs_bos else None
 
 
 # ---- the report and the extra files ------------------------------------------------------------
@@ -238,7 +243,8 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
         "recipe": recipe.dump(),
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
-            "seqlen": ctx.seqlen, "seed": recipe.seed, "tokens": int(windows.numel())},
+            "seqlen": ctx.seqlen, "seed": recipe.seed, "tokens": int(windows.numel()),
+            **({"bos": True} if bos_token(ctx) is not None else {})},
         "device": str(ctx.device),
         "stages": stage_reports,
         "allocation": ctx.results.get("allocation"),

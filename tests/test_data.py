@@ -27,6 +27,14 @@ def test_windows_follow_the_benchmark_protocol(tokenizer):
     assert torch.equal(data.calibration_windows(tokenizer, str(TEXT), 4, 16, seed=5), expected)
 
 
+def test_windows_for_a_model_that_needs_bos_start_with_it(tokenizer):
+    """Gemma-style models: BOS, then seqlen - 1 tokens drawn as the plain windows of that length are."""
+    plain = data.calibration_windows(tokenizer, str(TEXT), 4, 15, seed=5)
+    with_bos = data.calibration_windows(tokenizer, str(TEXT), 4, 16, seed=5, bos=7)
+    assert with_bos.shape == (4, 16)
+    assert bool((with_bos[:, 0] == 7).all()) and torch.equal(with_bos[:, 1:], plain)
+
+
 def test_eval_chunks_non_overlapping_remainder_dropped(tokenizer):
     docs = [l for l in TEXT.read_text().split("\n") if l.strip()]
     ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]

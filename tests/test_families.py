@@ -353,6 +353,8 @@ def test_pipeline_sparsegpt_2of4_report_and_reload(family, family_dirs, tmp_path
     assert abs(report["sparsity"]["overall"] - 0.5) < 1e-9
     stock = AutoModelForCausalLM.from_pretrained(out).eval()
     ours = load_model(str(out)).model
+    # Gemma always runs after BOS: its calibration windows start with it, as its evaluation chunks do
+    assert report["calibration"].get("bos", False) == get_adapter(ours).needs_bos == family.startswith("gemma")
     assert torch.equal(_logits(stock), _logits(ours))
     for name, p in stock.named_parameters():
         if ".layers." in name and p.dim() == 2:

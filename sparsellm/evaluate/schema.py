@@ -51,6 +51,8 @@ class Calibration(_M):
     seqlen: int
     seed: int
     tokens: int
+    bos: bool | None = Field(None, description="true: each window starts with the BOS token, then seqlen - 1 drawn "
+                             "tokens (models that always run after it, e.g. Gemma); absent: plain text windows")
 
 
 class StageReport(_M):
