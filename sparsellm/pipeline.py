@@ -118,9 +118,8 @@ def evaluate_all(ctx: RunContext, seqlen: int, label: str, counts: dict | None =
     """Perplexity on each evaluation source; `counts` receives the number of chunks of each."""
     ev = ctx.recipe.evaluation
     out = {}
-    bos = bos_token(ctx)
     for source in ev.ppl:
-        chunks = evaluation_chunks(ctx.tokenizer, source, seqlen, ev.limit, bos)
+        chunks = evaluation_chunks(ctx.tokenizer, source, seqlen, ev.limit, ctx.bos)
         out[source] = ctx.handle.perplexity(chunks, ev.batch_size, ctx.device, f"ppl {label} {Path(source).name}")
         if counts is not None:
             counts[source] = int(chunks.shape[0])
@@ -210,12 +209,7 @@ def calibration(ctx: RunContext, stages: list[Stage], timer: Timer):
         return None
     cal = ctx.recipe.calibration
     with timer("calibration data"):
-        return calibration_windows(ctx.tokenizer, cal.dataset, cal.nsamples, ctx.seqlen, ctx.seed, bos_token(ctx))
-
-
-def bos_token(ctx: RunContext) -> int | None:
-    """The token every calibration window and evaluation chunk starts with, for models that need one."""
-    return ctx.tokenizer.bos_token_id if ctx.adapter.needs_bos else None
+        return calibration_windows(ctx.tokenizer, cal.dataset, cal.nsamples, ctx.seqlen, ctx.seed, ctx.bos)
 
 
 # ---- the report and the extra files ------------------------------------------------------------
@@ -244,13 +238,13 @@ def build_report(ctx: RunContext, *, eval_seqlen: int, stage_reports: list[dict]
         "calibration": None if windows is None else {
             "dataset": recipe.calibration.dataset, "nsamples": int(windows.shape[0]),
             "seqlen": ctx.seqlen, "seed": recipe.seed, "tokens": int(windows.numel()),
-            **({"bos": True} if bos_token(ctx) is not None else {})},
+            **({"bos": True} if ctx.bos is not None else {})},
         "device": str(ctx.device),
         "stages": stage_reports,
         "allocation": ctx.results.get("allocation"),
         "sparsity": after["sparsity"],
         "perplexity": {"seqlen": eval_seqlen, "limit": ev.limit, "chunks": after.get("chunks") or {},
-                       **({"bos": True} if ctx.adapter.needs_bos and ctx.tokenizer.bos_token_id is not None else {}),
+                       **({"bos": True} if ctx.bos is not None else {}),
                        "before": before.get("ppl") or {}, "after": after.get("ppl") or {}} if ev.ppl else None,
         "zeroshot": {"tasks": list(tasks_after), "limit": ev.task_limit, "num_fewshot": ev.num_fewshot,
                      "batch_size": ev.task_batch_size, "apply_chat_template": ev.apply_chat_template,

@@ -157,6 +157,12 @@ class RunContext:
     def seed(self) -> int:
         return self.recipe.seed
 
+    @property
+    def bos(self) -> int | None:
+        """The token every calibration window and evaluation chunk starts with, for models that always run
+        after it (Gemma: `Adapter.needs_bos`); None for the others."""
+        return self.tokenizer.bos_token_id if self.adapter.needs_bos else None
+
 
 @dataclass
 class Entry:

@@ -361,18 +361,12 @@ def test_pipeline_sparsegpt_2of4_report_and_reload(family, family_dirs, tmp_path
             assert bool(((p.reshape(p.shape[0], -1, 4) == 0).sum(-1) == 2).all()), name
 
 
-def _weights(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 def assert_reconstruction_keeps_masks_in_every_memory_mode(src, tmp_path, pattern: str = "2:4", **calibration):
     """SparseGPT 2:4 then the reconstruct stage, held whole, streamed (--low-memory, the dense teacher re-read
     from the source shards) and offloaded by accelerate (--device-map, decoder layers 1.. and the embeddings on
     disk): every matrix keeps the pruned start's zeros exactly, the kept weights move, no block's held-out
     error ends above its start, and the three memory modes write the same bytes."""
-    from test_lowmem import offload_map
+    from test_lowmem import offload_map, tensors
 
     cal = {"dataset": str(TEXT), "nsamples": 8, "seqlen": 32, "batch_size": 4, **calibration}
     prune = {"prune": {"method": "sparsegpt", "pattern": pattern}}
@@ -388,7 +382,7 @@ def assert_reconstruction_keeps_masks_in_every_memory_mode(src, tmp_path, patter
     reports = {m: run(m, [prune, rec], **o) for m, o in modes.items()}
     assert list((tmp_path / "offload").glob("model.layers.1.*.dat"))  # offloaded, trained weights written back
     assert not list((tmp_path / "offload").glob("sparsellm-dense-*"))  # the dense scratch copy is removed
-    start, a = _weights(tmp_path / "pruned"), _weights(tmp_path / "whole")
+    start, a = tensors(tmp_path / "pruned"), tensors(tmp_path / "whole")
     for k in a:
         if a[k].dim() >= 2:  # the matrices (biases and norms are trained freely)
             assert torch.equal(a[k] == 0, start[k] == 0), k  # nothing pruned came back, nothing kept was pruned
@@ -396,7 +390,7 @@ def assert_reconstruction_keeps_masks_in_every_memory_mode(src, tmp_path, patter
     whole = reports["whole"]
     blocks = whole["stages"][1]["details"]["blocks"]
     for m in ("low", "off"):
-        b = _weights(tmp_path / m)
+        b = tensors(tmp_path / m)
         assert sorted(start) == sorted(a) == sorted(b), m
         assert all(torch.equal(a[k], b[k]) for k in a), m
         assert reports[m]["sparsity"] == whole["sparsity"], m

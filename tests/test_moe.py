@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from conftest import TEXT
 from test_families import (assert_engine_layer_inputs_are_a_plain_forwards,
                            assert_reconstruction_keeps_masks_in_every_memory_mode, random_model)
+from test_lowmem import tensors
 from sparsellm.allocate import allocate
 from sparsellm.calibrate import make_selector, run_layerwise
 from sparsellm.loading.experts import expert_matrices
@@ -394,12 +395,6 @@ def test_offloaded_run_equals_the_in_memory_run(family, moe_dirs, tmp_path):
     assert "model.layers.0.mlp.experts" in off["stages"][1]["details"]["expert_tokens"]
 
 
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
-
-
 @pytest.mark.parametrize("fmt", ["dense", "sparse-24-bitmask"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_low_memory_run_equals_the_in_memory_run(family, fmt, tmp_path, tokenizer):
@@ -415,7 +410,7 @@ def test_low_memory_run_equals_the_in_memory_run(family, fmt, tmp_path, tokenize
     whole = compress(recipe, tmp_path / "whole", RunOptions(low_memory=False), str(src))
     low = compress(recipe, tmp_path / "low", RunOptions(low_memory=True), str(src))
     assert low["low_memory"] is not None and whole["low_memory"] is None
-    a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "low")
+    a, b = tensors(tmp_path / "whole"), tensors(tmp_path / "low")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert any(".experts." in k for k in a) and not any("gate_up_proj" in k for k in a)
     assert low["perplexity"] == whole["perplexity"] and low["sparsity"] == whole["sparsity"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from conftest import TEXT, tiny_model
+from test_lowmem import tensors as weights  # every tensor of an output folder (one file, or a shard per layer)
 from sparsellm.cli import cli
 from sparsellm.pipeline import RunOptions, run_recipe
 from sparsellm.recipe import recipe_from_dict
@@ -29,11 +29,6 @@ def model3(tmp_path_factory, tokenizer):
 def recipe(prune: dict, **rec):
     return recipe_from_dict({"seed": 0, "calibration": CAL, "evaluation": {"ppl": [], "before": False},
                              "stages": [{"prune": prune}, {"reconstruct": {**REC, **rec}}]})
-
-
-def weights(folder):
-    """Every tensor of an output folder (one file in memory, one shard per layer when streamed)."""
-    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
 def linears(state: dict) -> dict:

@@ -447,8 +447,7 @@ class LearnStage(Stage):
         n = s.nsamples or s.steps * s.batch_size * s.accumulate or 1
         with ctx.timer(f"training data {i}"):
             self.train = calibration_windows(ctx.tokenizer, s.dataset or ctx.recipe.calibration.dataset, n,
-                                             default_seqlen(ctx.model, s.seqlen or ctx.seqlen), ctx.seed,
-                                             ctx.tokenizer.bos_token_id if ctx.adapter.needs_bos else None)
+                                             default_seqlen(ctx.model, s.seqlen or ctx.seqlen), ctx.seed, ctx.bos)
 
     def run(self, ctx) -> list[dict]:
         def work():
