@@ -110,9 +110,12 @@ for _p0 in ("sparsegpt", "wanda"):
     SETTINGS[f"maskllm-{_p0}-2:4"] = [{"learn": {**MASKLLM, "prior": _p0}}]
 # Reconstruction (issue 19): the one-shot masks frozen, the kept weights and norm scales trained block by
 # block toward the dense model's outputs (sparsellm/recover/blockwise.py); the variants are the tuning runs
-REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3}
+REC = {"method": "blockwise", "epochs": 2, "lr": 1e-3, "lr_scale": "none"}
+# the learning rate relative to each tensor's size (lr_scale rms, the stage's default), tuned on Gemma 3 270M
+REC_RMS = {"method": "blockwise", "epochs": 2, "lr": 5e-3, "lr_scale": "rms"}
 for _s in ("2:4", 0.6, 0.7):
     SETTINGS[f"sparsegpt+rec-{_tag(_s)}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC}]
+    SETTINGS[f"sparsegpt+rec(rms)-{_tag(_s)}"] = [{"prune": _p("sparsegpt", _s)}, {"reconstruct": REC_RMS}]
 # SparseGPT with the exact masked least-squares refit of its kept weights (prune option `refit`), alone and
 # before the reconstruction
 for _s in (0.5, 0.6, 0.7, "2:4"):

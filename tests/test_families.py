@@ -370,7 +370,7 @@ def assert_reconstruction_keeps_masks_in_every_memory_mode(src, tmp_path, patter
 
     cal = {"dataset": str(TEXT), "nsamples": 8, "seqlen": 32, "batch_size": 4, **calibration}
     prune = {"prune": {"method": "sparsegpt", "pattern": pattern}}
-    rec = {"reconstruct": {"method": "blockwise", "lr": 1e-3, "epochs": 2, "batch_size": 2, "holdout": 0.25}}
+    rec = {"reconstruct": {"method": "blockwise", "lr": 0.05, "epochs": 2, "batch_size": 2, "holdout": 0.25}}
 
     def run(name, stages, **options):
         r = recipe_from_dict({"seed": 0, "calibration": cal, "evaluation": {"ppl": [], "before": False}, "stages": stages})

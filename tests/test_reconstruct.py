@@ -234,3 +234,56 @@ def test_refit_to_the_dense_inputs(solver):
         assert torch.allclose(w[row, S].double(), ref, rtol=1e-3, atol=1e-4), row
     plain = masked_lstsq_refit(D, mask, H, damp=0.01, solver=solver)
     assert torch.allclose(masked_lstsq_refit(D, mask, H, damp=0.01, solver=solver, cross=H), plain, atol=1e-6)
+
+
+def test_tensor_scales_hand_case():
+    from torch import nn
+
+    from sparsellm.recover.reconstruct import tensor_scales, trainable_parameters
+
+    block = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    with torch.no_grad():
+        block[0].weight.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))  # kept entries 3 and 4: rms sqrt(12.5)
+        block[0].bias.zero_()  # all zero: borrows its weight's size
+        block[1].weight.copy_(torch.tensor([1.0, 7.0]))  # rms 5
+        block[1].bias.zero_()  # a norm shift, all zero: 1
+    masks = {"0": block[0].weight == 0}
+    params = trainable_parameters(block, masks)
+    scales = tensor_scales(block, params, {"0.weight": masks["0"]})
+    assert scales == pytest.approx({"0.weight": 12.5 ** 0.5, "0.bias": 12.5 ** 0.5, "1.weight": 5.0, "1.bias": 1.0})
+
+
+@pytest.mark.parametrize("scale", ["rms", "none"])
+def test_relative_learning_rate_trains_alike_at_any_weight_scale(scale):
+    """lr_scale rms: a model whose weights (and outputs) are c times smaller follows the same training,
+    c times smaller, so one learning rate suits models of any weight scale; an absolute rate does not."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 16, 8, generator=g) for _ in range(4)]
+    dense = torch.randn(6, 8, generator=g)
+    runs = []
+    for c in (1.0, 0.05):
+        block = nn.Sequential(nn.Linear(8, 6))
+        mask = torch.rand(6, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+        with torch.no_grad():
+            block[0].weight.copy_((c * dense * 0.7).masked_fill(mask, 0))
+            block[0].bias.fill_(0.1 * c)
+        targets = [c * x @ dense.T for x in xs]
+        r = reconstruct_block(block, {"0": mask}, xs, [{}] * 4, targets, epochs=3, lr=0.05, holdout=1,
+                              grad_clip=None, lr_scale=scale)
+        assert bool((block[0].weight[mask] == 0).all())
+        runs.append((r, block[0].weight.detach() / c))
+    (r1, w1), (r2, w2) = runs
+    assert r1.heldout_after < 0.9 * r1.heldout_before
+    if scale == "rms":
+        torch.testing.assert_close(w2, w1, rtol=1e-3, atol=1e-4)
+        assert r2.heldout_after / r2.heldout_before == pytest.approx(r1.heldout_after / r1.heldout_before, rel=1e-3)
+    else:
+        assert not torch.allclose(w2, w1, rtol=1e-2, atol=1e-2)
+
+
+def test_unknown_lr_scale_is_refused(windows):
+    block, masks, acts, targets = _block_problem(windows)
+    with pytest.raises(ValueError, match="lr_scale"):
+        reconstruct_block(block, masks, acts.hidden, acts.kwargs, targets, lr_scale="weight")

@@ -15,7 +15,7 @@ from sparsellm.pipeline import RunOptions, run_recipe
 from sparsellm.recipe import recipe_from_dict
 
 CAL = {"dataset": str(TEXT), "nsamples": 8, "seqlen": 32, "batch_size": 4}
-REC = {"method": "blockwise", "lr": 1e-3, "epochs": 3, "batch_size": 2, "holdout": 0.25}
+REC = {"method": "blockwise", "lr": 0.05, "epochs": 3, "batch_size": 2, "holdout": 0.25}
 
 
 @pytest.fixture(scope="module")

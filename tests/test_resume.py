@@ -114,7 +114,7 @@ def rec_recipe(tmp_path_factory):
         "seed": 0, "calibration": {"dataset": str(TEXT), "nsamples": 6, "seqlen": 32, "batch_size": 4},
         "evaluation": {"ppl": [str(TEXT)], "seqlen": 32, "limit": 2, "before": False},
         "stages": [{"prune": {"method": "sparsegpt", "pattern": "2:4"}},
-                   {"reconstruct": {"method": "blockwise", "epochs": 2, "lr": 1e-3, "batch_size": 2, "holdout": 0.34}}]}))
+                   {"reconstruct": {"method": "blockwise", "epochs": 2, "lr": 0.05, "batch_size": 2, "holdout": 0.34}}]}))
     return path
 
 

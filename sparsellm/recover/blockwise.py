@@ -54,7 +54,12 @@ class BlockwiseReconstruct(Strict):
         "block", description="block: the whole decoder block at once; attention-mlp: the attention half, then the "
         "MLP half, each with its norm (pre-norm blocks only)")
     epochs: int = Field(2, ge=0, description="passes over the training windows per block (or half-block)")
-    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate (constant)")
+    lr: float = Field(5e-3, gt=0.0, description="Adam learning rate (constant); with lr_scale rms (the default), "
+                      "relative to each tensor's size")
+    lr_scale: Literal["rms", "none"] = Field(
+        "rms", description="rms: each tensor's learning rate is lr times the root mean square of its kept entries, "
+        "so a step moves every tensor by the same fraction on models whose weights are larger or smaller; none: "
+        "lr for every tensor")
     batch_size: int = Field(1, gt=0, description="calibration windows per Adam step")
     holdout: float = Field(0.125, ge=0.0, lt=1.0, description="share of the calibration windows held back (the last ones, "
                            "rounded down to whole batches): after every epoch their error picks the parameters kept, the "
@@ -191,7 +196,7 @@ def _attention_kwargs(block: nn.Module, attention: str, hidden: list, kwargs: li
 def _train(module, masks, hidden, kwargs, targets, spec) -> ReconstructResult:
     return reconstruct_block(module, masks, hidden, kwargs, targets, epochs=spec.epochs, lr=spec.lr,
                              holdout=held_batches(spec, spec.batch_size * len(hidden)), patience=spec.patience,
-                             norms=spec.norms, grad_clip=spec.grad_clip)
+                             norms=spec.norms, grad_clip=spec.grad_clip, lr_scale=spec.lr_scale)
 
 
 def _result(r: ReconstructResult) -> dict:

@@ -16,6 +16,7 @@ Two tools, both pure functions over tensors and modules (no pipeline wiring here
   with the lowest held-back error are kept (the starting ones included, so the held-back error never
   ends higher than it started). Pruned entries get zero gradient and are zeroed again after every
   step, so masks, N:M patterns and sparsity stay exact. Deterministic: no sampling, fixed order.
+  Optionally each tensor's learning rate is relative to its size (`lr_scale="rms"`, `tensor_scales`).
   This is EBFT's block-wise fine-tuning (Guo et al., 2024) with early stopping; targets are the dense
   block's outputs on the same inputs (the caller computes them)."""
 from __future__ import annotations
@@ -180,6 +181,30 @@ def trainable_parameters(block: nn.Module, masks: dict[str, torch.Tensor], norms
     return names
 
 
+def tensor_scales(block: nn.Module, params: dict[str, nn.Parameter], pmask: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The size of each trained tensor, for a learning rate relative to it: the root mean square of
+    its kept entries (a weight's pruned entries do not count). A tensor that is all zero borrows a
+    size: a Linear's bias its weight's, any other tensor (a norm scale or shift) 1, the size of a
+    neutral norm scale."""
+    def rms(name: str) -> float:
+        t = params[name].detach().float()
+        if name in pmask:
+            t = t[~pmask[name]]
+        return float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+
+    scales = {}
+    for name in params:
+        size = rms(name)
+        if size == 0.0:
+            mod, _, leaf = name.rpartition(".")
+            owner = block.get_submodule(mod) if mod else block
+            weight = f"{mod}.weight" if mod else "weight"
+            size = rms(weight) if isinstance(owner, nn.Linear) and leaf == "bias" and weight in params else 0.0
+            size = size or 1.0
+        scales[name] = size
+    return scales
+
+
 def _mse(block, hidden, kwargs, targets, index) -> float:
     if not index:
         return float("nan")
@@ -200,6 +225,7 @@ def reconstruct_block(
     patience: int = 2,
     norms: bool = True,
     grad_clip: float | None = 1.0,
+    lr_scale: str = "none",
 ) -> ReconstructResult:
     """Train the kept weights of `block` in place to minimise mean((block(X) − Y)²).
 
@@ -209,8 +235,11 @@ def reconstruct_block(
     engine's Activations hold them); `targets`: the outputs to match, one per batch (e.g. the dense
     block's outputs on the same inputs). The last `holdout` batches are not trained on; after every
     epoch their error decides which parameters are kept (lowest, the start included), and training
-    stops after `patience` epochs without a new lowest. Adam (no weight decay), constant `lr`,
-    gradient norm clipped to `grad_clip`. Parameters are trained in float32 and written back in their
+    stops after `patience` epochs without a new lowest. Adam (no weight decay), constant learning
+    rate, gradient norm clipped to `grad_clip`. `lr_scale` "none": `lr` for every tensor; "rms": each
+    tensor's learning rate is `lr` times its size (`tensor_scales`, taken when training starts), so
+    that a step changes every tensor by about the same fraction whatever the model's weight scale
+    (Adam's step is about the learning rate in absolute terms). Parameters are trained in float32 and written back in their
     own dtype."""
     if not (len(hidden) == len(kwargs) == len(targets)):
         raise ValueError("hidden, kwargs and targets must have one entry per batch")
@@ -218,6 +247,8 @@ def reconstruct_block(
         raise ValueError(f"holdout must leave at least one batch to train on: {holdout} of {len(hidden)} batches")
     if epochs < 0 or patience < 1 or lr <= 0:
         raise ValueError("epochs >= 0, patience >= 1 and lr > 0 are required")
+    if lr_scale not in ("none", "rms"):
+        raise ValueError(f"unknown lr_scale {lr_scale!r}: use none or rms")
     t0 = time.perf_counter()
     params = trainable_parameters(block, masks, norms)
     pmask = {}
@@ -245,7 +276,8 @@ def reconstruct_block(
         best = held_before = _mse(block, xs, kwargs, targets, held_ix) if holdout else train_before
         best_state = {n: p.detach().clone() for n, p in params.items()}
         best_epoch = bad = steps = run = 0
-        opt = torch.optim.Adam(list(params.values()), lr=lr)
+        scales = tensor_scales(block, params, pmask) if lr_scale == "rms" else dict.fromkeys(params, 1.0)
+        opt = torch.optim.Adam([{"params": [p], "lr": lr * scales[n]} for n, p in params.items()], lr=lr)
         for epoch in range(1, epochs + 1):
             run = epoch
             for i in train_ix:
