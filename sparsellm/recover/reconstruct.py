@@ -276,8 +276,11 @@ def reconstruct_block(
         best = held_before = _mse(block, xs, kwargs, targets, held_ix) if holdout else train_before
         best_state = {n: p.detach().clone() for n, p in params.items()}
         best_epoch = bad = steps = run = 0
-        scales = tensor_scales(block, params, pmask) if lr_scale == "rms" else dict.fromkeys(params, 1.0)
-        opt = torch.optim.Adam([{"params": [p], "lr": lr * scales[n]} for n, p in params.items()], lr=lr)
+        if lr_scale == "rms":  # one parameter group per tensor, each with its own rate
+            scales = tensor_scales(block, params, pmask)
+            opt = torch.optim.Adam([{"params": [p], "lr": lr * scales[n]} for n, p in params.items()], lr=lr)
+        else:  # one group: the optimiser of earlier versions, step for step
+            opt = torch.optim.Adam(list(params.values()), lr=lr)
         for epoch in range(1, epochs + 1):
             run = epoch
             for i in train_ix:
