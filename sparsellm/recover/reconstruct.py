@@ -197,10 +197,8 @@ def tensor_scales(block: nn.Module, params: dict[str, nn.Parameter], pmask: dict
         size = rms(name)
         if size == 0.0:
             mod, _, leaf = name.rpartition(".")
-            owner = block.get_submodule(mod) if mod else block
-            weight = f"{mod}.weight" if mod else "weight"
-            size = rms(weight) if isinstance(owner, nn.Linear) and leaf == "bias" and weight in params else 0.0
-            size = size or 1.0
+            linear_bias = leaf == "bias" and isinstance(block.get_submodule(mod), nn.Linear)
+            size = (rms(f"{mod}.weight" if mod else "weight") if linear_bias else 0.0) or 1.0
         scales[name] = size
     return scales
 
@@ -239,8 +237,8 @@ def reconstruct_block(
     rate, gradient norm clipped to `grad_clip`. `lr_scale` "none": `lr` for every tensor; "rms": each
     tensor's learning rate is `lr` times its size (`tensor_scales`, taken when training starts), so
     that a step changes every tensor by about the same fraction whatever the model's weight scale
-    (Adam's step is about the learning rate in absolute terms). Parameters are trained in float32 and written back in their
-    own dtype."""
+    (Adam's step is about the learning rate in absolute terms). Parameters are trained in float32 and
+    written back in their own dtype."""
     if not (len(hidden) == len(kwargs) == len(targets)):
         raise ValueError("hidden, kwargs and targets must have one entry per batch")
     if not 0 <= holdout < len(hidden):
